@@ -1,0 +1,1 @@
+"""Edge deployment: signed bundles, device agent, transports (planned)."""

@@ -1,0 +1,165 @@
+"""The Python API behind the command line: run a spec, read past runs.
+
+    from pipeline import api
+    record = api.run("toy")            # or a path to your own spec.toml
+    record["status"], record["models"]["keras"]["metrics"]
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from . import spec as spec_mod
+from .cache import PACKAGE_ROOT, Cache
+from .runner import STAGE_ORDER, StageFailed, execute
+
+PACKAGES = ("pipeline", "exporters", "parity", "serving", "edge")
+
+
+def home_dir() -> Path:
+    """Where the cache, run records and MLflow store live: $PIPELINE_HOME, else the current folder."""
+    return Path(os.environ.get("PIPELINE_HOME", ".")).resolve()
+
+
+def work_dir(home: Path) -> Path:
+    return home / ".pipeline"
+
+
+def code_version() -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for pkg in PACKAGES:
+        for f in sorted((PACKAGE_ROOT / pkg).rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def rerun_kinds(force: bool, from_stage: str | None) -> set[str]:
+    if force:
+        return set(STAGE_ORDER)
+    if from_stage:
+        if from_stage not in STAGE_ORDER:
+            raise spec_mod.SpecError(f"--from {from_stage}: expected one of {', '.join(STAGE_ORDER)}")
+        return set(STAGE_ORDER[STAGE_ORDER.index(from_stage):])
+    return set()
+
+
+def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_stage: str | None = None,
+        parallel: bool = True, track: bool = True) -> dict:
+    """Run a spec end to end. Returns the run record (also saved under .pipeline/runs/).
+
+    Raises SpecError for a spec that cannot run (nothing is started); a failed stage gives a record
+    with status "failed" and the error, after MLflow has been told.
+    """
+    from .stages import build_stages
+    home = home or home_dir()
+    spec = spec_mod.load(spec_ref)
+    kinds = rerun_kinds(force, from_stage)
+    cache = Cache(work_dir(home) / "cache")
+    cache.sweep()
+    started = time.time()
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + "-" + uuid.uuid4().hex[:4]
+    print(f"pipeline {spec.name}: run {run_id} (cache {cache.root})", flush=True)
+
+    recorder, prep_thread, prep_error = None, None, []
+    if track:
+        from .tracking import Recorder
+        recorder = Recorder(home, spec.name)
+
+        def prepare() -> None:
+            try:
+                recorder.prepare()
+            except Exception as e:  # reported when the run is recorded
+                prep_error.append(e)
+
+        def start_prepare() -> None:
+            nonlocal prep_thread
+            prep_thread = threading.Thread(target=prepare, daemon=True)
+            prep_thread.start()
+    else:
+        def start_prepare() -> None:
+            pass
+
+    error, results = None, []
+    try:
+        results = execute(build_stages(spec), cache, kinds, str(spec.path), parallel=parallel,
+                          on_lanes_started=start_prepare)
+    except StageFailed as e:
+        error = str(e)
+        results = getattr(e, "results", [e.result])
+    finished = time.time()
+    record = _record(spec, run_id, started, finished, results, error)
+    if recorder is not None:
+        if prep_thread is not None:
+            prep_thread.join()
+        t0 = time.perf_counter()
+        record["mlflow"] = recorder.record(record)
+        record["mlflow_s"] = time.perf_counter() - t0
+    save_record(home, record)
+    return record
+
+
+def _record(spec, run_id: str, started: float, finished: float, results, error: str | None) -> dict:
+    stages = [r.__dict__ for r in results]
+    by_name = {r.name: r for r in results}
+    models = {}
+    for m in spec.models:
+        train = by_name.get(f"train:{m.name}")
+        info = {"framework": m.framework, "factory": m.factory,
+                "params": {"framework": m.framework, "factory": m.factory, **m.train.__dict__,
+                           **{f"model.{k}": v for k, v in m.params.items()}, "seed": spec.seed}}
+        if train is not None and train.error:
+            info["error"] = train.error
+        if train is not None and not train.error:
+            out = Path(train.path)
+            info["metrics"] = train.facts.get("metrics", {})
+            info["loss_history"] = json.loads((out / "history.json").read_text())["loss"]
+            info["mlflow_model_dir"] = str(out / "mlflow_model")
+        models[m.name] = info
+    return {
+        "run_id": run_id, "spec": spec.name, "spec_path": str(spec.path), "spec_hash": spec.digest()[:12],
+        "code_version": code_version(), "started": started, "finished": finished,
+        "elapsed_s": finished - started, "status": "failed" if error else "passed", "error": error,
+        "stages": stages, "models": models,
+        "params": {"spec": spec.name, "seed": spec.seed, "data.source": spec.data.source,
+                   "formats": ",".join(spec.formats), "models": ",".join(m.name for m in spec.models)},
+    }
+
+
+# --------------------------------------------------------------------------- run records
+
+def runs_dir(home: Path) -> Path:
+    return work_dir(home) / "runs"
+
+
+def save_record(home: Path, record: dict) -> Path:
+    d = runs_dir(home)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{record['run_id']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def list_records(home: Path | None = None) -> list[Path]:
+    d = runs_dir(home or home_dir())
+    return sorted(d.glob("*.json")) if d.exists() else []
+
+
+def load_record(ref: str | None = None, home: Path | None = None) -> dict:
+    """A run record by pipeline run id, MLflow parent run id, or (None) the latest."""
+    records = list_records(home)
+    if not records:
+        raise LookupError("no runs yet: run `python -m pipeline run toy` first")
+    if ref is None:
+        return json.loads(records[-1].read_text())
+    for path in reversed(records):
+        rec = json.loads(path.read_text())
+        if ref in (rec["run_id"], rec.get("mlflow", {}).get("parent_run_id")):
+            return rec
+    raise LookupError(f"no run '{ref}' (known: {', '.join(p.stem for p in records[-5:])} ...)")

@@ -1,0 +1,139 @@
+"""Command line: `python -m pipeline COMMAND`. Each command is a thin shell over pipeline.api."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Train in Keras and PyTorch, export to every format, verify parity, record in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a pipeline: a built-in spec name (see `list`) or a spec.toml")
+    r.add_argument("spec", help="built-in spec name or path to a .toml spec")
+    r.add_argument("--force", action="store_true", help="rerun every stage, ignoring the cache")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="rerun from this stage on (data, parity_set, train, reference, export, verify, report)")
+    r.add_argument("--sequential", action="store_true", help="run the models one after another in-process")
+    r.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+
+    sub.add_parser("list", help="list the built-in specs")
+
+    s = sub.add_parser("show", help="print a run's stages, timings and metrics (default: the latest)")
+    s.add_argument("run", nargs="?", help="pipeline run id or MLflow run id")
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against this store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1")
+
+    v = sub.add_parser("validate", help="check a spec without running it")
+    v.add_argument("spec")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .spec import SpecError
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args) -> int:
+    from . import api
+    record = api.run(args.spec, force=args.force, from_stage=args.from_stage,
+                     parallel=not args.sequential, track=not args.no_track)
+    print_summary(record)
+    return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+
+
+def print_summary(record: dict) -> None:
+    print()
+    for name, info in record["models"].items():
+        if "metrics" in info:
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in info["metrics"].items())
+            print(f"{name:>8} ({info['framework']}): {shown}")
+    cached = sum(1 for s in record["stages"] if s["cached"])
+    print(f"{record['status'].upper()}: {len(record['stages'])} stages ({cached} cached) in "
+          f"{record['elapsed_s'] + record.get('mlflow_s', 0):.1f} s; run {record['run_id']}"
+          + (f", MLflow run {record['mlflow']['parent_run_id']}" if record.get("mlflow") else ""))
+    if record.get("error"):
+        print(f"error: {record['error']}", file=sys.stderr)
+
+
+def cmd_list(args) -> int:
+    from .spec import builtin_specs, load
+    for name, path in builtin_specs().items():
+        spec = load(str(path))
+        desc = spec.raw.get("pipeline", {}).get("description", "")
+        models = ", ".join(f"{m.name} ({m.framework})" for m in spec.models)
+        print(f"{name:<10} {desc}\n{'':<10} models: {models}; formats: {', '.join(spec.formats)}")
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from . import api
+    rec = api.load_record(args.run)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["started"]))
+    print(f"run {rec['run_id']}  spec {rec['spec']}  {rec['status'].upper()}  started {started}  "
+          f"{rec['elapsed_s']:.1f} s")
+    if rec.get("mlflow"):
+        print(f"MLflow parent run {rec['mlflow']['parent_run_id']} (experiment {rec['mlflow']['experiment_id']})")
+    print(f"\n{'stage':<26} {'status':<8} {'seconds':>8}  summary")
+    for s in rec["stages"]:
+        status = "FAILED" if s["error"] else ("cached" if s["cached"] else "ran")
+        print(f"{s['name']:<26} {status:<8} {s['elapsed_s']:8.2f}  {s['facts'].get('summary', s['error'] or '')}")
+    print()
+    for name, info in rec["models"].items():
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in info.get("metrics", {}).items())
+        print(f"model {name} ({info['framework']}): {shown or info.get('error', '')}")
+    if rec.get("error"):
+        print(f"\nerror: {rec['error']}")
+    return EXIT_OK
+
+
+def cmd_ui(args) -> int:
+    import signal
+    import subprocess
+    from . import api, tracking
+    home = api.home_dir()
+    tracking.configure(home)
+    uri = tracking.tracking_uri(home)
+    artifacts = tracking.store_dir(home) / "artifacts"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--default-artifact-root", artifacts.resolve().as_uri()]
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **tracking.OFFLINE_ENV})
+    url = tracking.latest_run_url(home, args.host, args.port)
+    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri})")
+    print(f"latest run: {url}" if url else "no runs yet: `python -m pipeline run toy`")
+    print("Ctrl-C to stop", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)  # the UI's workers live in its process group
+        proc.wait(timeout=10)
+        return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from .spec import load
+    spec = load(args.spec)
+    print(f"{spec.path}: ok ({len(spec.models)} models, formats {', '.join(spec.formats)})")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "validate": cmd_validate}

@@ -1,0 +1,334 @@
+"""Pipeline specs: TOML files that name the data, the models, the formats and the tolerances.
+
+Validation is pure Python (tomllib + dataclasses): it runs before any framework is imported, and
+every problem is reported as "FILE: key: expected X, found Y" through `SpecError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "specs"
+FRAMEWORKS = ("keras", "torch")
+DATA_SOURCES = ("linear", "digits", "npz")
+FORMATS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
+LOSSES = ("mse", "sparse_categorical_crossentropy")
+OPTIMIZERS = ("sgd", "adam")
+TASKS = ("regression", "classification")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file, the key and what was expected."""
+
+
+def builtin_specs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.toml"))}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An acceptance bound on a training metric: a target with a tolerance, or a minimum/maximum."""
+    metric: str
+    target: float | None = None
+    tolerance: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def check(self, value: float) -> str | None:
+        """None when `value` is acceptable, else a sentence saying why not."""
+        if self.target is not None and abs(value - self.target) > self.tolerance:
+            return (f"{self.metric} = {value:.4f} is not within {self.tolerance} of {self.target} "
+                    f"(off by {abs(value - self.target):.4f})")
+        if self.min is not None and value < self.min:
+            return f"{self.metric} = {value:.4f} is below the minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"{self.metric} = {value:.4f} is above the maximum {self.max}"
+        return None
+
+    def describe(self) -> str:
+        if self.target is not None:
+            return f"{self.target} +/- {self.tolerance}"
+        parts = [f">= {self.min}"] if self.min is not None else []
+        parts += [f"<= {self.max}"] if self.max is not None else []
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    optimizer: str
+    lr: float
+    epochs: int
+    batch_size: int | None  # None: full batch
+    loss: str
+    shuffle: bool
+    threads: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    framework: str
+    factory: str
+    params: dict[str, Any]
+    train: TrainSettings
+    accept: tuple[Bound, ...]
+    litert_batch_sizes: tuple[int, ...]
+
+    def factory_source_hash(self) -> str:
+        """Hash of the factory's module source, found without importing it (no framework import)."""
+        module = self.factory.split(":", 1)[0]
+        found = importlib.util.find_spec(module)
+        origin = Path(found.origin) if found and found.origin else None
+        return hashlib.sha256(origin.read_bytes()).hexdigest() if origin and origin.is_file() else "unknown"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str
+    task: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ParitySpec:
+    held_out_rows: int
+    random_rows: int
+    input_range: tuple[float, float]
+    max_batch: int
+    tolerances: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    path: Path
+    seed: int
+    data: DataSpec
+    models: tuple[ModelSpec, ...]
+    formats: tuple[str, ...]
+    parity: ParitySpec
+    deploy: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+
+# --------------------------------------------------------------------------- loading
+
+def resolve(name_or_path: str) -> Path:
+    """A built-in spec name or a path to a TOML file."""
+    builtins = builtin_specs()
+    if name_or_path in builtins:
+        return builtins[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SpecError(f"{path}: no such spec file")
+        return path.resolve()
+    raise SpecError(f"unknown spec '{name_or_path}': expected a built-in spec "
+                    f"({', '.join(builtins)}) or a path to a .toml file")
+
+
+def load(name_or_path: str) -> Spec:
+    path = resolve(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:  # its message carries "(at line N, column M)"
+        raise SpecError(f"{path}: malformed TOML: {e}") from None
+    return _Validator(path).spec(raw)
+
+
+class _Validator:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, expected: str, found: Any = None, *, show_found: bool = True) -> None:
+        tail = f", found {found!r}" if show_found else ""
+        raise SpecError(f"{self.path}: {key}: expected {expected}{tail}")
+
+    def table(self, parent: dict, key: str, where: str, allowed: set[str], required: bool = True) -> dict:
+        value = parent.get(key)
+        if value is None:
+            if required:
+                raise_missing(self.path, where)
+            return {}
+        if not isinstance(value, dict):
+            self.fail(where, "a table", value)
+        self.known_keys(value, where, allowed)
+        return value
+
+    def known_keys(self, table: dict, where: str, allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                self.fail(f"{where}.{key}" if where else key,
+                          f"one of the known keys ({', '.join(sorted(allowed))}); unknown key", key)
+
+    def get(self, table: dict, key: str, where: str, kind: type | tuple, default: Any = ...,
+            choices: tuple | None = None, positive: bool = False) -> Any:
+        full = f"{where}.{key}" if where else key
+        if key not in table:
+            if default is ...:
+                raise_missing(self.path, full)
+            return default
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            self.fail(full, " or ".join(k.__name__ for k in kinds), value)
+        if choices is not None and value not in choices:
+            self.fail(full, f"one of {', '.join(choices)}", value)
+        if positive and value <= 0:
+            self.fail(full, "a positive number", value)
+        return value
+
+    def spec(self, raw: dict) -> Spec:
+        self.known_keys(raw, "", {"pipeline", "data", "model", "train", "accept", "export", "parity",
+                                  "deploy"})
+        head = self.table(raw, "pipeline", "pipeline", {"name", "seed", "description"})
+        name = self.get(head, "name", "pipeline", str)
+        seed = self.get(head, "seed", "pipeline", int, 0)
+
+        data_raw = self.table(raw, "data", "data", {"source", "task", "n_samples", "slope", "intercept",
+                                                   "noise", "test_fraction", "path", "scale"})
+        source = self.get(data_raw, "source", "data", str, choices=DATA_SOURCES)
+        task = self.get(data_raw, "task", "data", str, choices=TASKS)
+        data_options = {k: v for k, v in data_raw.items() if k not in ("source", "task")}
+        if source == "npz":
+            rel = self.get(data_raw, "path", "data", str)
+            data_options["path"] = str((self.path.parent / rel).resolve())
+        for key in ("n_samples",):
+            if key in data_raw:
+                self.get(data_raw, key, "data", int, positive=True)
+        for key in ("slope", "intercept", "noise", "scale"):
+            if key in data_raw:
+                self.get(data_raw, key, "data", float)
+        if "test_fraction" in data_raw:
+            frac = self.get(data_raw, "test_fraction", "data", float)
+            if not 0.0 <= frac < 1.0:
+                self.fail("data.test_fraction", "a number in [0, 1)", frac)
+
+        train_defaults = self.table(raw, "train", "train", _TRAIN_KEYS, required=False)
+        accept_defaults = self.get(raw, "accept", "", dict, {})
+        models_raw = raw.get("model")
+        if not isinstance(models_raw, list) or not models_raw:
+            self.fail("model", "one or more [[model]] tables", models_raw, show_found=models_raw is not None)
+        export = self.table(raw, "export", "export", {"formats", "litert_batch_sizes"}, required=False)
+        formats = tuple(self.get(export, "formats", "export", list, list(FORMATS)))
+        for f in formats:
+            if f not in FORMATS:
+                self.fail("export.formats", f"formats among {', '.join(FORMATS)}", f)
+        litert_batches = self._batch_sizes(export, "export")
+
+        models = []
+        for i, m in enumerate(models_raw):
+            where = f"model[{i}]"
+            if not isinstance(m, dict):
+                self.fail(where, "a table", m)
+            self.known_keys(m, where, {"name", "framework", "factory", "params", "train", "accept",
+                                       "litert_batch_sizes"})
+            mname = self.get(m, "name", where, str)
+            if any(x.name == mname for x in models):
+                self.fail(f"{where}.name", "a name unique among the models", mname)
+            framework = self.get(m, "framework", where, str, choices=FRAMEWORKS)
+            factory = self.get(m, "factory", where, str)
+            self._check_factory(factory, f"{where}.factory")
+            params = self.get(m, "params", where, dict, {})
+            train = self._train({**train_defaults, **self.get(m, "train", where, dict, {})}, f"{where}.train")
+            accept = self._accept({**accept_defaults, **self.get(m, "accept", where, dict, {})},
+                                  f"{where}.accept")
+            batches = self._batch_sizes(m, where) if "litert_batch_sizes" in m else litert_batches
+            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches))
+
+        parity = self._parity(self.table(raw, "parity", "parity", {"held_out_rows", "random_rows",
+                                                                  "input_range", "max_batch",
+                                                                  "tolerances"}, required=False))
+        deploy = self.get(raw, "deploy", "", dict, {})
+        return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
+                    parity, deploy, raw)
+
+    def _batch_sizes(self, table: dict, where: str) -> tuple[int, ...]:
+        sizes = self.get(table, "litert_batch_sizes", where, list, [1, 16])
+        if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            self.fail(f"{where}.litert_batch_sizes", "a non-empty list of positive integers", sizes)
+        return tuple(sorted(set(sizes)))
+
+    def _train(self, t: dict, where: str) -> TrainSettings:
+        self.known_keys(t, where, _TRAIN_KEYS)
+        batch = self.get(t, "batch_size", where, (int, str), "full")
+        if isinstance(batch, str) and batch != "full" or isinstance(batch, int) and batch <= 0:
+            self.fail(f"{where}.batch_size", "a positive integer or \"full\"", batch)
+        return TrainSettings(
+            optimizer=self.get(t, "optimizer", where, str, choices=OPTIMIZERS),
+            lr=self.get(t, "lr", where, float, positive=True),
+            epochs=self.get(t, "epochs", where, int, positive=True),
+            batch_size=None if batch == "full" else batch,
+            loss=self.get(t, "loss", where, str, choices=LOSSES),
+            shuffle=self.get(t, "shuffle", where, bool, False),
+            threads=self.get(t, "threads", where, int, 1, positive=True),
+        )
+
+    def _accept(self, a: dict, where: str) -> tuple[Bound, ...]:
+        bounds = []
+        for metric, rule in a.items():
+            key = f"{where}.{metric}"
+            if not isinstance(rule, dict):
+                self.fail(key, "a table such as { target = 3.0, tolerance = 0.05 } or { min = 0.95 }", rule)
+            self.known_keys(rule, key, {"target", "tolerance", "min", "max"})
+            vals = {k: self.get(rule, k, key, float) for k in rule}
+            if ("target" in vals) != ("tolerance" in vals) or not vals:
+                self.fail(key, "target with tolerance, or min and/or max", rule)
+            bounds.append(Bound(metric, **vals))
+        return tuple(bounds)
+
+    def _parity(self, p: dict) -> ParitySpec:
+        rng = self.get(p, "input_range", "parity", list, [])
+        if rng and (len(rng) != 2 or not all(isinstance(v, (int, float)) for v in rng) or rng[0] >= rng[1]):
+            self.fail("parity.input_range", "[low, high] with low < high", rng)
+        tolerances = self.get(p, "tolerances", "parity", dict, {})
+        for fmt, tol in tolerances.items():
+            self.get(tolerances, fmt, "parity.tolerances", dict)
+            for k in tol:
+                self.get(tol, k, f"parity.tolerances.{fmt}", float)
+        return ParitySpec(
+            held_out_rows=self.get(p, "held_out_rows", "parity", int, 64),
+            random_rows=self.get(p, "random_rows", "parity", int, 64),
+            input_range=tuple(float(v) for v in rng) if rng else None,
+            max_batch=self.get(p, "max_batch", "parity", int, 16, positive=True),
+            tolerances=tolerances,
+        )
+
+    def _check_factory(self, factory: str, key: str) -> None:
+        module, sep, func = factory.partition(":")
+        if not sep or not module or not func.isidentifier():
+            self.fail(key, "'module:function'", factory)
+        spec_dir = str(self.path.parent)
+        import sys
+        added = spec_dir not in sys.path
+        if added:  # a user's factory module usually sits beside the spec
+            sys.path.insert(0, spec_dir)
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            if added:
+                sys.path.remove(spec_dir)
+            self.fail(key, f"an importable module '{module}' (looked beside the spec and on sys.path)",
+                      factory)
+
+
+_TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads"}
+
+
+def raise_missing(path: Path, key: str) -> None:
+    raise SpecError(f"{path}: {key}: required key is missing")

@@ -1,0 +1,176 @@
+"""Every MLflow call of the toolkit lives here. Stages report facts; this module records them.
+
+The store is `<home>/mlruns/`: a SQLite database (`mlflow.db`) with the artifacts beside it
+(`mlruns/artifacts/`). One experiment per pipeline, one parent run per pipeline run, one child run per
+model. Telemetry is off: the toolkit runs offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "GIT_PYTHON_REFRESH": "quiet"}
+
+
+def store_dir(home: Path) -> Path:
+    return home / "mlruns"
+
+
+def tracking_uri(home: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir(home) / 'mlflow.db'}"
+
+
+def configure(home: Path) -> str:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    store_dir(home).mkdir(parents=True, exist_ok=True)
+    import mlflow
+    uri = tracking_uri(home)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def registered_name(spec_name: str, model_name: str) -> str:
+    return f"{spec_name}-{model_name}"
+
+
+# --------------------------------------------------------------------------- in a lane: native models
+
+def save_native_model(framework: str, model, path: Path, x_example: np.ndarray, y_example: np.ndarray) -> None:
+    """Write the MLflow model folder (flavor, signature, input example, pinned requirements) once, at
+    training time; each pipeline run then logs this folder without importing a framework."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    from mlflow.models import infer_signature
+    signature = infer_signature(x_example, y_example)
+    if framework == "keras":
+        import keras
+        import mlflow.tensorflow
+        import tensorflow as tf
+        mlflow.tensorflow.save_model(
+            model, str(path), signature=signature, input_example=x_example,
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+    else:
+        import mlflow.pytorch
+        import torch
+        mlflow.pytorch.save_model(
+            model, str(path), signature=signature, input_example=x_example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+# --------------------------------------------------------------------------- in the parent: the record
+
+class Recorder:
+    """Records one pipeline run. `prepare()` (import, store and experiment) can overlap the lanes."""
+
+    def __init__(self, home: Path, experiment: str):
+        self.home, self.experiment = home, experiment
+        self.experiment_id: str | None = None
+
+    def prepare(self) -> None:
+        configure(self.home)
+        import mlflow
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        if exp is None:
+            artifacts = (store_dir(self.home) / "artifacts" / self.experiment).resolve()
+            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts.as_uri())
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def record(self, run: dict) -> dict:
+        """Log a finished (or failed) pipeline run; returns the MLflow ids for the run record."""
+        if self.experiment_id is None:
+            self.prepare()
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+        client = MlflowClient()
+        now = int(time.time() * 1000)
+        status = "FINISHED" if run["status"] == "passed" else "FAILED"
+        cached = [s["name"] for s in run["stages"] if s["cached"]]
+        tags = {"pipeline.spec": run["spec"], "pipeline.spec_hash": run["spec_hash"],
+                "pipeline.code_version": run["code_version"], "pipeline.run_id": run["run_id"],
+                "pipeline.cached_stages": ",".join(cached) or "none",
+                "pipeline.status": run["status"]}
+        if run.get("error"):
+            tags["pipeline.error"] = run["error"][:5000]
+        parent = client.create_run(self.experiment_id, run_name=f"{run['spec']}-{run['run_id']}",
+                                   tags={**tags, "mlflow.note.content": _description(run)},
+                                   start_time=int(run["started"] * 1000))
+        pid = parent.info.run_id
+        client.log_batch(pid, params=[Param(k, str(v)[:6000]) for k, v in run["params"].items()],
+                         metrics=[Metric(f"time_{s['name'].replace(':', '_')}_s", s["elapsed_s"], now, 0)
+                                  for s in run["stages"]] +
+                         [Metric("time_total_s", run["elapsed_s"], now, 0)])
+        client.log_dict(pid, run, "run_record.json")
+        ids = {"experiment_id": self.experiment_id, "parent_run_id": pid, "models": {}}
+        for name, info in run["models"].items():
+            ids["models"][name] = self._record_model(client, pid, run, name, info, tags)
+        client.set_terminated(pid, status=status, end_time=int(time.time() * 1000))
+        return ids
+
+    def _record_model(self, client, parent_id: str, run: dict, name: str, info: dict, parent_tags: dict) -> dict:
+        import mlflow
+        from mlflow.entities import LoggedModelOutput, Metric, Param
+        child_status = "FAILED" if info.get("error") else "FINISHED"
+        tags = {**parent_tags, "mlflow.parentRunId": parent_id, "model.framework": info["framework"],
+                "pipeline.status": "failed" if info.get("error") else run["status"]}
+        if info.get("error"):
+            tags["pipeline.error"] = info["error"][:5000]
+        child = client.create_run(self.experiment_id, run_name=name, tags=tags,
+                                  start_time=int(run["started"] * 1000))
+        cid = child.info.run_id
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in info.get("metrics", {}).items()]
+        metrics += [Metric("loss", float(v), now, step) for step, v in enumerate(info.get("loss_history", []))]
+        params = [Param(k, str(v)[:6000]) for k, v in info["params"].items()]
+        for start in range(0, max(len(metrics), 1), 1000):
+            client.log_batch(cid, metrics=metrics[start:start + 1000], params=params if start == 0 else [])
+        result: dict[str, Any] = {"run_id": cid}
+        model_dir = info.get("mlflow_model_dir")
+        if model_dir and Path(model_dir).is_dir():
+            logged = mlflow.initialize_logged_model(
+                name="model", source_run_id=cid, experiment_id=self.experiment_id,
+                model_type=info["framework"], tags={"framework": info["framework"]})
+            client.log_outputs(cid, models=[LoggedModelOutput(logged.model_id, step=0)])
+            client.log_model_artifacts(logged.model_id, model_dir)
+            mlflow.finalize_logged_model(logged.model_id, "READY")
+            version = mlflow.register_model(f"models:/{logged.model_id}",
+                                            registered_name(run["spec"], name))
+            result.update(model_id=logged.model_id, registered_model=version.name, version=version.version)
+        client.set_terminated(cid, status=child_status, end_time=int(time.time() * 1000))
+        return result
+
+
+def _description(run: dict) -> str:
+    lines = [f"**Pipeline `{run['spec']}`**: {run['status'].upper()}", ""]
+    for name, info in run["models"].items():
+        shown = ", ".join(f"{k} = {v:.4f}" for k, v in info.get("metrics", {}).items())
+        lines.append(f"- **{name}** ({info['framework']}): {shown or info.get('error', 'not trained')}")
+    if run.get("error"):
+        lines += ["", f"Error: `{run['error'][:500]}`"]
+    return "\n".join(lines)
+
+
+def latest_run_url(home: Path, host: str, port: int) -> str | None:
+    """URL of the most recent pipeline run in the UI, or None when the store is empty."""
+    configure(home)
+    import mlflow
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`pipeline.run_id` != ''",
+                              order_by=["start_time DESC"], max_results=50, output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        return None
+    r = parents[0]
+    return f"http://{host}:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,83 @@
+"""Framework-neutral parts of training: loading the factory, task metrics, acceptance bounds."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .spec import ModelSpec, Spec
+
+
+class TrainingRejected(RuntimeError):
+    """A trained model that misses its spec's acceptance bounds."""
+
+
+class FactoryError(RuntimeError):
+    """A model factory that could not be imported or raised."""
+
+
+def load_factory(spec: Spec, model: ModelSpec):
+    module_name, _, func = model.factory.partition(":")
+    spec_dir = str(spec.path.parent)
+    if spec_dir not in sys.path:
+        sys.path.insert(0, spec_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise FactoryError(f"model {model.name}: importing factory module '{module_name}' failed: "
+                           f"{type(e).__name__}: {e}") from e
+    if not hasattr(module, func):
+        raise FactoryError(f"model {model.name}: factory '{model.factory}': module has no '{func}'")
+    return getattr(module, func)
+
+
+def build_model(spec: Spec, model: ModelSpec, input_shape: tuple, n_outputs: int):
+    factory = load_factory(spec, model)
+    try:
+        return factory(tuple(input_shape), int(n_outputs), **model.params)
+    except Exception as e:
+        raise FactoryError(f"model {model.name}: factory '{model.factory}' raised "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def task_metrics(task: str, predict, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Metrics a person judges the model by, from its predictions (numpy in, numpy out)."""
+    x_eval, y_eval = (arrays["x_test"], arrays["y_test"]) if len(arrays["x_test"]) else \
+        (arrays["x_train"], arrays["y_train"])
+    pred = np.asarray(predict(x_eval))
+    if task == "classification":
+        return {"accuracy": float(np.mean(pred.argmax(-1) == y_eval.reshape(-1)))}
+    metrics = {"mse": float(np.mean((pred.reshape(y_eval.shape) - y_eval) ** 2))}
+    if x_eval.shape[1:] == (1,) and pred.shape[1:] == (1,):
+        # one input, one output: the learned line, read off the model itself
+        at = np.array([[0.0], [1.0]], dtype=np.float32)
+        f0, f1 = np.asarray(predict(at)).reshape(-1)
+        metrics.update(slope=float(f1 - f0), intercept=float(f0))
+    return metrics
+
+
+def check_acceptance(model: ModelSpec, metrics: dict[str, float]) -> None:
+    problems = []
+    for bound in model.accept:
+        if bound.metric not in metrics:
+            problems.append(f"{bound.metric}: not measured (measured: {', '.join(sorted(metrics))})")
+            continue
+        why = bound.check(metrics[bound.metric])
+        if why:
+            problems.append(why)
+    if problems:
+        raise TrainingRejected(f"model {model.name} ({model.framework}) missed its acceptance bounds: "
+                               + "; ".join(problems))
+
+
+def n_outputs(task: str, y: np.ndarray) -> int:
+    if task == "classification":
+        return int(y.max()) + 1
+    return int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+
+
+def write_history(out: Path, losses: list[float]) -> None:
+    import json
+    (out / "history.json").write_text(json.dumps({"loss": [float(v) for v in losses]}))

@@ -1,0 +1,1 @@
+"""TF Serving deployment: model repository layout, config, warmup, client (planned)."""

@@ -1,0 +1,106 @@
+"""Spec validation: every bad spec stops early with exit code 2 and says file, key and expectation."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline import spec as spec_mod
+from pipeline.spec import SpecError
+
+from .conftest import ROOT, run_cli
+
+GOOD = """
+[pipeline]
+name = "mine"
+
+[data]
+source = "linear"
+task = "regression"
+
+[train]
+optimizer = "sgd"
+lr = 0.1
+epochs = 3
+loss = "mse"
+
+[[model]]
+name = "m"
+framework = "torch"
+factory = "pipeline.zoo:linear_torch"
+"""
+
+
+def write(tmp_path, text, name="spec.toml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_builtin_specs_load():
+    for name in ("toy", "digits"):
+        s = spec_mod.load(name)
+        assert {m.framework for m in s.models} == {"keras", "torch"}
+    toy = spec_mod.load("toy")
+    assert toy.model("keras").train.optimizer == "adam" and toy.model("torch").train.optimizer == "sgd"
+    assert toy.model("keras").train.epochs == 200 and toy.model("keras").train.lr == 0.1
+
+
+def test_unknown_spec_name_lists_builtins():
+    with pytest.raises(SpecError, match=r"unknown spec 'nope'.*digits, toy"):
+        spec_mod.load("nope")
+
+
+def test_malformed_toml_names_file_and_line(tmp_path):
+    p = write(tmp_path, GOOD + "\n[broken\n")
+    with pytest.raises(SpecError) as e:
+        spec_mod.load(str(p))
+    assert str(p) in str(e.value) and "line" in str(e.value)
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    ('name = "mine"', 'name = "mine"\ncolour = "red"', "pipeline.colour: expected one of the known keys"),
+    ('lr = 0.1', 'lr = "fast"', "train.lr: expected float, found 'fast'"),
+    ('framework = "torch"', 'framework = "jax"', "model[0].framework: expected one of keras, torch, found 'jax'"),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "no_such_module:build"',
+     "model[0].factory: expected an importable module 'no_such_module'"),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo"', "expected 'module:function'"),
+    ('epochs = 3', 'epochs = -3', "train.epochs: expected a positive number"),
+    ('source = "linear"', 'source = "csv"', "data.source: expected one of linear, digits, npz"),
+])
+def test_bad_values_name_the_key(tmp_path, old, new, needle):
+    p = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(SpecError) as e:
+        spec_mod.load(str(p))
+    assert str(p) in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    p = write(tmp_path, GOOD.replace('epochs = 3\n', ''))
+    with pytest.raises(SpecError, match=r"model\[0\]\.train\.epochs: required key is missing"):
+        spec_mod.load(str(p))
+
+
+def test_cli_exits_2_without_importing_frameworks(tmp_path):
+    p = write(tmp_path, GOOD.replace('framework = "torch"', 'framework = "jax"'))
+    code = ("import sys; from pipeline.cli import main; rc = main(['run', %r]); "
+            "heavy = [m for m in ('tensorflow', 'torch', 'keras', 'mlflow') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc)" % str(p))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "HEAVY []" in r.stdout
+    assert "model[0].framework" in r.stderr
+
+
+def test_cli_unknown_spec_exit_code(tmp_path):
+    r = run_cli("run", "nope", home=tmp_path)
+    assert r.returncode == 2
+    assert "toy" in r.stderr and "digits" in r.stderr
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys; from pipeline.cli import build_parser; build_parser().format_help(); "
+            "print([m for m in ('tensorflow', 'torch', 'keras', 'mlflow', 'numpy') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
