@@ -91,8 +91,17 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
     except StageFailed as e:
         error = str(e)
         results = getattr(e, "results", [e.result])
+    report = next((r for r in results if r.name == "report" and not r.error), None)
+    if error is None and report is not None and not report.facts["passed"]:
+        failures = report.facts["failures"]
+        error = (f"parity failed: {len(failures)} artifact check(s) failed; first: "
+                 + (failures[0] if failures else "no artifact was checked"))
     finished = time.time()
     record = _record(spec, run_id, started, finished, results, error)
+    if report is not None:
+        # a snapshot per run: a later forced verify rewrites the cache entry this run read
+        record["report_dir"] = str(_snapshot_reports(home, run_id, Path(report.path)))
+        _print_parity(Path(record["report_dir"]))
     if recorder is not None:
         if prep_thread is not None:
             prep_thread.join()
@@ -101,6 +110,86 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
         record["mlflow_s"] = time.perf_counter() - t0
     save_record(home, record)
     return record
+
+
+def verify(run_ref: str | None = None, *, home: Path | None = None, track: bool = True) -> dict:
+    """Re-verify the artifacts of a past run (default: the latest) in every runtime, without
+    retraining or re-exporting: the verify and report stages run again on the cached artifacts."""
+    record = load_record(run_ref, home)
+    return run(record["spec_path"], home=home, from_stage="verify", track=track)
+
+
+def check(target: str, *, home: Path | None = None, out_dir: Path | None = None, track: bool = True) -> dict:
+    """The release gate: run (or reuse from the cache) every stage of a spec, always re-verify every
+    artifact, and write parity.json, junit.xml and summary.md into `out_dir` (default: reports/).
+
+    `target` is a spec (built-in name or .toml path) or a registered model version
+    (NAME, NAME@ALIAS or NAME/VERSION), whose spec is found through the version's tags."""
+    import shutil
+    home = home or home_dir()
+    try:
+        spec_ref = str(spec_mod.resolve(target))
+    except spec_mod.SpecError:
+        if not any(c in target for c in "@/") and "-" not in target:
+            raise
+        from .tracking import resolve_version
+        version = resolve_version(home, target)
+        spec_ref = version.tags.get("pipeline.spec_path")
+        if not spec_ref:
+            raise LookupError(f"model version {version.name}/{version.version} carries no pipeline.spec_path tag")
+    record = run(spec_ref, home=home, from_stage="verify", track=track)
+    out = (out_dir or home / "reports").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if record.get("report_dir"):
+        for name in ("parity.json", "junit.xml", "parity.md"):
+            shutil.copy2(Path(record["report_dir"]) / name, out / name)
+        (out / "summary.md").write_text(_summary_markdown(record, out / "parity.md"))
+    record["reports"] = str(out)
+    return record
+
+
+def _summary_markdown(record: dict, parity_md: Path) -> str:
+    verdict = "passed" if record["status"] == "passed" else "FAILED"
+    head = f"## Parity gate: `{record['spec']}` {verdict}\n\nrun `{record['run_id']}`\n\n"
+    if record.get("error"):
+        head += f"> {record['error']}\n\n"
+    return head + parity_md.read_text()
+
+
+def diff(run_a: str, run_b: str, home: Path | None = None) -> list[tuple[str, str, object, object]]:
+    """What changed between two runs: (section, what, value in A, value in B) for metrics and parity."""
+    a, b = load_record(run_a, home), load_record(run_b, home)
+    rows: list[tuple[str, str, object, object]] = []
+    for model in sorted(set(a["models"]) | set(b["models"])):
+        ma = a["models"].get(model, {}).get("metrics", {})
+        mb = b["models"].get(model, {}).get("metrics", {})
+        for k in sorted(set(ma) | set(mb)):
+            if ma.get(k) != mb.get(k):
+                rows.append(("metric", f"{model}.{k}", ma.get(k), mb.get(k)))
+    pa, pb = _parity_cells(a), _parity_cells(b)
+    for cell in sorted(set(pa) | set(pb)):
+        va, vb = pa.get(cell, ("absent", None)), pb.get(cell, ("absent", None))
+        if va != vb:
+            rows.append(("parity", cell, _cell_text(va), _cell_text(vb)))
+    if a["status"] != b["status"]:
+        rows.append(("run", "status", a["status"], b["status"]))
+    return rows
+
+
+def _parity_cells(record: dict) -> dict[str, tuple[str, float | None]]:
+    if not record.get("report_dir") or not (Path(record["report_dir"]) / "parity.json").is_file():
+        return {}
+    parity = json.loads((Path(record["report_dir"]) / "parity.json").read_text())
+    cells = {}
+    for r in parity["records"]:
+        m = (r.get("comparison") or {}).get("metrics", {})
+        cells[f"{r['model']}/{r['format']}-{r['variant']}@{r.get('runtime') or '-'}"] = (r["status"], m.get("max_abs"))
+    return cells
+
+
+def _cell_text(v: tuple[str, float | None]) -> str:
+    status, max_abs = v
+    return status + (f" (max abs {max_abs:.2e})" if isinstance(max_abs, (int, float)) else "")
 
 
 def _record(spec, run_id: str, started: float, finished: float, results, error: str | None) -> dict:
@@ -119,15 +208,35 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
             info["metrics"] = train.facts.get("metrics", {})
             info["loss_history"] = json.loads((out / "history.json").read_text())["loss"]
             info["mlflow_model_dir"] = str(out / "mlflow_model")
+        info["exports"] = {r.facts["format"]: r.path for r in results
+                           if r.kind == "export" and r.lane == m.name and not r.error}
+        verify = by_name.get(f"verify:{m.name}")
+        if verify is not None and not verify.error:
+            info["verify_dir"] = verify.path
         models[m.name] = info
     return {
         "run_id": run_id, "spec": spec.name, "spec_path": str(spec.path), "spec_hash": spec.digest()[:12],
         "code_version": code_version(), "started": started, "finished": finished,
         "elapsed_s": finished - started, "status": "failed" if error else "passed", "error": error,
         "stages": stages, "models": models,
+        "report_dir": by_name["report"].path if "report" in by_name and not by_name["report"].error else None,
         "params": {"spec": spec.name, "seed": spec.seed, "data.source": spec.data.source,
                    "formats": ",".join(spec.formats), "models": ",".join(m.name for m in spec.models)},
     }
+
+
+def _snapshot_reports(home: Path, run_id: str, report_dir: Path) -> Path:
+    import shutil
+    dest = runs_dir(home) / run_id
+    shutil.copytree(report_dir, dest, ignore=shutil.ignore_patterns("stage.json"), dirs_exist_ok=True)
+    return dest
+
+
+def _print_parity(report_dir: Path) -> None:
+    from parity.report import ParityReport, print_table
+    print()
+    print(print_table(ParityReport.from_json(report_dir / "parity.json")), end="")
+    print(f"reports: {report_dir / 'parity.md'}, {report_dir / 'junit.xml'}")
 
 
 # --------------------------------------------------------------------------- run records

@@ -23,6 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sequential", action="store_true", help="run the models one after another in-process")
     r.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
+    ve = sub.add_parser("verify", help="re-verify a past run's artifacts in every runtime (no retraining)")
+    ve.add_argument("run", nargs="?", help="pipeline run id or MLflow run id (default: the latest)")
+    ve.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+
+    c = sub.add_parser("check", help="release gate: exit 0 only if every artifact passes parity in every runtime")
+    c.add_argument("target", help="spec name or .toml, or a registered model version NAME[@ALIAS|/VERSION]")
+    c.add_argument("--out", default=None, help="folder for parity.json, junit.xml, summary.md (default: reports/)")
+    c.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+
+    pr = sub.add_parser("promote", help="move the 'production' alias to a version whose parity passed")
+    pr.add_argument("model", help="NAME, NAME@ALIAS or NAME/VERSION (default alias: candidate)")
+    pr.add_argument("--alias", default="production")
+
+    d = sub.add_parser("diff", help="changes in metrics and parity between two runs")
+    d.add_argument("run_a")
+    d.add_argument("run_b")
+
     sub.add_parser("list", help="list the built-in specs")
 
     s = sub.add_parser("show", help="print a run's stages, timings and metrics (default: the latest)")
@@ -59,6 +76,49 @@ def cmd_run(args) -> int:
                      parallel=not args.sequential, track=not args.no_track)
     print_summary(record)
     return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+
+
+def cmd_verify(args) -> int:
+    from . import api
+    record = api.verify(args.run, track=not args.no_track)
+    print_summary(record)
+    return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+
+
+def cmd_check(args) -> int:
+    from pathlib import Path
+    from . import api
+    record = api.check(args.target, out_dir=Path(args.out) if args.out else None, track=not args.no_track)
+    print_summary(record)
+    print(f"gate reports: {record['reports']}/parity.json, junit.xml, summary.md")
+    return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+
+
+def cmd_promote(args) -> int:
+    from . import api, tracking
+    try:
+        done = tracking.promote(api.home_dir(), args.model, args.alias)
+    except tracking.PromotionRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{done['name']} version {done['version']} is now '{done['alias']}' (parity: {done['summary']})")
+    return EXIT_OK
+
+
+def cmd_diff(args) -> int:
+    from . import api
+    rows = api.diff(args.run_a, args.run_b)
+    if not rows:
+        print(f"no changes in metrics or parity between {args.run_a} and {args.run_b}")
+        return EXIT_OK
+    width = max(len(r[1]) for r in rows)
+    print(f"{'':8} {'what':<{width}}  {'A':<28}  B")
+    for section, what, va, vb in rows:
+        fa = f"{va:.6g}" if isinstance(va, float) else str(va)
+        fb = f"{vb:.6g}" if isinstance(vb, float) else str(vb)
+        delta = f"  ({vb - va:+.3g})" if isinstance(va, float) and isinstance(vb, float) else ""
+        print(f"{section:8} {what:<{width}}  {fa:<28}  {fb}{delta}")
+    return EXIT_OK
 
 
 def print_summary(record: dict) -> None:
@@ -136,4 +196,4 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "validate": cmd_validate}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -13,8 +14,10 @@ from .runner import Context, Stage
 from .spec import ModelSpec, Spec
 from .training import check_acceptance, n_outputs, task_metrics, write_history
 
-DATA_CODE = ("pipeline/data.py",)
-TRAIN_CODE = ("pipeline/frameworks.py", "pipeline/training.py", "pipeline/tracking.py")
+STAGES_CODE = ("pipeline/stages.py",)
+DATA_CODE = STAGES_CODE + ("pipeline/data.py",)
+# tracking.py (the MLflow model folder) is left out on purpose: changing how runs are recorded must not retrain.
+TRAIN_CODE = STAGES_CODE + ("pipeline/frameworks.py", "pipeline/training.py")
 
 
 def build_stages(spec: Spec) -> list[Stage]:
@@ -37,12 +40,14 @@ def build_stages(spec: Spec) -> list[Stage]:
             f"reference:{m.name}", "reference", {"perturbation": PERTURBATION},
             TRAIN_CODE, lambda ctx, m=m: run_reference(ctx, spec, m),
             inputs=("data", "parity_set", f"train:{m.name}"), lane=m.name))
+        stages += export_stages(spec, m)
+        stages.append(verify_stage(spec, m))
+    stages.append(report_stage(spec))
     return stages
 
 
 def _data_file_digest(spec: Spec) -> str | None:
     from .cache import file_digest
-    from pathlib import Path
     path = spec.data.options.get("path")
     return file_digest(Path(path)) if path and Path(path).is_file() else None
 
@@ -151,3 +156,233 @@ def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
     n_held = int((kind == 0).sum())
     labels[:n_held] = source[:n_held]
     return labels
+
+
+# --------------------------------------------------------------------------- export
+
+EXPORT_CODE_COMMON = STAGES_CODE + ("exporters/__init__.py", "exporters/base.py")
+
+
+def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
+    """One stage per format; a format converted from another (TF.js from SavedModel) takes it as input."""
+    import importlib.util
+    from exporters import FORMATS
+    stages = []
+    for fmt in _upstream_first([f for f in FORMATS if f in spec.formats], m.framework):
+        requires = _requires(fmt, m.framework)
+        for req in requires:
+            if req not in spec.formats:
+                raise_spec(spec, f"export.formats: {fmt} for {m.framework} models is converted from {req}, "
+                                 f"which must be listed too")
+        stages.append(Stage(
+            f"export:{m.name}:{fmt}", "export",
+            {"format": fmt, "framework": m.framework, "options": _export_options(spec, m, fmt)},
+            EXPORT_CODE_COMMON + (f"exporters/{fmt}.py",),
+            lambda ctx, m=m, fmt=fmt: run_export(ctx, spec, m, fmt),
+            inputs=("data", "parity_set", f"train:{m.name}") + tuple(f"export:{m.name}:{r}" for r in requires),
+            lane=m.name))
+    return stages
+
+
+def _upstream_first(formats: list[str], framework: str) -> list[str]:
+    ordered: list[str] = []
+
+    def visit(fmt: str) -> None:
+        if fmt not in ordered:
+            for req in _requires(fmt, framework):
+                if req in formats:
+                    visit(req)
+            ordered.append(fmt)
+    for fmt in formats:
+        visit(fmt)
+    return ordered
+
+
+def _requires(fmt: str, framework: str) -> tuple[str, ...]:
+    import exporters
+    return tuple(exporters.module(fmt).REQUIRES.get(framework, ()))
+
+
+def raise_spec(spec: Spec, message: str) -> None:
+    from .spec import SpecError
+    raise SpecError(f"{spec.path}: {message}")
+
+
+def _export_options(spec: Spec, m: ModelSpec, fmt: str) -> dict:
+    return {"batch_sizes": list(m.litert_batch_sizes)} if fmt == "litert" else {}
+
+
+def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
+    """Write one format's artifacts. A converter failure is recorded (and becomes a failed parity
+    record with the converter's message), not raised: the other formats still get made and checked."""
+    import exporters
+    from exporters.base import read_manifest, size_of, write_manifest
+    model = trained_model(ctx, spec, m)
+    arrays = load_arrays(ctx)
+    with np.load(ctx.input_dir("parity_set") / "parity_inputs.npz") as f:
+        example = f["x"][: spec.parity.max_batch]
+    upstream, missing = {}, []
+    for req in _requires(fmt, m.framework):
+        src = ctx.input_dir(f"export:{m.name}:{req}")
+        arts = read_manifest(src)
+        if not arts:
+            missing.append(f"{req}: {ctx.input_facts(f'export:{m.name}:{req}').get('error', 'no artifact')}")
+        upstream[req] = arts
+    out_dir = ctx.out / fmt
+    out_dir.mkdir()
+    options = _export_options(spec, m, fmt)
+    if fmt == "litert":  # rows for int8 calibration, from the training data
+        options["calibration"] = arrays["x_train"][:256]
+    t0 = time.perf_counter()
+    try:
+        if missing:
+            raise RuntimeError(f"converted from an artifact that could not be made ({'; '.join(missing)})")
+        artifacts = exporters.module(fmt).export(model, framework=m.framework, name=m.name, example=example,
+                                                 out_dir=out_dir, upstream=upstream, options=options)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        ctx.log(f"export failed: {error[:300]}")
+        write_manifest(out_dir, [])
+        (ctx.out / "artifacts.json").write_text("[]")
+        return {"format": fmt, "error": error, "artifacts": [], "summary": f"FAILED: {error[:120]}"}
+    elapsed = time.perf_counter() - t0
+    for a in artifacts:
+        a.size_bytes = a.size_bytes or size_of(a.path)
+        a.export_s = a.export_s or elapsed / len(artifacts)
+    write_manifest(ctx.out, artifacts)
+    return {"format": fmt, "artifacts": [a.to_json(ctx.out) for a in artifacts],
+            "summary": ", ".join(f"{a.variant} {a.size_bytes / 1024:.0f} KiB" for a in artifacts)
+            + f" in {elapsed:.2f} s"}
+
+
+# --------------------------------------------------------------------------- verify
+
+VERIFY_CODE = STAGES_CODE + ("parity/compare.py", "exporters/__init__.py", "exporters/base.py", "exporters/saved_model.py",
+               "exporters/torchscript.py", "exporters/onnx.py", "exporters/litert.py", "exporters/tfjs.py")
+VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
+
+
+def verify_stage(spec: Spec, m: ModelSpec) -> Stage:
+    from exporters import FORMATS
+    exports = tuple(f"export:{m.name}:{fmt}" for fmt in FORMATS if fmt in spec.formats)
+    return Stage(f"verify:{m.name}", "verify",
+                 {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
+                 VERIFY_CODE, lambda ctx: run_verify(ctx, spec, m, exports),
+                 inputs=(f"reference:{m.name}",) + exports, lane=m.name)
+
+
+def run_verify(ctx: Context, spec: Spec, m: ModelSpec, exports: tuple[str, ...]) -> dict:
+    """Load every artifact in each of its runtimes, run the stored parity inputs, compare with the
+    stored reference outputs. Writes records.json and the outputs (for plots)."""
+    import exporters
+    from exporters.base import read_manifest
+    from parity.compare import ParityRecord, compare, discrimination, tolerance_for
+    with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
+        ref = {k: f[k] for k in f.files}
+    x, y_ref = ref["x"], ref["y"]
+    labels = ref.get("labels")
+    records, outputs = [], {}
+    for fmt in exporters.FORMATS:
+        variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
+        name = f"export:{m.name}:{fmt}"
+        if name not in exports:
+            records += [ParityRecord.skipped(m.name, fmt, v, "format not listed in the spec's export.formats")
+                        for v in variants]
+            continue
+        facts = ctx.input_facts(name)
+        if facts.get("error"):
+            records += [ParityRecord.failed_to_load(m.name, fmt, v, None, None, f"export failed: {facts['error']}")
+                        for v in variants]
+            continue
+        module = exporters.module(fmt)
+        made = {a.variant for a in read_manifest(ctx.input_dir(name))}
+        records += [ParityRecord.skipped(m.name, fmt, v, f"{fmt} exporter made no {v} variant for "
+                                         f"{m.framework} models", skip="not-produced")
+                    for v in variants if v not in made]
+        for artifact in read_manifest(ctx.input_dir(name)):
+            tol = tolerance_for(artifact.variant, fmt, spec.parity.tolerances)
+            for runtime in module.RUNTIMES:
+                rec, got = _check(module, artifact, runtime, x, y_ref, labels, ref["kind"], tol, spec, m)
+                records.append(rec)
+                if got is not None:
+                    outputs[f"{artifact.label}@{runtime}"] = got
+    disc = discrimination(y_ref, ref.get("y_perturbed"), tolerance_for("fp32", "onnx", spec.parity.tolerances),
+                          task=spec.data.task, perturbation=f"{PERTURBATION:g} relative weight noise")
+    (ctx.out / "records.json").write_text(json.dumps({"records": [r.to_json() for r in records],
+                                                      "discrimination": disc}, indent=2))
+    np.savez(ctx.out / "outputs.npz", reference=y_ref, **outputs)
+    failed = [r for r in records if r.status == "failed"]
+    checked = [r for r in records if r.status != "skipped"]
+    return {"checked": len(checked), "failed": len(failed), "skipped": len(records) - len(checked),
+            "failures": [r.message for r in failed],
+            "summary": f"{len(checked) - len(failed)}/{len(checked)} artifact-runtime checks passed"}
+
+
+def _check(module, artifact, runtime, x, y_ref, labels, kinds, tol, spec: Spec, m: ModelSpec):
+    """One artifact in one runtime: batch 1, the largest declared batch, then the rest of the rows."""
+    from parity.compare import ParityRecord, compare
+    t0 = time.perf_counter()
+    try:
+        runner = module.load(artifact, runtime)
+    except Exception as e:
+        return ParityRecord.failed_to_load(m.name, artifact.format, artifact.variant, runtime, artifact.path,
+                                           e), None
+    try:
+        cuts = [0, 1, min(1 + spec.parity.max_batch, len(x)), len(x)]
+        parts = [np.asarray(runner(x[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
+        got = np.concatenate(parts).reshape(y_ref.shape) if sum(map(len, parts)) == len(x) else \
+            np.concatenate(parts)
+    except Exception as e:
+        return ParityRecord.failed_to_load(m.name, artifact.format, artifact.variant, runtime, artifact.path,
+                                           f"running failed: {type(e).__name__}: {e}"), None
+    finally:
+        close = getattr(runner, "close", None)
+        if close:
+            close()
+    comparison = compare(y_ref, got, tolerance=tol, task=spec.data.task,
+                         labels=labels if labels is not None else None, kinds=kinds)
+    rec = ParityRecord.checked(m.name, artifact.format, artifact.variant, runtime, artifact.path, comparison,
+                               elapsed_s=time.perf_counter() - t0,
+                               details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
+                                        "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes})
+    return rec, got
+
+
+# --------------------------------------------------------------------------- report
+
+REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "parity/plots.py")
+
+
+def report_stage(spec: Spec) -> Stage:
+    inputs = tuple(f"verify:{m.name}" for m in spec.models) + tuple(f"train:{m.name}" for m in spec.models)
+    return Stage("report", "report", {"spec": spec.name}, REPORT_CODE, lambda ctx: run_report(ctx, spec),
+                 inputs=inputs)
+
+
+def run_report(ctx: Context, spec: Spec) -> dict:
+    """parity.json, parity.md and junit.xml for the whole run, and the plots a reviewer looks at."""
+    from parity.compare import ParityRecord
+    from parity.plots import plot_model_parity, plot_training_curve
+    from parity.report import ParityReport
+    report = ParityReport(spec=spec.name, metadata={"spec_path": str(spec.path)})
+    plots = []
+    for m in spec.models:
+        vdir = ctx.input_dir(f"verify:{m.name}")
+        data = json.loads((vdir / "records.json").read_text())
+        for r in data["records"]:
+            report.add(ParityRecord.from_json(r))
+        report.discrimination[m.name] = data["discrimination"]
+        with np.load(vdir / "outputs.npz") as f:
+            outs = {k: f[k] for k in f.files}
+        ref = outs.pop("reference")
+        plots.append(plot_model_parity(m.name, ref, outs, ctx.out / f"parity_{m.name}.png"))
+        history = json.loads((ctx.input_dir(f"train:{m.name}") / "history.json").read_text())
+        plots.append(plot_training_curve(history, ctx.out / f"training_{m.name}.png",
+                                         title=f"{spec.name} / {m.name} ({m.framework}): training loss"))
+    report.write_json(ctx.out / "parity.json")
+    report.write_markdown(ctx.out / "parity.md")
+    report.write_junit(ctx.out / "junit.xml")
+    counts = report.counts
+    return {"passed": report.passed, "counts": counts, "failures": [r.message for r in report.failed_records],
+            "warnings": report.warnings, "plots": [p.name for p in map(Path, plots)],
+            "summary": report.summary_line()}

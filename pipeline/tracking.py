@@ -110,6 +110,9 @@ class Recorder:
                                   for s in run["stages"]] +
                          [Metric("time_total_s", run["elapsed_s"], now, 0)])
         client.log_dict(pid, run, "run_record.json")
+        parity = _load_parity(run)
+        if parity is not None:
+            self._record_parity(client, pid, run, parity)
         ids = {"experiment_id": self.experiment_id, "parent_run_id": pid, "models": {}}
         for name, info in run["models"].items():
             ids["models"][name] = self._record_model(client, pid, run, name, info, tags)
@@ -134,6 +137,19 @@ class Recorder:
         for start in range(0, max(len(metrics), 1), 1000):
             client.log_batch(cid, metrics=metrics[start:start + 1000], params=params if start == 0 else [])
         result: dict[str, Any] = {"run_id": cid}
+        for fmt, path in info.get("exports", {}).items():
+            if Path(path, fmt).is_dir():  # browsable as exports/<format>/...
+                client.log_artifacts(cid, str(Path(path, fmt)), f"exports/{fmt}")
+        parity = _load_parity(run)
+        rows = [] if parity is None else \
+            [r for r in parity["records"] if r["model"] == name and r["status"] != "skipped"]
+        verdict = "passed" if rows and all(r["status"] == "passed" for r in rows) else "failed"
+        if parity is not None:
+            client.log_batch(cid, metrics=[Metric(_metric_key(r, k), float(v), now, 0) for r in rows
+                                           for k, v in (r.get("comparison") or {}).get("metrics", {}).items()
+                                           if k in ("max_abs", "max_rel", "cosine", "top1_agreement")
+                                           and isinstance(v, (int, float))][:1000])
+            client.set_tag(cid, "parity.verdict", verdict)
         model_dir = info.get("mlflow_model_dir")
         if model_dir and Path(model_dir).is_dir():
             logged = mlflow.initialize_logged_model(
@@ -144,9 +160,48 @@ class Recorder:
             mlflow.finalize_logged_model(logged.model_id, "READY")
             version = mlflow.register_model(f"models:/{logged.model_id}",
                                             registered_name(run["spec"], name))
+            failed = sum(r["status"] == "failed" for r in rows)
+            version_tags = {
+                "parity.verdict": verdict if run["status"] == "passed" or failed else "failed",
+                "parity.summary": f"{len(rows) - failed} passed, {failed} failed",
+                "formats": ",".join(sorted(info.get("exports", {}))),
+                "pipeline.run_id": run["run_id"], "pipeline.spec_path": run["spec_path"],
+                "framework": info["framework"]}
+            for k, v in version_tags.items():
+                client.set_model_version_tag(version.name, version.version, k, v)
+            client.set_registered_model_alias(version.name, "candidate", version.version)
             result.update(model_id=logged.model_id, registered_model=version.name, version=version.version)
         client.set_terminated(cid, status=child_status, end_time=int(time.time() * 1000))
         return result
+
+
+    def _record_parity(self, client, pid: str, run: dict, parity: dict) -> None:
+        report_dir = Path(run["report_dir"])
+        for name in ("parity.json", "parity.md", "junit.xml"):
+            client.log_artifact(pid, str(report_dir / name), "parity")
+        for png in sorted(report_dir.glob("*.png")):
+            client.log_artifact(pid, str(png), "plots")
+        table = {"model": [], "format": [], "variant": [], "runtime": [], "max_abs": [], "cosine": [],
+                 "verdict": []}
+        for r in parity["records"]:
+            m = (r.get("comparison") or {}).get("metrics", {})
+            for k, v in (("model", r["model"]), ("format", r["format"]), ("variant", r["variant"]),
+                         ("runtime", r.get("runtime") or "-"), ("max_abs", m.get("max_abs")),
+                         ("cosine", m.get("cosine")), ("verdict", r["status"].upper())):
+                table[k].append(v)
+        client.log_table(pid, data=table, artifact_file="parity/parity_table.json")
+        client.set_tag(pid, "parity.verdict", "passed" if parity["passed"] else "failed")
+
+
+def _load_parity(run: dict) -> dict | None:
+    if not run.get("report_dir"):
+        return None
+    return json.loads((Path(run["report_dir"]) / "parity.json").read_text())
+
+
+def _metric_key(record: dict, metric: str) -> str:
+    runtime = (record.get("runtime") or "none").replace("-", "_")
+    return f"parity.{record['format']}.{record['variant']}.{runtime}.{metric}"
 
 
 def _description(run: dict) -> str:
@@ -154,9 +209,52 @@ def _description(run: dict) -> str:
     for name, info in run["models"].items():
         shown = ", ".join(f"{k} = {v:.4f}" for k, v in info.get("metrics", {}).items())
         lines.append(f"- **{name}** ({info['framework']}): {shown or info.get('error', 'not trained')}")
+    parity = _load_parity(run)
+    if parity is not None:
+        lines += ["", "**Parity** (every artifact in its own runtime vs the trained model):", "",
+                  "| model | format | variant | runtime | max abs | verdict |", "|---|---|---|---|---|---|"]
+        for r in parity["records"]:
+            m = (r.get("comparison") or {}).get("metrics", {})
+            shown = f"{m['max_abs']:.2e}" if isinstance(m.get("max_abs"), (int, float)) else "-"
+            verdict = r["status"].upper() + (f" ({r.get('reason')})" if r["status"] == "skipped" else "")
+            lines.append(f"| {r['model']} | {r['format']} | {r['variant']} | {r.get('runtime') or '-'} | "
+                         f"{shown} | {verdict} |")
     if run.get("error"):
         lines += ["", f"Error: `{run['error'][:500]}`"]
     return "\n".join(lines)
+
+
+class PromotionRefused(RuntimeError):
+    """A model version whose parity verdict did not pass (or that does not exist)."""
+
+
+def resolve_version(home: Path, ref: str):
+    """NAME, NAME@ALIAS or NAME/VERSION (default alias: candidate) -> MLflow ModelVersion."""
+    configure(home)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    client = MlflowClient()
+    try:
+        if "/" in ref:
+            name, version = ref.split("/", 1)
+            return client.get_model_version(name, version)
+        name, _, alias = ref.partition("@")
+        return client.get_model_version_by_alias(name, alias or "candidate")
+    except MlflowException as e:
+        raise LookupError(f"no registered model version '{ref}': {e.message.splitlines()[0]}") from None
+
+
+def promote(home: Path, ref: str, alias: str = "production") -> dict:
+    """Move `alias` to the version `ref` names, only if its parity verdict passed."""
+    from mlflow import MlflowClient
+    mv = resolve_version(home, ref)
+    verdict = mv.tags.get("parity.verdict", "missing")
+    if verdict != "passed":
+        raise PromotionRefused(f"{mv.name} version {mv.version}: parity verdict is '{verdict}' "
+                               f"({mv.tags.get('parity.summary', 'no parity summary')}); "
+                               f"only a version whose artifacts all passed parity can become '{alias}'")
+    MlflowClient().set_registered_model_alias(mv.name, alias, mv.version)
+    return {"name": mv.name, "version": mv.version, "alias": alias, "summary": mv.tags.get("parity.summary")}
 
 
 def latest_run_url(home: Path, host: str, port: int) -> str | None:

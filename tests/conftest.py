@@ -20,3 +20,18 @@ def run_cli(*args, home: Path, timeout: float = 600, env: dict | None = None) ->
 @pytest.fixture
 def home(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """One cold `run toy` shared by the end-to-end tests (copy it before changing anything)."""
+    home = tmp_path_factory.mktemp("toy")
+    first = run_cli("run", "toy", home=home)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return home, first
+
+
+def copy_home(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

@@ -17,11 +17,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def toy_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("toy")
-    first = run_cli("run", "toy", home=home)
-    assert first.returncode == 0, first.stdout + first.stderr
-    return home, first
+def toy_home(toy_run):
+    return toy_run
 
 
 def records(home):
@@ -50,7 +47,6 @@ def test_rerun_is_fully_cached_and_imports_no_framework(toy_home):
     assert "HEAVY []" in r.stdout
     rec = records(home)[-1]
     assert all(s["cached"] for s in rec["stages"]), [s["name"] for s in rec["stages"] if not s["cached"]]
-    assert "(6 cached)" in r.stdout or "cached)" in r.stdout
 
 
 def test_mlflow_store_holds_parent_children_metrics_and_registered_models(toy_home):

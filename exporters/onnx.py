@@ -1,0 +1,222 @@
+"""ONNX: one fp32 file with a dynamic batch dimension, run in onnxruntime on the CPU.
+
+Routes (both write a single self-contained .onnx file):
+  keras: `model.export(path, format="onnx")` (Keras drives tf2onnx on the TensorFlow backend)
+  torch: `torch.onnx.export(model, (x,), path, dynamo=True, external_data=False, dynamic_shapes=...)`
+
+After writing, the file itself is read back and its first input must declare a symbolic (dynamic) batch
+dimension; if a converter wrote a fixed batch, the artifact says so in `batch_sizes`.
+"""
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+
+FORMAT = "onnx"
+REQUIRES = {"keras": (), "torch": ()}
+RUNTIMES = ("onnxruntime-cpu",)
+
+FILE_NAME = "model.onnx"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,
+           options=None) -> list[Artifact]:
+    """Write `out_dir/model.onnx` (fp32, dynamic batch) and return its Artifact."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FILE_NAME
+    example = np.ascontiguousarray(example, dtype=np.float32)
+    if example.ndim < 1 or example.shape[0] < 1:
+        raise ExportError(f"onnx export of {name} ({framework}): expected an example batch with at least "
+                          f"one row, found shape {example.shape}")
+    t0 = time.perf_counter()
+    if framework == "keras":
+        route, details = _export_keras(model, name, example, path)
+    elif framework == "torch":
+        route, details = _export_torch(model, name, example, path)
+    else:
+        raise ExportError(f"onnx export of {name}: unknown framework {framework!r}, expected keras or torch")
+    export_s = time.perf_counter() - t0
+
+    batch_dim, io = _describe(path, name, framework, route)
+    details.update(io)
+    if isinstance(batch_dim, str):
+        batch_sizes = None
+        details["batch_dim"] = batch_dim
+    else:
+        batch_sizes = [int(batch_dim)]
+        details["batch_dim"] = int(batch_dim)
+        details["batch_note"] = (f"the converter wrote a fixed batch of {batch_dim}, not a symbolic one; "
+                                 "the runner feeds other batch sizes in padded chunks of that size")
+    return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
+                     route=route, batch_sizes=batch_sizes, size_bytes=size_of(path), export_s=export_s,
+                     details=details)]
+
+
+def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[str, dict[str, Any]]:
+    import keras
+
+    if len(getattr(model, "inputs", None) or [None]) != 1:
+        raise ExportError(f"onnx export of {name} (keras): expected a model with one input, found "
+                          f"{len(model.inputs)}")
+    model(example)  # Keras refuses to export a model that has never been called
+    try:
+        model.export(str(path), format="onnx", verbose=False)
+    except Exception as e:  # the converter's own error, reworded with what was being done
+        raise ExportError(f"onnx export of {name} (keras): model.export(format='onnx') failed: "
+                          f"{type(e).__name__}: {e}") from e
+    details = {"converter": "keras.Model.export(format='onnx')", "keras_backend": keras.backend.backend(),
+               "versions": {"keras": _version("keras"), "tensorflow": _version("tensorflow"),
+                            "tf2onnx": _version("tf2onnx"), "onnx": _version("onnx")}}
+    via = "tf2onnx" if keras.backend.backend() == "tensorflow" else f"{keras.backend.backend()} backend"
+    return f"keras.Model.export(format='onnx') ({via})", details
+
+
+def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[str, dict[str, Any]]:
+    import inspect
+
+    import torch
+
+    arg_names = [p for p in inspect.signature(model.forward).parameters]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.from_numpy(example)
+        batch = torch.export.Dim("batch")
+        # positional form: works whatever the forward argument is called (nn.Sequential calls it `input`)
+        dynamic_shapes = ({0: batch},)
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=dynamic_shapes, verbose=False)
+        except Exception as e:
+            raise ExportError(f"onnx export of {name} (torch): torch.onnx.export(dynamo=True) with a dynamic "
+                              f"batch dimension failed: {type(e).__name__}: {str(e).strip()[:2000]}") from e
+    finally:
+        model.train(was_training)
+    details = {"converter": "torch.onnx.export(dynamo=True, external_data=False)",
+               "forward_args": arg_names,
+               "dynamic_shapes": "batch dimension 0 of the first positional argument",
+               "versions": {"torch": _version("torch"), "onnxscript": _version("onnxscript"),
+                            "onnx": _version("onnx")}}
+    return "torch.onnx.export(dynamo=True, dynamic batch)", details
+
+
+def _describe(path: Path, name: str, framework: str, route: str) -> tuple[str | int, dict[str, Any]]:
+    """Read the written file back: its input/output names, and the first input's batch dimension."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ExportError(f"onnx export of {name} ({framework}) by {route}: the written file {path} is not a "
+                          f"valid ONNX model: {type(e).__name__}: {e}") from e
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ExportError(f"onnx export of {name} ({framework}) by {route}: expected one graph input, found "
+                          f"{len(inputs)} ({[i.name for i in inputs]})")
+
+    def dims(value_info):
+        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
+                for d in value_info.type.tensor_type.shape.dim]
+
+    in_dims = dims(inputs[0])
+    if not in_dims:
+        raise ExportError(f"onnx export of {name} ({framework}) by {route}: expected a batched input, found "
+                          f"input {inputs[0].name!r} of rank 0")
+    first = inputs[0].type.tensor_type.shape.dim[0]
+    batch_dim: str | int = first.dim_param if first.dim_param else (first.dim_value or "?")
+    io = {"input_name": inputs[0].name, "input_shape": in_dims,
+          "output_names": [o.name for o in proto.graph.output],
+          "output_shapes": [dims(o) for o in proto.graph.output],
+          "opset": {op.domain or "ai.onnx": op.version for op in proto.opset_import},
+          "producer": " ".join(p for p in (proto.producer_name, proto.producer_version) if p and p != "None")}
+    return batch_dim, io
+
+
+class OnnxRunner:
+    """onnxruntime on the CPU, one intra-op thread: the single input is fed by position, the first output
+    is returned (names in `input_name`/`output_name`)."""
+
+    runtime = "onnxruntime-cpu"
+
+    def __init__(self, session, label: str):
+        self._session = session
+        self.label = label
+        inp = session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = list(inp.shape)
+        self.output_name = session.get_outputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._session is None:
+            raise RuntimeError(f"{self.label}: runner is closed")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        expected = self.input_shape
+        if (x.ndim != len(expected) or x.shape[0] < 1
+                or any(isinstance(d, int) and d != n for d, n in zip(expected[1:], x.shape[1:]))):
+            raise ValueError(f"{self.label}: input {self.input_name!r} expects shape {expected}, "
+                             f"found {list(x.shape)}")
+        batch = expected[0] if isinstance(expected[0], int) else None
+        if batch is None or x.shape[0] == batch:
+            return self._run(x)
+        # a fixed-batch graph: feed padded chunks of its batch (inference rows are independent)
+        outs = []
+        for start in range(0, x.shape[0], batch):
+            chunk, n = x[start:start + batch], min(batch, x.shape[0] - start)
+            if n < batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+            outs.append(self._run(np.ascontiguousarray(chunk))[:n])
+        return np.concatenate(outs)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run([self.output_name], {self.input_name: x})[0]
+
+    def close(self) -> None:
+        self._session = None
+
+
+def load(artifact: Artifact, runtime: str | None = None) -> OnnxRunner:
+    runtime = runtime or RUNTIMES[0]
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{artifact.label}: unknown runtime {runtime!r} for onnx, expected one of {RUNTIMES}")
+    path = Path(artifact.path)
+    if not path.is_file():
+        raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected a model file at {path}, found "
+                                f"{'a folder' if path.exists() else 'nothing'}")
+    found = path.stat().st_size
+    if artifact.size_bytes and found != artifact.size_bytes:
+        raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected {artifact.size_bytes} bytes at {path} "
+                                f"(as exported), found {found}: the file is truncated or was replaced")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactLoadError(f"onnx artifact {artifact.label}: onnxruntime could not load {path} "
+                                f"({found} bytes); expected a complete ONNX model, the file is corrupt or "
+                                f"truncated: {first_line}") from None
+    if len(session.get_inputs()) != 1:
+        raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected one input, found "
+                                f"{[i.name for i in session.get_inputs()]}")
+    return OnnxRunner(session, artifact.label)

@@ -1,0 +1,334 @@
+"""TensorFlow SavedModel: written by Keras itself, or from the ONNX artifact by onnx2tf for PyTorch models.
+
+Routes
+- keras: `model.export(dir, format="tf_saved_model")`; the `serving_default` signature keeps a dynamic batch.
+- torch: the upstream ONNX file (exporters/onnx.py) -> `onnx2tf.convert(...)` -> SavedModel. onnx2tf
+  rewrites its input file, so it works on a copy in a temp dir; it also writes .tflite files beside the
+  SavedModel, which are dropped here (LiteRT has its own route, exporters/litert.py). onnx2tf may turn a
+  channels-first input (NCW/NCHW/NCDHW) into channels-last; which layout the SavedModel wants is measured
+  on the example batch against the torch model, recorded in `input_layout` / details["input_transpose"],
+  and the runner transposes so callers always feed the layout the model was trained with.
+
+Runtime "tensorflow": `tf.saved_model.load(path).signatures["serving_default"]`, the single input
+mapped by its name in the signature's structured_input_signature, the single output returned as numpy.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+
+FORMAT = "saved_model"
+REQUIRES = {"keras": (), "torch": ("onnx",)}
+RUNTIMES = ("tensorflow",)
+
+SIGNATURE_KEY = "serving_default"
+_DIR_NAME = "saved_model"
+
+
+# --------------------------------------------------------------------------------------------- export
+
+def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
+           options: dict | None = None) -> list[Artifact]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    example = np.asarray(example, dtype=np.float32)
+    if framework == "keras":
+        return [_export_keras(model, name, example, out_dir)]
+    if framework == "torch":
+        return [_export_torch(model, name, example, out_dir, upstream or {})]
+    raise ExportError(f"saved_model artifact {name}: framework {framework!r} is not supported "
+                      f"(expected one of {', '.join(REQUIRES)})")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def _export_keras(model, name: str, example: np.ndarray, out_dir: Path) -> Artifact:
+    import keras
+    import tensorflow as tf
+
+    t0 = time.perf_counter()
+    final = out_dir / _DIR_NAME
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saved_model-") as tmp:
+        staged = Path(tmp) / _DIR_NAME
+        try:
+            model.export(str(staged), format="tf_saved_model", verbose=False)
+        except Exception as e:  # noqa: BLE001 - the converter's own error, rewrapped with context
+            raise ExportError(f"saved_model artifact {name}: keras model.export(format='tf_saved_model') "
+                              f"failed: {type(e).__name__}: {e}") from e
+        _replace_dir(staged, final)
+    export_s = time.perf_counter() - t0
+
+    sig = _describe_signature(final, name)
+    return Artifact(
+        model=name, format=FORMAT, variant="fp32", path=str(final), framework="keras",
+        route='keras Model.export(format="tf_saved_model")',
+        batch_sizes=sig["batch_sizes"], input_layout="as-trained",
+        size_bytes=size_of(final), export_s=export_s,
+        details={"signature": SIGNATURE_KEY, "input_name": sig["input_name"],
+                 "input_spec": sig["input_spec"], "output_name": sig["output_name"],
+                 "output_spec": sig["output_spec"], "input_transpose": None,
+                 "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}},
+    )
+
+
+def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream: dict) -> Artifact:
+    onnx_artifacts = upstream.get("onnx") or []
+    if not onnx_artifacts:
+        raise ExportError(f"saved_model artifact {name}: the torch route converts the ONNX artifact, "
+                          f"expected upstream['onnx'] with one artifact, found {sorted(upstream) or 'none'}")
+    onnx_path = Path(onnx_artifacts[0].path)
+    if not onnx_path.is_file():
+        raise ExportError(f"saved_model artifact {name}: expected the ONNX file at {onnx_path}, found nothing")
+
+    import onnx2tf
+    import tensorflow as tf
+    import torch
+
+    t0 = time.perf_counter()
+    final = out_dir / _DIR_NAME
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saved_model-") as tmp:
+        tmp = Path(tmp)
+        onnx_copy = tmp / "model.onnx"          # onnx2tf rewrites its input in place: never hand it ours
+        shutil.copyfile(onnx_path, onnx_copy)
+        staged = tmp / _DIR_NAME
+        try:
+            with contextlib.redirect_stdout(log):
+                onnx2tf.convert(
+                    input_onnx_file_path=str(onnx_copy),
+                    output_folder_path=str(staged),
+                    not_use_onnxsim=True,          # onnxsim is not installed; avoids its warning
+                    output_signaturedefs=True,     # a `serving_default` signature named after the ONNX input
+                    verbosity="error",
+                )
+        except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit(1) on some failures
+            tail = log.getvalue()[-2000:]
+            raise ExportError(f"saved_model artifact {name}: onnx2tf {onnx2tf.__version__} failed on "
+                              f"{onnx_path.name}: {type(e).__name__}: {e}\n{tail}") from e
+        if not (staged / "saved_model.pb").is_file():
+            raise ExportError(f"saved_model artifact {name}: onnx2tf finished but wrote no saved_model.pb "
+                              f"in {staged}; its log:\n{log.getvalue()[-2000:]}")
+        dropped = sorted(p.name for p in staged.glob("*.tflite"))
+        for p in staged.glob("*.tflite"):
+            p.unlink()
+        _replace_dir(staged, final)
+    export_s = time.perf_counter() - t0
+
+    sig = _describe_signature(final, name)
+
+    # Which layout does the SavedModel want? Measure it on the example against the torch model.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(example)).detach().cpu().numpy()
+    finally:
+        model.train(was_training)
+    perm, errors = _measure_layout(final, sig, example, ref, name)
+    if perm is None:
+        layout = "as-trained"
+    else:
+        layout = (f"{_layout_name(example.ndim, channels_last=True)} inside the SavedModel "
+                  f"(onnx2tf transposed it from {_layout_name(example.ndim, channels_last=False)}); "
+                  f"the runner transposes with {list(perm)}, callers feed the as-trained layout")
+
+    import onnx
+    return Artifact(
+        model=name, format=FORMAT, variant="fp32", path=str(final), framework="torch",
+        route=f"ONNX ({onnx_path.name}) -> onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)",
+        batch_sizes=sig["batch_sizes"], input_layout=layout,
+        size_bytes=size_of(final), export_s=export_s,
+        details={"signature": SIGNATURE_KEY, "input_name": sig["input_name"],
+                 "input_spec": sig["input_spec"], "output_name": sig["output_name"],
+                 "output_spec": sig["output_spec"],
+                 "input_transpose": None if perm is None else list(perm),
+                 "layout_check_max_abs": errors,
+                 "onnx_source": str(onnx_path), "onnx2tf_extra_files_dropped": dropped,
+                 "versions": {"tensorflow": tf.__version__, "onnx2tf": onnx2tf.__version__,
+                              "onnx": onnx.__version__, "torch": torch.__version__}},
+    )
+
+
+def _layout_name(ndim: int, channels_last: bool) -> str:
+    spatial = {3: "W", 4: "HW", 5: "DHW"}.get(ndim, "...")
+    return "N" + (spatial + "C" if channels_last else "C" + spatial)
+
+
+def _measure_layout(path: Path, sig: dict, example: np.ndarray, ref: np.ndarray, name: str):
+    """Feed the example as-is and channels-last; keep the layout that reproduces the torch outputs."""
+    _loaded, fn, input_name, output_name = _open_signature(path, name, "saved_model")
+    import tensorflow as tf
+
+    want = sig["input_spec"]["shape"][1:]
+    candidates: list[tuple[str, tuple[int, ...] | None]] = [("as-trained", None)]
+    if example.ndim >= 3:
+        candidates.append(("channels-last", (0, *range(2, example.ndim), 1)))
+    errors: dict[str, float | str] = {}
+    best: tuple[float, tuple[int, ...] | None] | None = None
+    for label, perm in candidates:
+        x = example if perm is None else np.ascontiguousarray(np.transpose(example, perm))
+        if not _shape_fits(want, x.shape[1:]):
+            errors[label] = f"shape {list(x.shape)} does not fit the signature {sig['input_spec']['shape']}"
+            continue
+        try:
+            y = fn(**{input_name: tf.constant(x)})[output_name].numpy()
+        except Exception as e:  # noqa: BLE001
+            errors[label] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        if y.shape != ref.shape:
+            errors[label] = f"output shape {list(y.shape)} != torch output shape {list(ref.shape)}"
+            continue
+        err = float(np.max(np.abs(y.astype(np.float64) - ref))) if ref.size else 0.0
+        errors[label] = err
+        if best is None or err < best[0]:
+            best = (err, perm)
+    tol = 1e-3 + 1e-3 * float(np.max(np.abs(ref))) if ref.size else 1e-3
+    if best is None or best[0] > tol:
+        raise ExportError(f"saved_model artifact {name}: the onnx2tf SavedModel reproduces the torch model in "
+                          f"no input layout (tolerance {tol:.2g}); max abs error per layout: {errors}")
+    return best[1], errors
+
+
+def _shape_fits(spec: list, shape: tuple) -> bool:
+    return len(spec) == len(shape) and all(s is None or s == d for s, d in zip(spec, shape))
+
+
+# ----------------------------------------------------------------------------------------- signature
+
+def _open_signature(path: Path, name: str, what: str):
+    """Load the SavedModel; return (loaded object, its serving function, input name, output name).
+
+    The loaded object owns the variables the function reads: keep it alive as long as the function."""
+    import tensorflow as tf
+
+    path = Path(path)
+    if not (path / "saved_model.pb").is_file() and not (path / "saved_model.pbtxt").is_file():
+        if not path.exists():
+            found = "nothing"
+        elif path.is_dir():
+            found = f"a folder holding {sorted(os.listdir(path))}"
+        else:
+            found = "a file"
+        raise ArtifactLoadError(f"{what} artifact {name}: expected a SavedModel directory with saved_model.pb "
+                                f"at {path}, found {found}")
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as e:  # noqa: BLE001 - corrupt protobuf, missing/corrupt variables (checksums), ...
+        raise ArtifactLoadError(f"{what} artifact {name}: tf.saved_model.load({path}) failed: "
+                                f"{type(e).__name__}: {_first_line(e)}") from e
+    sigs = getattr(loaded, "signatures", {})
+    if SIGNATURE_KEY not in sigs:
+        raise ArtifactLoadError(f"{what} artifact {name}: expected the signature {SIGNATURE_KEY!r} in {path}, "
+                                f"found {sorted(sigs) or 'no signatures'}")
+    fn = sigs[SIGNATURE_KEY]
+    inputs = fn.structured_input_signature[1]
+    outputs = fn.structured_outputs
+    if len(inputs) != 1 or fn.structured_input_signature[0]:
+        raise ArtifactLoadError(f"{what} artifact {name}: expected one named input in {SIGNATURE_KEY}, "
+                                f"found {fn.structured_input_signature}")
+    if not isinstance(outputs, dict) or len(outputs) != 1:
+        raise ArtifactLoadError(f"{what} artifact {name}: expected one output in {SIGNATURE_KEY}, "
+                                f"found {outputs}")
+    return loaded, fn, next(iter(inputs)), next(iter(outputs))
+
+
+def _spec_json(spec) -> dict[str, Any]:
+    return {"name": spec.name, "shape": list(spec.shape.as_list()) if spec.shape.rank is not None else None,
+            "dtype": spec.dtype.name}
+
+
+def _describe_signature(path: Path, name: str) -> dict[str, Any]:
+    try:
+        _loaded, fn, input_name, output_name = _open_signature(path, name, "saved_model")
+    except ArtifactLoadError as e:
+        raise ExportError(f"the SavedModel just written does not load: {e}") from e
+    in_spec = fn.structured_input_signature[1][input_name]
+    out_spec = fn.structured_outputs[output_name]
+    batch = in_spec.shape.as_list()[0] if in_spec.shape.rank else None
+    return {"input_name": input_name, "output_name": output_name,
+            "input_spec": _spec_json(in_spec), "output_spec": _spec_json(out_spec),
+            "batch_sizes": None if batch is None else [int(batch)]}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:500] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+class SavedModelRunner:
+    """numpy float32 in (the as-trained layout), numpy out; one `serving_default` call per batch."""
+
+    runtime = "tensorflow"
+
+    def __init__(self, artifact: Artifact):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.artifact = artifact
+        self._loaded, self._fn, self.input_name, self.output_name = _open_signature(Path(artifact.path), artifact.model,
+                                                                      FORMAT)
+        spec = self._fn.structured_input_signature[1][self.input_name]
+        self._feature_shape = spec.shape.as_list()[1:] if spec.shape.rank else None
+        self._static_batch = spec.shape.as_list()[0] if spec.shape.rank else None
+        self._dtype = spec.dtype.as_numpy_dtype
+        perm = (artifact.details or {}).get("input_transpose")
+        self._perm = tuple(perm) if perm else None
+        self.details = {"signature": SIGNATURE_KEY, "input_name": self.input_name,
+                        "output_name": self.output_name, "input_transpose": list(self._perm) if self._perm else None,
+                        "batch_strategy": "dynamic batch" if self._static_batch is None
+                        else f"chunks of the static batch {self._static_batch}",
+                        "tensorflow": tf.__version__}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._fn is None:
+            raise RuntimeError(f"saved_model runner for {self.artifact.model} is closed")
+        x = np.asarray(x, dtype=np.float32)
+        if self._perm is not None:
+            if x.ndim != len(self._perm):
+                raise ValueError(f"saved_model artifact {self.artifact.model}: expected a rank-{len(self._perm)} "
+                                 f"batch in the as-trained layout, found shape {list(x.shape)}")
+            x = np.ascontiguousarray(np.transpose(x, self._perm))
+        if self._feature_shape is not None and not _shape_fits(self._feature_shape, x.shape[1:]):
+            raise ValueError(f"saved_model artifact {self.artifact.model}: expected inputs of shape "
+                             f"[N, {', '.join(str(d) for d in self._feature_shape)}] (after layout mapping), "
+                             f"found {list(x.shape)}")
+        x = x.astype(self._dtype, copy=False)
+        b = self._static_batch
+        if b is None or x.shape[0] == b:
+            return self._fn(**{self.input_name: self._tf.constant(x)})[self.output_name].numpy()
+        outs = []
+        for i in range(0, x.shape[0], b):
+            chunk = x[i:i + b]
+            n = chunk.shape[0]
+            if n < b:
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self._fn(**{self.input_name: self._tf.constant(chunk)})[self.output_name].numpy()[:n])
+        return np.concatenate(outs)
+
+    def close(self) -> None:
+        self._fn = None
+        self._loaded = None
+
+
+def load(artifact: Artifact, runtime: str | None = None) -> SavedModelRunner:
+    runtime = runtime or RUNTIMES[0]
+    if runtime not in RUNTIMES:
+        raise ValueError(f"saved_model artifact {artifact.model}: runtime {runtime!r} is not supported "
+                         f"(expected one of {', '.join(RUNTIMES)})")
+    return SavedModelRunner(artifact)

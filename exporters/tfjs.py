@@ -1,0 +1,463 @@
+"""TF.js graph model: converted from the SavedModel artifact, run in Node on the pure-JS cpu and wasm backends.
+
+Export: `tensorflowjs.converters.convert_tf_saved_model` on the upstream SavedModel (the layers format made
+from a Keras 3 model does not load in TF.js, see ENVIRONMENT.md; the graph model does).
+
+Run: one warm Node process (exporters/js/runner.js, pure-JS `@tensorflow/tfjs` + `@tensorflow/tfjs-backend-wasm`;
+`@tensorflow/tfjs-node` cannot be installed offline) serves every TF.js runner of this Python process, every
+model and both backends. It is started on first use, shared through a module-level pool, restarted if it dies
+and closed at exit. Requests and responses are newline-delimited JSON; tensors travel as base64 of
+little-endian float32 bytes. Every wait on the pipe has a timeout, so a hung Node never hangs Python.
+
+Install the Node side once with `npm ci --prefix exporters/js`.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import collections
+import itertools
+import json
+import os
+import shutil
+import select
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+
+FORMAT = "tfjs"
+REQUIRES = {"keras": ("saved_model",), "torch": ("saved_model",)}
+RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+RUNNER_JS = JS_DIR / "runner.js"
+NODE_MODULES = JS_DIR / "node_modules"
+INSTALL_HINT = "npm ci --prefix exporters/js"
+
+# Seconds to wait on the Node pipe; override with T2E_TFJS_TIMEOUT_S (start/load) and T2E_TFJS_PREDICT_TIMEOUT_S.
+START_TIMEOUT_S = float(os.environ.get("T2E_TFJS_TIMEOUT_S", "60"))
+LOAD_TIMEOUT_S = START_TIMEOUT_S
+PREDICT_TIMEOUT_S = float(os.environ.get("T2E_TFJS_PREDICT_TIMEOUT_S", "60"))
+
+_BACKENDS = {"tfjs-node-cpu": "cpu", "tfjs-node-wasm": "wasm"}
+_OPTIONS = {"signature_def", "weight_shard_size_bytes"}
+# details of the SavedModel artifact that say how its inputs/outputs are laid out (e.g. "input_transpose":
+# the axes permutation its runner applies to an as-trained batch) are carried over as they are
+_LAYOUT_WORDS = ("transpose", "layout", "perm")
+
+
+class TfjsRunError(RuntimeError):
+    """A loaded TF.js model failed to run (wrong input shape, Node died or hung mid-call)."""
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+def _import_converter():
+    """tensorflowjs.converters, imported with a placeholder for tensorflow_decision_forests.
+
+    tensorflowjs imports tensorflow_decision_forests at import time only "to load saved models that use TFDF";
+    no TFDF release loads under TensorFlow 2.21 (ENVIRONMENT.md). The placeholder lives in sys.modules only
+    for the duration of the import.
+    """
+    if "tensorflowjs.converters.tf_saved_model_conversion_v2" in sys.modules:
+        import tensorflowjs
+        from tensorflowjs import converters
+        return tensorflowjs, converters
+    name = "tensorflow_decision_forests"
+    placeholder = None
+    if name not in sys.modules:
+        placeholder = types.ModuleType(name)
+        placeholder.__doc__ = "placeholder inserted by exporters.tfjs for the tensorflowjs import only"
+        sys.modules[name] = placeholder
+    try:
+        import tensorflowjs
+        from tensorflowjs import converters
+        from tensorflowjs.converters import tf_saved_model_conversion_v2  # noqa: F401  (the module that needs it)
+    except ImportError as e:
+        raise ExportError(f"tfjs: cannot import the tensorflowjs converter ({type(e).__name__}: {e}); "
+                          f"install it with pip install --no-deps tensorflowjs==4.22.0 (and jax)") from e
+    finally:
+        if placeholder is not None and sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+    return tensorflowjs, converters
+
+
+def _pick_saved_model(upstream: dict, name: str) -> Artifact:
+    arts = list((upstream or {}).get("saved_model") or [])
+    if not arts:
+        raise ExportError(f"tfjs artifact {name}: expected an upstream saved_model artifact to convert, "
+                          f"found upstream formats {sorted((upstream or {}).keys())}")
+    fp32 = [a for a in arts if a.variant == "fp32"]
+    return (fp32 or arts)[0]
+
+
+_TF_DTYPES = {"DT_FLOAT": "float32", "DT_INT32": "int32", "DT_INT64": "int64", "DT_BOOL": "bool", "DT_HALF": "float16"}
+
+
+def _tensor_specs(sig: dict) -> list[dict]:
+    out = []
+    for key, t in sig.items():
+        dims = [int(d.get("size", -1)) for d in t.get("tensorShape", {}).get("dim", [])]
+        out.append({"key": key, "name": t.get("name", key).split(":")[0], "shape": dims,
+                    "dtype": _TF_DTYPES.get(t.get("dtype", ""), t.get("dtype", ""))})
+    return out
+
+
+def _js_package_versions() -> dict:
+    try:
+        deps = json.loads((JS_DIR / "package.json").read_text())["dependencies"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return dict(deps)
+
+
+def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
+           options: dict | None = None) -> list[Artifact]:
+    """Convert the upstream SavedModel into a TF.js graph model folder (model.json + weight shards)."""
+    options = dict(options or {})
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise ExportError(f"tfjs artifact {name}: unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTIONS)}")
+    sm = _pick_saved_model(upstream, name)
+    sm_path = Path(sm.path)
+    if not (sm_path / "saved_model.pb").is_file():
+        raise ExportError(f"tfjs artifact {name}: expected a SavedModel folder with saved_model.pb at {sm_path}, "
+                          f"found {'a folder without it' if sm_path.is_dir() else 'nothing'}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / "tfjs"
+    tmp = out_dir / ".tfjs.tmp"
+    signature_def = options.get("signature_def", "serving_default")
+    kwargs = {}
+    if "weight_shard_size_bytes" in options:
+        kwargs["weight_shard_size_bytes"] = int(options["weight_shard_size_bytes"])
+
+    t0 = time.perf_counter()
+    tensorflowjs, converters = _import_converter()
+    route = f"tensorflowjs {tensorflowjs.__version__} convert_tf_saved_model(signature_def={signature_def!r})"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        converters.convert_tf_saved_model(str(sm_path), str(tmp), signature_def=signature_def, **kwargs)
+    except Exception as e:  # the converter raises ValueError, KeyError, tf errors...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"tfjs artifact {name} ({framework}): {route} failed on {sm_path}: "
+                          f"{type(e).__name__}: {e}") from e
+    try:
+        model_json = json.loads((tmp / "model.json").read_text())
+    except (OSError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"tfjs artifact {name}: the converter wrote no readable model.json in {tmp}: {e}") from e
+    if model_json.get("format") != "graph-model":
+        raise ExportError(f"tfjs artifact {name}: expected a graph-model, the converter wrote {model_json.get('format')!r}")
+    sig = model_json.get("signature") or {}
+    inputs, outputs = _tensor_specs(sig.get("inputs", {})), _tensor_specs(sig.get("outputs", {}))
+    if len(inputs) != 1 or len(outputs) != 1:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"tfjs artifact {name}: expected a signature with one input and one output, found inputs "
+                          f"{[i['key'] for i in inputs]} and outputs {[o['key'] for o in outputs]}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    export_s = time.perf_counter() - t0
+
+    # Layout: TF.js runs the SavedModel's graph, so it takes what the SavedModel takes. Carry its layout over.
+    layout = {k: v for k, v in (sm.details or {}).items() if any(w in k.lower() for w in _LAYOUT_WORDS)}
+    batch0 = inputs[0]["shape"][0] if inputs[0]["shape"] else -1
+    batch_sizes = None if batch0 in (-1, None) else [int(batch0)]
+    if sm.batch_sizes is not None and batch_sizes is None:
+        batch_sizes = list(sm.batch_sizes)
+    import tensorflow as tf  # already imported by the converter
+    details: dict[str, Any] = {
+        "inputs": {"as-trained input": inputs[0]},
+        "outputs": {"output": outputs[0]},
+        "input_name": inputs[0]["name"],
+        "output_name": outputs[0]["name"],
+        "signature_def": signature_def,
+        "converter": f"tensorflowjs {tensorflowjs.__version__}",
+        "converted_by": model_json.get("convertedBy"),
+        "generated_by": f"tensorflow {model_json.get('generatedBy')}",
+        "tensorflow": tf.__version__,
+        "runtime_packages": _js_package_versions(),
+        "weight_files": sorted(p.name for p in dest.iterdir() if p.name != "model.json"),
+        "upstream": {"format": sm.format, "variant": sm.variant, "route": sm.route, "input_layout": sm.input_layout},
+        **layout,
+    }
+    return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(dest), framework=framework, route=route,
+                     batch_sizes=batch_sizes, input_layout=sm.input_layout, size_bytes=size_of(dest),
+                     export_s=export_s, details=details)]
+
+
+# ----------------------------------------------------------------------------------------- the Node process
+
+def _node_binary() -> str:
+    node = shutil.which("node")
+    if node is None:
+        raise ArtifactLoadError("tfjs: the `node` executable is not on PATH; install Node.js 18+ "
+                                f"and then run: {INSTALL_HINT}")
+    return node
+
+
+def _check_node_modules() -> None:
+    missing = [p for p in ("@tensorflow/tfjs", "@tensorflow/tfjs-backend-wasm")
+               if not (NODE_MODULES / p / "package.json").is_file()]
+    if missing:
+        raise ArtifactLoadError(f"tfjs: {', '.join(missing)} not installed in {NODE_MODULES}; run: {INSTALL_HINT}")
+
+
+class NodeProcess:
+    """One `node runner.js` child; thread-safe request/response with a timeout on every wait."""
+
+    def __init__(self, start_timeout: float = START_TIMEOUT_S):
+        node = _node_binary()
+        _check_node_modules()
+        self.owner_pid = os.getpid()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._buf = b""            # bytes read from stdout that do not yet make a whole line
+        self._stderr: collections.deque = collections.deque(maxlen=60)
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([node, str(RUNNER_JS)], cwd=str(JS_DIR), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        self.pid = self.proc.pid
+        threading.Thread(target=self._read_stderr, name=f"tfjs-node-{self.pid}-err", daemon=True).start()
+        try:
+            self.hello = self.request({"cmd": "hello"}, timeout=start_timeout, what="start")
+        except Exception:
+            self.close(timeout=1.0)
+            raise
+        self.start_s = time.perf_counter() - t0
+
+    # pipes
+    def _next_message(self, deadline: float) -> dict | None:
+        """The next JSON line from stdout, read in the calling thread; None at EOF; TimeoutError at the deadline."""
+        fd = self.proc.stdout.fileno()
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line, self._buf = self._buf[:nl], self._buf[nl + 1:]
+                if not line.strip():
+                    continue
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    self._stderr.append("[stdout, not JSON] " + line.decode("utf-8", "replace"))
+                    continue
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return None
+            self._buf += chunk
+
+    def _read_stderr(self) -> None:
+        for line in iter(self.proc.stderr.readline, b""):
+            self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    def stderr_tail(self, n: int = 8) -> str:
+        lines = [ln for ln in list(self._stderr)[-n:] if ln.strip() and not set(ln) <= {"="}]
+        return " | ".join(lines)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def request(self, msg: dict, timeout: float, what: str) -> dict:
+        """Send one request and wait for its response; on a timeout the process is killed (its state is unknown)."""
+        with self._lock:
+            rid = next(self._ids)
+            line = json.dumps(dict(msg, id=rid), separators=(",", ":")).encode() + b"\n"
+            try:
+                self.proc.stdin.write(line)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError) as e:
+                raise self._died(what, f"writing the request failed ({e})")
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    res = self._next_message(deadline)
+                except TimeoutError:
+                    self.kill()
+                    raise TimeoutError(f"tfjs node runner (pid {self.pid}) gave no answer to {what} within "
+                                       f"{timeout:.0f} s; killed it. stderr: {self.stderr_tail()}") from None
+                if res is None:
+                    raise self._died(what, "it closed its stdout")
+                if res.get("id") == rid:
+                    return res
+                if res.get("id") == 0 and not res.get("ok", True):  # startup failure, before any request
+                    raise ArtifactLoadError(f"tfjs node runner failed to start: {res.get('error')}")
+                # a late answer to a request that timed out earlier: drop it
+
+    def _died(self, what: str, why: str) -> Exception:
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(0.05)  # let the stderr reader catch the last lines
+        try:  # runner.js reports a failed start on stdout (id 0) before it exits
+            while (msg := self._next_message(time.monotonic() + 0.2)) is not None:
+                if msg.get("id") == 0 and not msg.get("ok", True):
+                    return ArtifactLoadError(f"tfjs node runner failed to start: {msg.get('error')}")
+        except (TimeoutError, OSError, ValueError):
+            pass
+        return TfjsRunError(f"tfjs node runner (pid {self.pid}) died during {what}: {why}; exit code "
+                            f"{self.proc.returncode}; stderr: {self.stderr_tail()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # runner.js exits when stdin ends
+                self.proc.wait(timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+_POOL_LOCK = threading.Lock()
+_PROCESS: NodeProcess | None = None
+_STARTS = 0
+
+
+def node_process() -> NodeProcess:
+    """The shared warm Node process, started (or restarted, if it died) on demand."""
+    global _PROCESS, _STARTS
+    with _POOL_LOCK:
+        p = _PROCESS
+        if p is not None and p.alive and p.owner_pid == os.getpid():
+            return p
+        if p is not None and p.owner_pid == os.getpid():
+            p.close(timeout=1.0)
+        _PROCESS = NodeProcess()
+        _STARTS += 1
+        return _PROCESS
+
+
+def node_process_info() -> dict:
+    """pid, whether it is alive, and how many Node processes this Python process has started so far."""
+    p = _PROCESS
+    return {"pid": p.pid if p else None, "alive": bool(p and p.alive), "starts": _STARTS,
+            "start_s": p.start_s if p else None, "tfjs": p.hello.get("tfjs") if p else None,
+            "node": p.hello.get("node") if p else None}
+
+
+def shutdown_node() -> None:
+    """Close the shared Node process (also registered atexit)."""
+    global _PROCESS
+    with _POOL_LOCK:
+        p, _PROCESS = _PROCESS, None
+    if p is not None and p.owner_pid == os.getpid():
+        p.close()
+
+
+atexit.register(shutdown_node)
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+
+def _b64(x: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _from_b64(d: dict) -> np.ndarray:
+    dtype = {"float32": "<f4", "int32": "<i4"}[d["dtype"]]
+    return np.frombuffer(base64.b64decode(d["b64"]), dtype=dtype).reshape(d["shape"])
+
+
+class TfjsRunner:
+    """Callable: float32 numpy batch (any N >= 1) in, numpy out, run by TF.js in the shared Node process."""
+
+    def __init__(self, artifact: Artifact, runtime: str):
+        self.artifact = artifact
+        self.runtime = runtime
+        self.backend = _BACKENDS[runtime]
+        self.path = str(Path(artifact.path).resolve())
+        d = artifact.details or {}
+        self.input_transpose = d.get("input_transpose")
+        self.output_transpose = d.get("output_transpose")
+        self._node: NodeProcess | None = None
+        self._handle: str | None = None
+        self.info: dict = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            node = node_process()
+            res = node.request({"cmd": "load", "path": self.path, "backend": self.backend},
+                               timeout=LOAD_TIMEOUT_S, what=f"load of {self.path}")
+        except (TimeoutError, TfjsRunError) as e:
+            raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}): {e}") from e
+        if not res.get("ok"):
+            raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}) at {self.path} did not "
+                                    f"load: {res.get('error')}")
+        self._node, self._handle = node, res["handle"]
+        self.info = {k: res.get(k) for k in ("inputs", "outputs", "load_ms", "backend")}
+        self.info["pid"] = node.pid
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 0 or x.shape[0] < 1:
+            raise ValueError(f"tfjs artifact {self.artifact.label}: expected a batch with N >= 1 rows, "
+                             f"got shape {x.shape}")
+        if self._handle is None:
+            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): runner is closed")
+        if self._node is not node_process():   # the shared process died and was restarted: load again
+            self._load()
+        if self.input_transpose is not None:
+            x = np.transpose(x, self.input_transpose)
+        msg = {"cmd": "predict", "handle": self._handle,
+               "inputs": [{"shape": list(x.shape), "dtype": "float32", "b64": _b64(x)}]}
+        try:
+            res = self._node.request(msg, timeout=PREDICT_TIMEOUT_S, what=f"predict on {self.artifact.label}")
+        except TimeoutError as e:
+            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): {e}") from e
+        if not res.get("ok"):
+            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on input of shape "
+                               f"{x.shape}: {res.get('error')}")
+        y = _from_b64(res["outputs"][0])
+        if self.output_transpose is not None:
+            y = np.transpose(y, self.output_transpose)
+        return y
+
+    def close(self) -> None:
+        node, handle = self._node, self._handle
+        self._node = self._handle = None
+        if node is not None and handle is not None and node.alive:
+            try:
+                node.request({"cmd": "close", "handle": handle}, timeout=10.0, what="close")
+            except (TimeoutError, TfjsRunError):
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(artifact: Artifact, runtime: str | None = None) -> TfjsRunner:
+    runtime = runtime or RUNTIMES[0]
+    if runtime not in RUNTIMES:
+        raise ValueError(f"tfjs artifact {artifact.label}: unknown runtime {runtime!r}; expected one of {RUNTIMES}")
+    if artifact.format != FORMAT:
+        raise ArtifactLoadError(f"tfjs: expected a {FORMAT} artifact, got {artifact.label} ({artifact.format})")
+    return TfjsRunner(artifact, runtime)

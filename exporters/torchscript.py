@@ -1,0 +1,279 @@
+"""TorchScript: one fp32 `model.pt` archive, run by torch.jit on the CPU.
+
+Routes:
+  torch: torch.jit.trace(model) -> torch.jit.save (torch.jit.script if the trace does not generalise over
+         the batch dimension).
+  keras: the ONNX artifact made upstream (not re-exported here) -> onnx2fx.convert (ONNX to a torch.fx
+         GraphModule) -> torch.jit.trace -> torch.jit.save. onnx2fx is installed with
+         `pip install --no-deps onnx2fx==0.0.1` (its requirements, torch>=2.9 and onnx>=1.19.1, are already
+         met; a plain install of onnx2torch/onnx2pytorch would replace the CPU torch, see ENVIRONMENT.md).
+
+After tracing, the traced module is run on batches of 1 and of (example batch + 1) rows and compared with
+the module it was traced from, so `batch_sizes=None` is only claimed when another batch really works.
+The example batch is not stored in the archive (`_store_inputs=False`).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+
+FORMAT = "torchscript"
+REQUIRES = {"keras": ("onnx",), "torch": ()}
+RUNTIMES = ("torch-jit",)
+
+FILE_NAME = "model.pt"
+BATCH_PROBE_ATOL = 1e-5   # traced vs source module, same weights, same ops: anything above is a shape bug
+ONNX2FX_INSTALL = "pip install --no-deps onnx2fx==0.0.1"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    """The last non-empty line of an error (TorchScript errors carry a whole traceback)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    line = lines[-1] if "Traceback of TorchScript" in str(e) else lines[0]
+    return line[:300] if line.startswith(type(e).__name__) else f"{type(e).__name__}: {line[:300]}"
+
+
+def _run_in_batches(fn, x: np.ndarray, batch: int | None) -> np.ndarray:
+    """Run `fn` on x; for a fixed-batch graph, in chunks of `batch` rows, the last one padded by repeating
+    its final row (inference rows are independent) and the padding dropped from the output."""
+    if batch is None or x.shape[0] == batch:
+        return fn(x)
+    outs = []
+    for start in range(0, x.shape[0], batch):
+        chunk = x[start:start + batch]
+        n = chunk.shape[0]
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        outs.append(fn(np.ascontiguousarray(chunk))[:n])
+    return np.concatenate(outs)
+
+
+def _first_tensor(out):
+    """Traced modules may return a tensor, a tuple/list of them or a dict; the first one is the output."""
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,
+           options=None) -> list[Artifact]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FILE_NAME
+    example = np.ascontiguousarray(example, dtype=np.float32)
+    if example.ndim < 1 or example.shape[0] < 1:
+        raise ExportError(f"torchscript export of {name} ({framework}): expected an example batch with at "
+                          f"least one row, found shape {example.shape}")
+    t0 = time.perf_counter()
+    if framework == "torch":
+        source, route, details = model, "torch.jit.trace", {}
+        details["versions"] = {"torch": _version("torch")}
+        was_training = model.training
+        model.eval()
+        try:
+            scripted, batch_sizes, more = _trace(source, name, framework, example)
+        finally:
+            model.train(was_training)
+        if more.get("scripted"):
+            route = "torch.jit.script"
+        details.update(more)
+    elif framework == "keras":
+        onnx_artifact = _upstream_onnx(name, upstream)
+        source, details = _onnx_to_torch(onnx_artifact, name)
+        route = f"keras -> onnx ({onnx_artifact.route}) -> onnx2fx.convert -> torch.jit.trace"
+        if onnx_artifact.batch_sizes:  # a fixed-batch ONNX graph can only be traced at that batch
+            reps = -(-onnx_artifact.batch_sizes[0] // example.shape[0])
+            example = np.concatenate([example] * reps)[:onnx_artifact.batch_sizes[0]]
+        scripted, batch_sizes, more = _trace(source, name, framework, example)
+        details.update(more)
+        details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example)
+    else:
+        raise ExportError(f"torchscript export of {name}: unknown framework {framework!r}, expected keras "
+                          "or torch")
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(scripted, str(path))
+    details.setdefault("graph_inputs", [i.debugName() for i in scripted.graph.inputs()][1:])
+    details["graph_outputs"] = [o.debugName() for o in scripted.graph.outputs()]
+    details["input_mapping"] = "the single forward argument, by position"
+    details["output_mapping"] = "the forward's return value (first tensor if several)"
+    return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
+                     route=route, batch_sizes=batch_sizes, size_bytes=size_of(path),
+                     export_s=time.perf_counter() - t0, details=details)]
+
+
+def _upstream_onnx(name: str, upstream) -> Artifact:
+    found = list((upstream or {}).get("onnx") or [])
+    fp32 = [a for a in found if a.variant == "fp32"]
+    if not fp32:
+        raise ExportError(f"torchscript export of {name} (keras): the route goes through ONNX, expected the "
+                          f"fp32 onnx artifact in upstream['onnx'], found "
+                          f"{[a.label for a in found] or 'none'}")
+    art = fp32[0]
+    if not Path(art.path).is_file():
+        raise ExportError(f"torchscript export of {name} (keras): expected the upstream onnx file at "
+                          f"{art.path}, found nothing")
+    return art
+
+
+def _onnx_to_torch(onnx_artifact: Artifact, name: str):
+    try:
+        import onnx2fx
+    except ImportError as e:
+        raise ExportError(f"torchscript export of {name} (keras): the Keras route converts the ONNX artifact "
+                          f"to PyTorch with onnx2fx, which is not installed ({e}); install it with "
+                          f"`{ONNX2FX_INSTALL}` (a plain `pip install onnx2torch` replaces the CPU torch "
+                          "with a CUDA build)") from e
+    import onnx
+
+    try:
+        proto = onnx.load(onnx_artifact.path)
+        module = onnx2fx.convert(proto)
+    except Exception as e:
+        raise ExportError(f"torchscript export of {name} (keras): onnx2fx could not convert "
+                          f"{onnx_artifact.label} ({onnx_artifact.path}): {_one_line(e)}") from e
+    module.eval()
+    initializers = {i.name for i in proto.graph.initializer}
+    details = {"converter": "onnx2fx.convert (ONNX -> torch.fx.GraphModule), then torch.jit.trace",
+               "onnx_source": onnx_artifact.label,
+               "onnx_input_name": [i.name for i in proto.graph.input if i.name not in initializers][0],
+               "onnx_output_names": [o.name for o in proto.graph.output],
+               "graph_inputs": [n.name for n in module.graph.nodes if n.op == "placeholder"],
+               "versions": {"torch": _version("torch"), "onnx2fx": _version("onnx2fx"),
+                            "onnx": _version("onnx")}}
+    return module, details
+
+
+def _trace(module, name: str, framework: str, example: np.ndarray):
+    """Trace (falling back to script if the trace is tied to the example's batch); return the scripted
+    module, batch_sizes (None when batches of 1 and n+1 also match the source module) and details."""
+    import torch
+
+    x = torch.from_numpy(example)
+    details: dict[str, Any] = {}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            traced = torch.jit.trace(module, (x,), _store_inputs=False)
+        except Exception as e:
+            raise ExportError(f"torchscript export of {name} ({framework}): torch.jit.trace failed on an "
+                              f"example of shape {list(example.shape)}: {_one_line(e)}") from e
+        problem = _batch_problem(module, traced, example)
+        if problem is None:
+            return traced, None, details
+        details["trace_batch_problem"] = problem
+        try:
+            scripted = torch.jit.script(module)
+            script_problem = _batch_problem(module, scripted, example)
+        except Exception as e:
+            script_problem = f"torch.jit.script failed: {_one_line(e)}"
+        if script_problem is None:
+            details["scripted"] = True
+            return scripted, None, details
+        details["script_problem"] = script_problem
+        details["batch_note"] = (f"the traced graph only runs at the example's batch of {example.shape[0]}; "
+                                 "the runner feeds other batch sizes in padded chunks of that size")
+        return traced, [int(example.shape[0])], details
+
+
+def _batch_problem(source, traced, example: np.ndarray) -> str | None:
+    import torch
+
+    n = example.shape[0]
+    for rows in (example[:1], np.concatenate([example, example[:1]])):
+        x = torch.from_numpy(np.ascontiguousarray(rows))
+        try:
+            got = _first_tensor(traced(x)).numpy()
+        except Exception as e:
+            return f"batch {rows.shape[0]} (traced at {n}) fails: {_one_line(e)}"
+        want = _first_tensor(source(x)).numpy()
+        if got.shape != want.shape:
+            return f"batch {rows.shape[0]} (traced at {n}): shape {list(got.shape)}, expected {list(want.shape)}"
+        err = float(np.max(np.abs(got - want))) if got.size else 0.0
+        if err > BATCH_PROBE_ATOL:
+            return f"batch {rows.shape[0]} (traced at {n}): max abs {err:.3g} from the source module"
+    return None
+
+
+def _max_abs_vs_keras(keras_model, scripted, example: np.ndarray) -> float:
+    """A sanity number for the report (the verify stage does the real comparison)."""
+    import torch
+
+    want = np.asarray(keras_model(example))
+    with torch.no_grad():
+        got = _first_tensor(scripted(torch.from_numpy(example))).numpy()
+    return float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+
+
+class TorchScriptRunner:
+    runtime = "torch-jit"
+
+    def __init__(self, module, label: str, batch: int | None = None):
+        self._module = module
+        self.label = label
+        self.batch = batch   # None: any batch in one call; else the fixed batch the graph was traced at
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._module is None:
+            raise RuntimeError(f"{self.label}: runner is closed")
+        import torch
+
+        def run(rows: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return _first_tensor(self._module(torch.from_numpy(rows))).numpy()
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim == 0 or x.shape[0] < 1:
+            raise ValueError(f"{self.label}: expected a batch of at least one row, found shape {list(x.shape)}")
+        return _run_in_batches(run, x, self.batch)
+
+    def close(self) -> None:
+        self._module = None
+
+
+def load(artifact: Artifact, runtime: str | None = None) -> TorchScriptRunner:
+    runtime = runtime or RUNTIMES[0]
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{artifact.label}: unknown runtime {runtime!r} for torchscript, expected one of "
+                         f"{RUNTIMES}")
+    path = Path(artifact.path)
+    if not path.is_file():
+        raise ArtifactLoadError(f"torchscript artifact {artifact.label}: expected a model.pt archive at {path}, "
+                                f"found {'a folder' if path.exists() else 'nothing'}")
+    found = path.stat().st_size
+    if artifact.size_bytes and found != artifact.size_bytes:
+        raise ArtifactLoadError(f"torchscript artifact {artifact.label}: expected {artifact.size_bytes} bytes "
+                                f"at {path} (as exported), found {found}: the file is truncated or was replaced")
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactLoadError(f"torchscript artifact {artifact.label}: torch.jit.load could not read {path} "
+                                f"({found} bytes); expected a complete TorchScript archive, the file is "
+                                f"corrupt or truncated: {first_line}") from None
+    module.eval()
+    return TorchScriptRunner(module, artifact.label, artifact.batch_sizes[0] if artifact.batch_sizes else None)

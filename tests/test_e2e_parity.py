@@ -1,0 +1,86 @@
+"""End to end: `run toy` exports every format, verifies each artifact in its runtime, reports it,
+and a tampered or truncated artifact fails verification by name."""
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from .conftest import copy_home, run_cli
+
+pytestmark = pytest.mark.e2e
+
+FP32_CELLS = {(m, f) for m in ("keras", "torch") for f in ("saved_model", "torchscript", "onnx", "litert", "tfjs")}
+
+
+def report_dir(home):
+    rec = json.loads(sorted((home / ".pipeline" / "runs").glob("*.json"))[-1].read_text())
+    return home / rec["report_dir"] if not rec["report_dir"].startswith("/") else __import__("pathlib").Path(rec["report_dir"])
+
+
+def test_every_format_of_both_models_passes_in_its_runtime(toy_run):
+    home, out = toy_run
+    parity = json.loads((report_dir(home) / "parity.json").read_text())
+    passed = {(r["model"], r["format"]) for r in parity["records"] if r["status"] == "passed" and r["variant"] == "fp32"}
+    assert passed == FP32_CELLS
+    assert not [r for r in parity["records"] if r["status"] == "failed"]
+    variants = {(r["model"], r["variant"]) for r in parity["records"] if r["format"] == "litert" and r["status"] == "passed"}
+    assert {("keras", "fp16"), ("keras", "int8"), ("torch", "fp16"), ("torch", "int8")} <= variants
+    runtimes = {r["runtime"] for r in parity["records"] if r["status"] == "passed"}
+    assert {"tensorflow", "torch-jit", "onnxruntime-cpu", "litert-interpreter", "tfjs-node-cpu", "tfjs-node-wasm"} <= runtimes
+    for m in ("keras", "torch"):
+        assert parity["discrimination"][m]["discriminative"]
+    assert "PASS" in out.stdout
+
+
+def test_reports_are_written_and_junit_is_valid(toy_run):
+    home, _ = toy_run
+    d = report_dir(home)
+    suites = ET.parse(d / "junit.xml").getroot()
+    cases = suites.findall(".//testcase")
+    parity = json.loads((d / "parity.json").read_text())
+    assert len(cases) == len(parity["records"])
+    assert "| keras | onnx |" in (d / "parity.md").read_text().replace("  ", " ")
+    assert (d / "parity_keras.png").stat().st_size > 10_000 and (d / "training_torch.png").is_file()
+
+
+def _artifact(home, model, fmt, name):
+    return next((home / ".pipeline" / "cache" / "export").glob(f"*/{fmt}/{name}"))
+
+
+def test_tampered_onnx_weight_fails_verify_and_names_the_artifact(toy_run, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    home = copy_home(toy_run[0], tmp_path / "home")
+    for path in (home / ".pipeline" / "cache" / "export").glob("*/onnx/*.onnx"):
+        meta = json.loads((path.parent.parent / "stage.json").read_text())
+        if meta["name"] != "export:keras:onnx":
+            continue
+        model = onnx.load(str(path))
+        init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).size == 1
+                    and numpy_helper.to_array(i).dtype == np.float32)
+        arr = numpy_helper.to_array(init).copy()
+        arr += 0.01
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(model, str(path))
+        manifest = path.parent.parent / "artifacts.json"
+        arts = json.loads(manifest.read_text())
+        for a in arts:
+            a["size_bytes"] = path.stat().st_size
+        manifest.write_text(json.dumps(arts))
+    r = run_cli("verify", "--no-track", home=home)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "keras/onnx" in r.stderr
+    assert "max abs error" in r.stderr and "expected" in r.stderr and "got" in r.stderr
+
+
+def test_truncated_litert_file_is_a_clear_load_failure(toy_run, tmp_path):
+    home = copy_home(toy_run[0], tmp_path / "home")
+    for path in (home / ".pipeline" / "cache" / "export").glob("*/litert/model.tflite"):
+        path.write_bytes(path.read_bytes()[:100])
+    r = run_cli("verify", "--no-track", home=home)
+    assert r.returncode == 1
+    parity = json.loads((report_dir(home) / "parity.json").read_text())
+    broken = [x for x in parity["records"] if x["format"] == "litert" and x["variant"] == "fp32"]
+    assert broken and all(x["status"] == "failed" and "ArtifactLoadError" in x["error"] for x in broken)
+    assert "Traceback" not in r.stderr

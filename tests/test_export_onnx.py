@@ -1,0 +1,179 @@
+"""ONNX exporter: real exports of both test models from both frameworks, run in onnxruntime."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from exporters import onnx as onnx_format
+from exporters.base import Artifact, ArtifactLoadError, ExportError
+
+ATOL = 1e-5
+SHAPES = {"toy": (1,), "digits": (8, 8)}
+
+
+def keras_model(kind: str):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if kind == "toy":
+        m = keras.Sequential([keras.Input((1,), name="x"), keras.layers.Dense(1)])
+    else:
+        m = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
+                              keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    rng = np.random.default_rng(1)  # non-zero biases, as after training, so every weight is exercised
+    for layer in m.layers:
+        w = layer.get_weights()
+        if w:
+            layer.set_weights([w[0] * 2.0, rng.normal(0, 0.3, w[1].shape).astype(np.float32)])
+    return m
+
+
+def torch_model(kind: str):
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "toy":
+        m = torch.nn.Linear(1, 1)
+        with torch.no_grad():  # a fresh Linear(1, 1) can have a near-zero slope; use a trained-looking one
+            m.weight.fill_(2.0)
+            m.bias.fill_(0.5)
+        return m.eval()
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 10), torch.nn.Softmax(-1)).eval()
+
+
+def reference(framework: str, model, x: np.ndarray) -> np.ndarray:
+    if framework == "keras":
+        return np.asarray(model(x))
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def inputs(kind: str, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *SHAPES[kind]), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(framework, kind) -> (model, artifact), exported once for the module."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = {}
+    for framework, build in (("keras", keras_model), ("torch", torch_model)):
+        for kind in SHAPES:
+            model = build(kind)
+            d = tmp_path_factory.mktemp(f"onnx-{framework}-{kind}")
+            arts = onnx_format.export(model, framework=framework, name=f"{kind}-{framework}",
+                                      example=inputs(kind, 4, 0), out_dir=d, upstream={}, options={})
+            assert len(arts) == 1
+            out[framework, kind] = model, arts[0]
+    return out
+
+
+CASES = [(f, k) for f in ("keras", "torch") for k in SHAPES]
+
+
+@pytest.mark.parametrize("framework,kind", CASES)
+def test_parity_at_batch_1_and_16(exported, framework, kind):
+    model, art = exported[framework, kind]
+    runner = onnx_format.load(art)
+    try:
+        assert runner.runtime == "onnxruntime-cpu"
+        for n, seed in ((1, 11), (16, 12)):
+            x = inputs(kind, n, seed)
+            want, got = reference(framework, model, x), runner(x)
+            assert got.shape == want.shape
+            err = float(np.max(np.abs(got - want)))
+            assert err <= ATOL, f"{art.label} batch {n}: max abs {err:.3g} > {ATOL}"
+        # the check is only meaningful if the outputs move with the inputs
+        assert float(np.ptp(reference(framework, model, inputs(kind, 16, 12)), axis=0).max()) > 1e-2
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("framework,kind", CASES)
+def test_artifact_declares_dynamic_batch_and_names(exported, framework, kind):
+    _, art = exported[framework, kind]
+    assert art.format == "onnx" and art.variant == "fp32" and art.framework == framework
+    assert art.batch_sizes is None
+    assert isinstance(art.details["batch_dim"], str) and art.details["batch_dim"]
+    assert art.details["input_shape"][1:] == list(SHAPES[kind])
+    assert art.details["input_name"] and art.details["output_names"]
+    assert art.size_bytes > 0 and art.path.endswith("model.onnx")
+    versions = art.details["versions"]
+    assert versions["onnx"] and (versions.get("tf2onnx") if framework == "keras" else versions.get("torch"))
+    runner = onnx_format.load(art)
+    assert runner.input_name == art.details["input_name"]
+    assert runner.output_name == art.details["output_names"][0]
+    with pytest.raises(ValueError, match="expects shape"):
+        runner(np.zeros((2, 3, 3), np.float32))
+
+
+@pytest.mark.parametrize("framework,kind", CASES)
+def test_tampered_weight_changes_outputs(exported, framework, kind, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model, art = exported[framework, kind]
+    proto = onnx.load(art.path)
+    floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    target = max(floats, key=lambda t: int(np.prod(t.dims)))  # a weight matrix, not a shape constant
+    w = numpy_helper.to_array(target).copy()
+    w.flat[0] += 1.0                                         # one weight
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    bad = tmp_path / "model.onnx"
+    onnx.save(proto, str(bad))
+    runner = onnx_format.load(dataclasses.replace(art, path=str(bad), size_bytes=bad.stat().st_size))
+    x = inputs(kind, 16, 12)
+    err = float(np.max(np.abs(runner(x) - reference(framework, model, x))))
+    assert err > 1e-3, f"tampering {target.name} moved outputs by only {err:.3g}"
+
+
+@pytest.mark.parametrize("framework,kind", [("keras", "toy"), ("torch", "digits")])
+def test_truncated_file_raises_artifact_load_error(exported, framework, kind, tmp_path):
+    _, art = exported[framework, kind]
+    data = open(art.path, "rb").read()
+    cut = tmp_path / "model.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    # the recorded size catches it first ...
+    with pytest.raises(ArtifactLoadError, match="truncated"):
+        onnx_format.load(dataclasses.replace(art, path=str(cut)))
+    # ... and without a recorded size onnxruntime's rejection is reported the same way
+    with pytest.raises(ArtifactLoadError, match="corrupt or truncated"):
+        onnx_format.load(dataclasses.replace(art, path=str(cut), size_bytes=0))
+    with pytest.raises(ArtifactLoadError, match="found nothing"):
+        onnx_format.load(dataclasses.replace(art, path=str(tmp_path / "missing.onnx")))
+
+
+def test_unknown_framework_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="unknown framework"):
+        onnx_format.export(object(), framework="jax", name="m", example=np.zeros((1, 1), np.float32),
+                           out_dir=tmp_path, upstream={}, options={})
+
+
+def test_manifest_round_trip(exported, tmp_path):
+    _, art = exported["torch", "toy"]
+    again = Artifact.from_json(art.to_json())
+    assert again == art
+
+
+def test_fixed_batch_graph_is_run_in_padded_chunks(tmp_path):
+    """An ONNX file with a fixed batch (as some converters write) still serves any batch size."""
+    import torch
+
+    model = torch_model("digits")
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.from_numpy(inputs("digits", 3, 0)),), str(path), dynamo=True,
+                      external_data=False, verbose=False)
+    art = Artifact(model="digits-torch", format="onnx", variant="fp32", path=str(path), framework="torch",
+                   route="torch.onnx.export(dynamo=True, static)", batch_sizes=[3], size_bytes=path.stat().st_size)
+    runner = onnx_format.load(art)
+    assert runner.input_shape[0] == 3
+    for n in (1, 3, 7):
+        x = inputs("digits", n, 20 + n)
+        assert float(np.max(np.abs(runner(x) - reference("torch", model, x)))) <= ATOL

@@ -1,0 +1,74 @@
+"""The release gate (`check`), registry promotion, `diff` and the CI workflow."""
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT, copy_home, run_cli
+
+
+def test_workflow_passes_actionlint():
+    actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    r = subprocess.run([actionlint, "-color=false", str(ROOT / ".github/workflows/parity-gate.yml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    bad = tmp_path / "bad.yml"
+    bad.write_text((ROOT / ".github/workflows/parity-gate.yml").read_text().replace("runs-on:", "run-on:"))
+    r = subprocess.run([actionlint, str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0
+
+
+def _tamper_tfjs_shard(home: Path, model: str) -> Path:
+    for shard in (home / ".pipeline" / "cache" / "export").glob("*/tfjs/tfjs/*.bin"):
+        meta = json.loads((shard.parents[2] / "stage.json").read_text())
+        if meta["name"] == f"export:{model}:tfjs":
+            w = np.frombuffer(shard.read_bytes(), dtype=np.float32).copy()
+            w[0] += 0.5
+            shard.write_bytes(w.tobytes())
+            return shard
+    raise AssertionError("no tfjs shard found")
+
+
+@pytest.mark.e2e
+def test_gate_passes_then_fails_on_tamper_and_promotion_follows_verdict(toy_run, tmp_path):
+    home = copy_home(toy_run[0], tmp_path / "home")
+    ok = run_cli("check", "toy", "--out", str(tmp_path / "ok"), home=home)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    suite = ET.parse(tmp_path / "ok" / "junit.xml").getroot()
+    cases = suite.findall(".//testcase")
+    assert len(cases) == 16 and not suite.findall(".//failure")
+    assert "Parity gate" in (tmp_path / "ok" / "summary.md").read_text()
+
+    good = run_cli("promote", "toy-keras@candidate", home=home)
+    assert good.returncode == 0, good.stderr
+    assert "is now 'production'" in good.stdout
+
+    _tamper_tfjs_shard(home, "keras")
+    bad = run_cli("check", "toy", "--out", str(tmp_path / "bad"), home=home)
+    assert bad.returncode == 1
+    assert "keras/tfjs" in bad.stderr
+    failures = ET.parse(tmp_path / "bad" / "junit.xml").getroot().findall(".//failure")
+    assert {f.get("message", "")[:200] for f in failures} and all("keras" in f.get("message", "") for f in failures)
+
+    refused = run_cli("promote", "toy-keras@candidate", home=home)
+    assert refused.returncode == 1
+    assert "parity verdict is 'failed'" in refused.stderr
+
+    runs = sorted(p.stem for p in (home / ".pipeline" / "runs").glob("*.json"))
+    d = run_cli("diff", runs[-2], runs[-1], home=home)
+    assert d.returncode == 0
+    assert "keras/tfjs-fp32@tfjs-node-cpu" in d.stdout and "failed" in d.stdout
+
+
+def test_check_unknown_target_is_a_usage_error(tmp_path):
+    r = run_cli("check", "nope", home=tmp_path)
+    assert r.returncode == 2
