@@ -40,12 +40,18 @@ def main() -> None:
     env = {**os.environ, "TFJS_NODE_MODULES": str(ROOT / "exporters" / "js" / "node_modules"),
            "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("PIPELINE_HOME", None)
+    # tensorflowjs imports tensorflow_decision_forests, which cannot be installed next to TF 2.21;
+    # the toolkit gives it a placeholder only around that import, the baseline gets one on its path.
+    shim = Path(tempfile.mkdtemp()) / "tensorflow_decision_forests"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("")
+    baseline_env = {**env, "PYTHONPATH": f"{shim.parent}:{env['PYTHONPATH']}"}
     rows, last_home = [], None
     print(f"machine: {os.cpu_count()} cores, load average before: {os.getloadavg()}")
     for i in range(args.pairs):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            rc_b, wall_b, rss_b = measure([sys.executable, args.baseline, str(tmp / "baseline")], tmp, env)
+            rc_b, wall_b, rss_b = measure([sys.executable, args.baseline, str(tmp / "baseline")], tmp, baseline_env)
             home = tmp / "ours"
             home.mkdir()
             rc_o, wall_o, rss_o = measure([sys.executable, "-m", "pipeline", "run", "toy"], home,

@@ -5,11 +5,14 @@ A format module (exporters/<format>.py) has this small surface:
     FORMAT = "onnx"
     REQUIRES = {"keras": (), "torch": ()}     # formats whose artifacts this one is converted from
     RUNTIMES = ("onnxruntime",)               # runtimes that load it; the first is the default
-    export(model, *, framework, name, example, out_dir, upstream, options) -> list[Artifact]
+    LANE = {"keras": "tensorflow", "torch": "torch"}   # which side's process runs the converter
+    RUNTIME_LANE = "any"                      # which side's process loads the artifact ("any": no framework)
+    export(model, *, framework, name, example, out_dir, upstream, options, expected) -> list[Artifact]
     load(artifact, runtime=None) -> Runner    # numpy in, numpy out
 
-`model` is the in-memory framework model (keras.Model or torch.nn.Module); `example` a float32 batch
-of real inputs; `upstream` maps each REQUIRED format to its artifacts; `options` holds per-format
+`model` is the in-memory framework model (keras.Model or torch.nn.Module), or None for a route that
+converts an upstream artifact (so a TensorFlow-side process never imports torch, and the reverse);
+`expected` the trained model's outputs on `example`, a float32 batch of real inputs; `upstream` maps each REQUIRED format to its artifacts; `options` holds per-format
 settings from the spec (e.g. litert "batch_sizes", "calibration" rows for int8).
 """
 from __future__ import annotations

@@ -42,6 +42,8 @@ from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
 FORMAT = "litert"
 REQUIRES = {"keras": ("saved_model",), "torch": ()}
 RUNTIMES = ("litert-interpreter",)
+LANE = {"keras": "tensorflow", "torch": "torch"}  # TFLiteConverter vs litert-torch
+RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 VARIANTS = ("fp32", "fp16", "int8")
 FILES = {"fp32": "model.tflite", "fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
@@ -63,7 +65,7 @@ def _version(dist: str) -> str | None:
 # --------------------------------------------------------------------------------------------- export
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict | None = None,
-           options: dict | None = None) -> list[Artifact]:
+           options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = np.asarray(example, dtype=np.float32)

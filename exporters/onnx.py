@@ -21,6 +21,8 @@ from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
 FORMAT = "onnx"
 REQUIRES = {"keras": (), "torch": ()}
 RUNTIMES = ("onnxruntime-cpu",)
+LANE = {"keras": "tensorflow", "torch": "torch"}  # tf2onnx needs TensorFlow; dynamo needs torch
+RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.onnx"
 
@@ -33,7 +35,7 @@ def _version(dist: str) -> str | None:
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,
-           options=None) -> list[Artifact]:
+           options=None, expected=None) -> list[Artifact]:
     """Write `out_dir/model.onnx` (fp32, dynamic batch) and return its Artifact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
 FORMAT = "saved_model"
 REQUIRES = {"keras": (), "torch": ("onnx",)}
 RUNTIMES = ("tensorflow",)
+LANE = {"keras": "tensorflow", "torch": "tensorflow"}  # onnx2tf needs TensorFlow only
+RUNTIME_LANE = "tensorflow"  # the process that loads the artifact ("any": no framework)
 
 SIGNATURE_KEY = "serving_default"
 _DIR_NAME = "saved_model"
@@ -38,14 +40,14 @@ _DIR_NAME = "saved_model"
 # --------------------------------------------------------------------------------------------- export
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
-           options: dict | None = None) -> list[Artifact]:
+           options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = np.asarray(example, dtype=np.float32)
     if framework == "keras":
         return [_export_keras(model, name, example, out_dir)]
     if framework == "torch":
-        return [_export_torch(model, name, example, out_dir, upstream or {})]
+        return [_export_torch(model, name, example, out_dir, upstream or {}, expected)]
     raise ExportError(f"saved_model artifact {name}: framework {framework!r} is not supported "
                       f"(expected one of {', '.join(REQUIRES)})")
 
@@ -85,7 +87,19 @@ def _export_keras(model, name: str, example: np.ndarray, out_dir: Path) -> Artif
     )
 
 
-def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream: dict) -> Artifact:
+def _torch_outputs(model, example: np.ndarray) -> np.ndarray:
+    import torch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.from_numpy(example)).detach().cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
+def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream: dict,
+                  expected=None) -> Artifact:
     onnx_artifacts = upstream.get("onnx") or []
     if not onnx_artifacts:
         raise ExportError(f"saved_model artifact {name}: the torch route converts the ONNX artifact, "
@@ -96,7 +110,6 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream
 
     import onnx2tf
     import tensorflow as tf
-    import torch
 
     t0 = time.perf_counter()
     final = out_dir / _DIR_NAME
@@ -131,13 +144,8 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream
     sig = _describe_signature(final, name)
 
     # Which layout does the SavedModel want? Measure it on the example against the torch model.
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(torch.from_numpy(example)).detach().cpu().numpy()
-    finally:
-        model.train(was_training)
+    # `expected` (the model's stored outputs on `example`) spares importing torch next to TensorFlow.
+    ref = np.asarray(expected) if expected is not None else _torch_outputs(model, example)
     perm, errors = _measure_layout(final, sig, example, ref, name)
     if perm is None:
         layout = "as-trained"
@@ -159,7 +167,7 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream
                  "layout_check_max_abs": errors,
                  "onnx_source": str(onnx_path), "onnx2tf_extra_files_dropped": dropped,
                  "versions": {"tensorflow": tf.__version__, "onnx2tf": onnx2tf.__version__,
-                              "onnx": onnx.__version__, "torch": torch.__version__}},
+                              "onnx": onnx.__version__}},
     )
 
 

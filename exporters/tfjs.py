@@ -36,6 +36,8 @@ from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
 FORMAT = "tfjs"
 REQUIRES = {"keras": ("saved_model",), "torch": ("saved_model",)}
 RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
+LANE = {"keras": "tensorflow", "torch": "tensorflow"}  # tensorflowjs needs TensorFlow
+RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 RUNNER_JS = JS_DIR / "runner.js"
@@ -120,7 +122,7 @@ def _js_package_versions() -> dict:
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
-           options: dict | None = None) -> list[Artifact]:
+           options: dict | None = None, expected=None) -> list[Artifact]:
     """Convert the upstream SavedModel into a TF.js graph model folder (model.json + weight shards)."""
     options = dict(options or {})
     unknown = set(options) - _OPTIONS

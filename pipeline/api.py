@@ -209,10 +209,7 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
             info["loss_history"] = json.loads((out / "history.json").read_text())["loss"]
             info["mlflow_model_dir"] = str(out / "mlflow_model")
         info["exports"] = {r.facts["format"]: r.path for r in results
-                           if r.kind == "export" and r.lane == m.name and not r.error}
-        verify = by_name.get(f"verify:{m.name}")
-        if verify is not None and not verify.error:
-            info["verify_dir"] = verify.path
+                           if r.kind == "export" and r.name.split(":")[1] == m.name and not r.error}
         models[m.name] = info
     return {
         "run_id": run_id, "spec": spec.name, "spec_path": str(spec.path), "spec_hash": spec.digest()[:12],

@@ -1,22 +1,23 @@
 """The stage runner: computes every stage's cache key up front, skips what is cached, runs the rest.
 
-Stages that belong to a model (its "lane": train, reference, export, verify) run in one worker
-process per model, the lanes side by side, so the TensorFlow side and the PyTorch side of a run
-proceed at once and the parent process never imports a framework. Stages without a lane (data,
-reports) run in the parent.
+Each stage that needs a framework names its lane: "tensorflow" or "torch". One worker process per
+lane runs that lane's stages as soon as their inputs are ready, so the TensorFlow side and the PyTorch
+side of a run proceed at once, each process imports one framework (a Keras model's TorchScript
+conversion runs on the torch side, a PyTorch model's SavedModel conversion on the TensorFlow side),
+and the parent process never imports a framework. Stages without a lane (data, reports) run in the
+parent.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
+import queue
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .cache import Cache, Entry, code_version, stage_key
 
@@ -31,7 +32,7 @@ class Stage:
     code: tuple[str, ...]          # source files (relative to the package root) the output depends on
     run: Callable[["Context"], dict]  # writes into ctx.out, returns facts (JSON-able)
     inputs: tuple[str, ...] = ()   # names of upstream stages
-    lane: str | None = None        # model name for per-model stages
+    lane: str | None = None        # "tensorflow" or "torch": the worker process that runs it
     key: str = ""                  # set by assign_keys
     input_keys: dict[str, str] = field(default_factory=dict)
 
@@ -125,114 +126,130 @@ def run_stage(stage: Stage, cache: Cache, memo: dict, force: bool, prefix: str =
                        path=str(entry.path))
 
 
-def run_lane(stages: list[Stage], cache_root: str, forced: dict[str, bool], prefix: str) -> list:
-    """Run one lane's stages in order in this process; returns results (or the failure) picklable."""
-    cache, memo, results = Cache(Path(cache_root)), {}, []
-    for s in stages:
-        try:
-            results.append(run_stage(s, cache, memo, forced[s.name], prefix))
-        except StageFailed as e:
-            results.append(e.result)
-            traceback.print_exception(e.__cause__ or e, file=sys.stderr, limit=-3)
-            break
-    return results
+WARM_IMPORTS = {"tensorflow": ("tensorflow", "keras"), "torch": ("torch",)}
 
 
-def _lane_worker(spec_ref: str, lane: str, names: list[str], cache_root: str, forced: dict, prefix: str):
-    """Entry point of a lane process: rebuild the stage list from the spec (functions do not pickle)."""
-    from .stages import build_stages
+def _worker_main(spec_ref: str, lane: str, cache_root: str, tasks, results) -> None:
+    """A lane's process: import its framework while the parent prepares, then run stages on request."""
+    import importlib
+    import warnings
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # converters' deprecation chatter
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     from .spec import load
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    stages = build_stages(load(spec_ref))
-    assign_keys(stages)
-    wanted = [s for s in stages if s.name in names]
-    return run_lane(wanted, cache_root, forced, prefix)
+    from .stages import build_stages
+    for module in WARM_IMPORTS.get(lane, ()):
+        importlib.import_module(module)
+    stages = {s.name: s for s in build_stages(load(spec_ref))}
+    assign_keys(list(stages.values()))
+    cache, memo = Cache(Path(cache_root)), {}
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        name, force = task
+        try:
+            results.put(run_stage(stages[name], cache, memo, force))
+        except StageFailed as e:
+            traceback.print_exception(e.__cause__ or e, file=sys.stderr, limit=-4)
+            results.put(e.result)
+        except BaseException as e:  # the runner itself broke: still answer, never hang the parent
+            s = stages[name]
+            results.put(StageResult(s.name, s.kind, s.key, s.lane, False, 0.0, error=f"{type(e).__name__}: {e}"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: seconds with TensorFlow, torch and jax loaded
+
+
+class _Workers:
+    """One spawned process per lane, fed through a task queue; results come back on one queue."""
+
+    def __init__(self, lanes: set[str], spec_ref: str, cache_root: str):
+        ctx = multiprocessing.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = {lane: ctx.Queue() for lane in lanes}
+        self.procs = {lane: ctx.Process(target=_worker_main, name=f"lane-{lane}", daemon=True,
+                                        args=(spec_ref, lane, cache_root, self.tasks[lane], self.results))
+                      for lane in lanes}
+        for p in self.procs.values():
+            p.start()
+
+    def submit(self, lane: str, name: str, force: bool) -> None:
+        self.tasks[lane].put((name, force))
+
+    def next_result(self, in_flight: dict[str, Stage]) -> StageResult:
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                for lane, p in self.procs.items():
+                    if not p.is_alive():
+                        stuck = next((s for s in in_flight.values() if s.lane == lane), None)
+                        if stuck is not None:
+                            return StageResult(stuck.name, stuck.kind, stuck.key, lane, False, 0.0,
+                                               error=f"the {lane} worker process died (exit code {p.exitcode})")
+
+    def close(self) -> None:
+        for q in self.tasks.values():
+            q.put(None)
+        for p in self.procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in (*self.tasks.values(), self.results):
+            q.close()
+            q.join_thread()
 
 
 def execute(stages: list[Stage], cache: Cache, rerun_kinds: set[str], spec_ref: str,
-            parallel: bool = True, on_lanes_started: Callable[[], Any] | None = None) -> list[StageResult]:
-    """Run a spec's stages; raises StageFailed (with every result so far on .results) on failure."""
+            parallel: bool = True, on_lanes_started: Callable[[], None] | None = None) -> list[StageResult]:
+    """Run a spec's stages; raises StageFailed (with every result so far on .results) on failure.
+
+    A stage starts once all its inputs are done; after a failure, independent stages still run (the
+    other model, the other formats), stages downstream of it do not.
+    """
     assign_keys(stages)
     will_run = plan(stages, cache, rerun_kinds)
     forced = {s.name: (s.kind in rerun_kinds) or (will_run[s.name] and any(will_run[n] for n in s.inputs))
               for s in stages}
-    lanes: dict[str, list[Stage]] = {}
-    for s in stages:
-        if s.lane:
-            lanes.setdefault(s.lane, []).append(s)
-    lane_names = {s.name for ls in lanes.values() for s in ls}
-    pre = [s for s in stages if s.name not in lane_names and not _depends_on(s, lane_names, stages)]
-    post = [s for s in stages if s.name not in lane_names and s not in pre]
-
-    results: list[StageResult] = []
+    lanes = {s.lane for s in stages if s.lane and will_run[s.name]} if parallel else set()
+    workers = _Workers(lanes, spec_ref, str(cache.root)) if lanes else None
+    if on_lanes_started:
+        on_lanes_started()
+    done: dict[str, StageResult] = {}
+    blocked: set[str] = set()
+    in_flight: dict[str, Stage] = {}
     memo: dict = {}
-
-    def run_in_parent(group: list[Stage]) -> None:
-        for s in group:
-            try:
-                results.append(run_stage(s, cache, memo, forced[s.name]))
-            except StageFailed as e:
-                results.append(e.result)
-                _raise_with(results, e)
-
-    run_in_parent(pre)
-    busy = {lane: ls for lane, ls in lanes.items() if any(will_run[s.name] for s in ls)}
-    idle = {lane: ls for lane, ls in lanes.items() if lane not in busy}
-    for ls in idle.values():  # all cached: no process, no framework import
-        results.extend(run_lane(ls, str(cache.root), forced, ""))
-    if busy:
-        lane_results = _run_lanes(busy, cache, forced, spec_ref, parallel, on_lanes_started)
-    else:
-        if on_lanes_started:
-            on_lanes_started()
-        lane_results = []
-    for lr in lane_results:
-        results.extend(lr)
+    try:
+        while True:
+            for s in stages:
+                if s.name in done or s.name in blocked or s.name in in_flight:
+                    continue
+                if any(n in blocked or (n in done and done[n].error) for n in s.inputs):
+                    blocked.add(s.name)
+                elif all(n in done for n in s.inputs):
+                    if workers and s.lane and will_run[s.name]:
+                        workers.submit(s.lane, s.name, forced[s.name])
+                        in_flight[s.name] = s
+                    else:
+                        try:
+                            done[s.name] = run_stage(s, cache, memo, forced[s.name])
+                        except StageFailed as e:
+                            traceback.print_exception(e.__cause__ or e, file=sys.stderr, limit=-4)
+                            done[s.name] = e.result
+            if not in_flight:
+                break
+            result = workers.next_result(in_flight)
+            in_flight.pop(result.name, None)
+            done[result.name] = result
+    finally:
+        if workers:
+            workers.close()
+    results = [done[s.name] for s in stages if s.name in done]
     failed = [r for r in results if r.error]
     if failed:
-        _raise_with(results, StageFailed(failed[0], f"stage {failed[0].name} failed: {failed[0].error}"))
-    run_in_parent(post)
+        error = StageFailed(failed[0], f"stage {failed[0].name} failed: {failed[0].error}")
+        error.results = results  # type: ignore[attr-defined]
+        raise error
     return results
-
-
-def _run_lanes(busy, cache, forced, spec_ref, parallel, on_started) -> list[list[StageResult]]:
-    if not parallel or len(busy) == 1:
-        if on_started:
-            on_started()
-        out = []
-        for lane, ls in busy.items():
-            out.append(_lane_worker(spec_ref, lane, [s.name for s in ls], str(cache.root), forced, ""))
-            if any(r.error for r in out[-1]):
-                break
-        return out
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=len(busy), mp_context=ctx) as pool:
-        futures = [pool.submit(_lane_worker, spec_ref, lane, [s.name for s in ls], str(cache.root), forced,
-                               "") for lane, ls in busy.items()]
-        if on_started:
-            on_started()  # the parent's own work (MLflow set-up) overlaps the lanes
-        return [f.result() for f in futures]
-
-
-def _depends_on(stage: Stage, names: set[str], stages: list[Stage]) -> bool:
-    by_name = {s.name: s for s in stages}
-    todo = list(stage.inputs)
-    while todo:
-        n = todo.pop()
-        if n in names:
-            return True
-        todo.extend(by_name[n].inputs)
-    return False
-
-
-def _raise_with(results: list[StageResult], error: StageFailed) -> None:
-    error.results = list(results)  # type: ignore[attr-defined]
-    raise error
-
-
-def results_to_json(results: list[StageResult]) -> list[dict]:
-    return [r.__dict__ for r in results]
-
-
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text())

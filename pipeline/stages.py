@@ -35,15 +35,20 @@ def build_stages(spec: Spec) -> list[Stage]:
             {"framework": m.framework, "factory": m.factory, "factory_source": m.factory_source_hash(),
              "params": m.params, "train": m.train.__dict__, "accept": [b.__dict__ for b in m.accept],
              "seed": spec.seed, "task": spec.data.task},
-            TRAIN_CODE, lambda ctx, m=m: run_train(ctx, spec, m), inputs=("data",), lane=m.name))
+            TRAIN_CODE, lambda ctx, m=m: run_train(ctx, spec, m), inputs=("data",), lane=side(m.framework)))
         stages.append(Stage(
             f"reference:{m.name}", "reference", {"perturbation": PERTURBATION},
             TRAIN_CODE, lambda ctx, m=m: run_reference(ctx, spec, m),
-            inputs=("data", "parity_set", f"train:{m.name}"), lane=m.name))
+            inputs=("data", "parity_set", f"train:{m.name}"), lane=side(m.framework)))
         stages += export_stages(spec, m)
-        stages.append(verify_stage(spec, m))
+        stages += verify_stages(spec, m)
     stages.append(report_stage(spec))
     return stages
+
+
+def side(framework: str) -> str:
+    """The worker lane whose process has this framework imported."""
+    return {"keras": "tensorflow", "torch": "torch"}[framework]
 
 
 def _data_file_digest(spec: Spec) -> str | None:
@@ -165,7 +170,7 @@ EXPORT_CODE_COMMON = STAGES_CODE + ("exporters/__init__.py", "exporters/base.py"
 
 def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
     """One stage per format; a format converted from another (TF.js from SavedModel) takes it as input."""
-    import importlib.util
+    import exporters
     from exporters import FORMATS
     stages = []
     for fmt in _upstream_first([f for f in FORMATS if f in spec.formats], m.framework):
@@ -174,13 +179,15 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
             if req not in spec.formats:
                 raise_spec(spec, f"export.formats: {fmt} for {m.framework} models is converted from {req}, "
                                  f"which must be listed too")
+        # a route that converts another artifact needs no model, so it may run on the other side
+        model_input = () if requires else (f"train:{m.name}",)
         stages.append(Stage(
             f"export:{m.name}:{fmt}", "export",
             {"format": fmt, "framework": m.framework, "options": _export_options(spec, m, fmt)},
             EXPORT_CODE_COMMON + (f"exporters/{fmt}.py",),
             lambda ctx, m=m, fmt=fmt: run_export(ctx, spec, m, fmt),
-            inputs=("data", "parity_set", f"train:{m.name}") + tuple(f"export:{m.name}:{r}" for r in requires),
-            lane=m.name))
+            inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
+            lane=exporters.module(fmt).LANE[m.framework]))
     return stages
 
 
@@ -217,12 +224,13 @@ def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
     record with the converter's message), not raised: the other formats still get made and checked."""
     import exporters
     from exporters.base import read_manifest, size_of, write_manifest
-    model = trained_model(ctx, spec, m)
+    requires = _requires(fmt, m.framework)
+    model = None if requires else trained_model(ctx, spec, m)
     arrays = load_arrays(ctx)
-    with np.load(ctx.input_dir("parity_set") / "parity_inputs.npz") as f:
-        example = f["x"][: spec.parity.max_batch]
+    with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
+        example, expected = f["x"][: spec.parity.max_batch], f["y"][: spec.parity.max_batch]
     upstream, missing = {}, []
-    for req in _requires(fmt, m.framework):
+    for req in requires:
         src = ctx.input_dir(f"export:{m.name}:{req}")
         arts = read_manifest(src)
         if not arts:
@@ -238,7 +246,8 @@ def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
         if missing:
             raise RuntimeError(f"converted from an artifact that could not be made ({'; '.join(missing)})")
         artifacts = exporters.module(fmt).export(model, framework=m.framework, name=m.name, example=example,
-                                                 out_dir=out_dir, upstream=upstream, options=options)
+                                                 out_dir=out_dir, upstream=upstream, options=options,
+                                                 expected=expected)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         ctx.log(f"export failed: {error[:300]}")
@@ -257,70 +266,69 @@ def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
 
 # --------------------------------------------------------------------------- verify
 
-VERIFY_CODE = STAGES_CODE + ("parity/compare.py", "exporters/__init__.py", "exporters/base.py", "exporters/saved_model.py",
-               "exporters/torchscript.py", "exporters/onnx.py", "exporters/litert.py", "exporters/tfjs.py")
+VERIFY_CODE = STAGES_CODE + ("parity/compare.py", "exporters/__init__.py", "exporters/base.py")
 VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
 
 
-def verify_stage(spec: Spec, m: ModelSpec) -> Stage:
-    from exporters import FORMATS
-    exports = tuple(f"export:{m.name}:{fmt}" for fmt in FORMATS if fmt in spec.formats)
-    return Stage(f"verify:{m.name}", "verify",
-                 {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
-                 VERIFY_CODE, lambda ctx: run_verify(ctx, spec, m, exports),
-                 inputs=(f"reference:{m.name}",) + exports, lane=m.name)
+def verify_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
+    """One stage per format, in the lane whose process has that format's runtime."""
+    import exporters
+    stages = []
+    for fmt in exporters.FORMATS:
+        if fmt not in spec.formats:
+            continue
+        lane = exporters.module(fmt).RUNTIME_LANE
+        stages.append(Stage(
+            f"verify:{m.name}:{fmt}", "verify",
+            {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
+            VERIFY_CODE + (f"exporters/{fmt}.py",), lambda ctx, fmt=fmt: run_verify(ctx, spec, m, fmt),
+            inputs=(f"reference:{m.name}", f"export:{m.name}:{fmt}"),
+            lane=side(m.framework) if lane == "any" else lane))
+    return stages
 
 
-def run_verify(ctx: Context, spec: Spec, m: ModelSpec, exports: tuple[str, ...]) -> dict:
-    """Load every artifact in each of its runtimes, run the stored parity inputs, compare with the
-    stored reference outputs. Writes records.json and the outputs (for plots)."""
+def run_verify(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
+    """Load each artifact of one format in each of its runtimes, run the stored parity inputs, compare
+    with the stored reference outputs. Writes records.json and the outputs (for plots)."""
     import exporters
     from exporters.base import read_manifest
-    from parity.compare import ParityRecord, compare, discrimination, tolerance_for
+    from parity.compare import ParityRecord, tolerance_for
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         ref = {k: f[k] for k in f.files}
-    x, y_ref = ref["x"], ref["y"]
-    labels = ref.get("labels")
+    variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
+    name = f"export:{m.name}:{fmt}"
+    facts = ctx.input_facts(name)
     records, outputs = [], {}
-    for fmt in exporters.FORMATS:
-        variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
-        name = f"export:{m.name}:{fmt}"
-        if name not in exports:
-            records += [ParityRecord.skipped(m.name, fmt, v, "format not listed in the spec's export.formats")
-                        for v in variants]
-            continue
-        facts = ctx.input_facts(name)
-        if facts.get("error"):
-            records += [ParityRecord.failed_to_load(m.name, fmt, v, None, None, f"export failed: {facts['error']}")
-                        for v in variants]
-            continue
+    if facts.get("error"):
+        records += [ParityRecord.failed_to_load(m.name, fmt, v, None, None, f"export failed: {facts['error']}")
+                    for v in variants]
+    else:
         module = exporters.module(fmt)
-        made = {a.variant for a in read_manifest(ctx.input_dir(name))}
+        artifacts = read_manifest(ctx.input_dir(name))
+        made = {a.variant for a in artifacts}
         records += [ParityRecord.skipped(m.name, fmt, v, f"{fmt} exporter made no {v} variant for "
                                          f"{m.framework} models", skip="not-produced")
                     for v in variants if v not in made]
-        for artifact in read_manifest(ctx.input_dir(name)):
+        for artifact in artifacts:
             tol = tolerance_for(artifact.variant, fmt, spec.parity.tolerances)
             for runtime in module.RUNTIMES:
-                rec, got = _check(module, artifact, runtime, x, y_ref, labels, ref["kind"], tol, spec, m)
+                rec, got = _check(module, artifact, runtime, ref, tol, spec, m)
                 records.append(rec)
                 if got is not None:
                     outputs[f"{artifact.label}@{runtime}"] = got
-    disc = discrimination(y_ref, ref.get("y_perturbed"), tolerance_for("fp32", "onnx", spec.parity.tolerances),
-                          task=spec.data.task, perturbation=f"{PERTURBATION:g} relative weight noise")
-    (ctx.out / "records.json").write_text(json.dumps({"records": [r.to_json() for r in records],
-                                                      "discrimination": disc}, indent=2))
-    np.savez(ctx.out / "outputs.npz", reference=y_ref, **outputs)
+    (ctx.out / "records.json").write_text(json.dumps([r.to_json() for r in records], indent=2))
+    np.savez(ctx.out / "outputs.npz", **outputs)
     failed = [r for r in records if r.status == "failed"]
     checked = [r for r in records if r.status != "skipped"]
     return {"checked": len(checked), "failed": len(failed), "skipped": len(records) - len(checked),
             "failures": [r.message for r in failed],
-            "summary": f"{len(checked) - len(failed)}/{len(checked)} artifact-runtime checks passed"}
+            "summary": f"{len(checked) - len(failed)}/{len(checked)} checks passed"}
 
 
-def _check(module, artifact, runtime, x, y_ref, labels, kinds, tol, spec: Spec, m: ModelSpec):
+def _check(module, artifact, runtime, ref: dict, tol, spec: Spec, m: ModelSpec):
     """One artifact in one runtime: batch 1, the largest declared batch, then the rest of the rows."""
     from parity.compare import ParityRecord, compare
+    x, y_ref, labels, kinds = ref["x"], ref["y"], ref.get("labels"), ref["kind"]
     t0 = time.perf_counter()
     try:
         runner = module.load(artifact, runtime)
@@ -339,8 +347,7 @@ def _check(module, artifact, runtime, x, y_ref, labels, kinds, tol, spec: Spec, 
         close = getattr(runner, "close", None)
         if close:
             close()
-    comparison = compare(y_ref, got, tolerance=tol, task=spec.data.task,
-                         labels=labels if labels is not None else None, kinds=kinds)
+    comparison = compare(y_ref, got, tolerance=tol, task=spec.data.task, labels=labels, kinds=kinds)
     rec = ParityRecord.checked(m.name, artifact.format, artifact.variant, runtime, artifact.path, comparison,
                                elapsed_s=time.perf_counter() - t0,
                                details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
@@ -354,35 +361,49 @@ REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "parity/pl
 
 
 def report_stage(spec: Spec) -> Stage:
-    inputs = tuple(f"verify:{m.name}" for m in spec.models) + tuple(f"train:{m.name}" for m in spec.models)
-    return Stage("report", "report", {"spec": spec.name}, REPORT_CODE, lambda ctx: run_report(ctx, spec),
-                 inputs=inputs)
+    import exporters
+    verifies = tuple(f"verify:{m.name}:{fmt}" for m in spec.models for fmt in exporters.FORMATS
+                     if fmt in spec.formats)
+    inputs = verifies + tuple(f"{k}:{m.name}" for m in spec.models for k in ("train", "reference"))
+    return Stage("report", "report", {"spec": spec.name, "formats": list(spec.formats),
+                                      "tolerances": spec.parity.tolerances},
+                 REPORT_CODE, lambda ctx: run_report(ctx, spec), inputs=inputs)
 
 
 def run_report(ctx: Context, spec: Spec) -> dict:
-    """parity.json, parity.md and junit.xml for the whole run, and the plots a reviewer looks at."""
-    from parity.compare import ParityRecord
+    """parity.json, parity.md and junit.xml for the whole run, the discrimination of each model's
+    parity set, and the plots a reviewer looks at."""
+    import exporters
+    from parity.compare import ParityRecord, discrimination, tolerance_for
     from parity.plots import plot_model_parity, plot_training_curve
     from parity.report import ParityReport
     report = ParityReport(spec=spec.name, metadata={"spec_path": str(spec.path)})
     plots = []
     for m in spec.models:
-        vdir = ctx.input_dir(f"verify:{m.name}")
-        data = json.loads((vdir / "records.json").read_text())
-        for r in data["records"]:
-            report.add(ParityRecord.from_json(r))
-        report.discrimination[m.name] = data["discrimination"]
-        with np.load(vdir / "outputs.npz") as f:
-            outs = {k: f[k] for k in f.files}
-        ref = outs.pop("reference")
-        plots.append(plot_model_parity(m.name, ref, outs, ctx.out / f"parity_{m.name}.png"))
+        outs = {}
+        for fmt in exporters.FORMATS:
+            variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
+            if fmt not in spec.formats:
+                for v in variants:
+                    report.add(ParityRecord.skipped(m.name, fmt, v, "format not listed in the spec's export.formats"))
+                continue
+            vdir = ctx.input_dir(f"verify:{m.name}:{fmt}")
+            for r in json.loads((vdir / "records.json").read_text()):
+                report.add(ParityRecord.from_json(r))
+            with np.load(vdir / "outputs.npz") as f:
+                outs.update({k: f[k] for k in f.files})
+        with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
+            y_ref, y_perturbed = f["y"], f["y_perturbed"]
+        report.discrimination[m.name] = discrimination(
+            y_ref, y_perturbed, tolerance_for("fp32", "onnx", spec.parity.tolerances), task=spec.data.task,
+            perturbation=f"{PERTURBATION:g} relative weight noise")
+        plots.append(plot_model_parity(m.name, y_ref, outs, ctx.out / f"parity_{m.name}.png"))
         history = json.loads((ctx.input_dir(f"train:{m.name}") / "history.json").read_text())
         plots.append(plot_training_curve(history, ctx.out / f"training_{m.name}.png",
                                          title=f"{spec.name} / {m.name} ({m.framework}): training loss"))
     report.write_json(ctx.out / "parity.json")
     report.write_markdown(ctx.out / "parity.md")
     report.write_junit(ctx.out / "junit.xml")
-    counts = report.counts
-    return {"passed": report.passed, "counts": counts, "failures": [r.message for r in report.failed_records],
+    return {"passed": report.passed, "counts": report.counts, "failures": [r.message for r in report.failed_records],
             "warnings": report.warnings, "plots": [p.name for p in map(Path, plots)],
             "summary": report.summary_line()}
