@@ -65,29 +65,21 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
     run_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + "-" + uuid.uuid4().hex[:4]
     print(f"pipeline {spec.name}: run {run_id} (cache {cache.root})", flush=True)
 
-    recorder, prep_thread, prep_error = None, None, []
+    # MLflow's import and store set-up take seconds: overlap them with the stages (the parent
+    # process only waits on its workers); the report's plotting library warms up the same way.
+    recorder, helpers = None, []
     if track:
         from .tracking import Recorder
         recorder = Recorder(home, spec.name)
+        helpers.append(_background(recorder.prepare))
 
-        def prepare() -> None:
-            try:
-                recorder.prepare()
-            except Exception as e:  # reported when the run is recorded
-                prep_error.append(e)
-
-        def start_prepare() -> None:
-            nonlocal prep_thread
-            prep_thread = threading.Thread(target=prepare, daemon=True)
-            prep_thread.start()
-    else:
-        def start_prepare() -> None:
-            pass
+    def on_plan(will_run: dict[str, bool]) -> None:
+        if will_run.get("report"):
+            helpers.append(_background(_warm_plotting))
 
     error, results = None, []
     try:
-        results = execute(build_stages(spec), cache, kinds, str(spec.path), parallel=parallel,
-                          on_lanes_started=start_prepare)
+        results = execute(build_stages(spec), cache, kinds, str(spec.path), parallel=parallel, on_plan=on_plan)
     except StageFailed as e:
         error = str(e)
         results = getattr(e, "results", [e.result])
@@ -102,14 +94,32 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
         # a snapshot per run: a later forced verify rewrites the cache entry this run read
         record["report_dir"] = str(_snapshot_reports(home, run_id, Path(report.path)))
         _print_parity(Path(record["report_dir"]))
+    for thread in helpers:
+        thread.join()
     if recorder is not None:
-        if prep_thread is not None:
-            prep_thread.join()
         t0 = time.perf_counter()
         record["mlflow"] = recorder.record(record)
         record["mlflow_s"] = time.perf_counter() - t0
     save_record(home, record)
     return record
+
+
+def _background(fn) -> threading.Thread:
+    def guarded() -> None:
+        try:
+            fn()
+        except Exception:  # whoever needs it later does it again and sees the error
+            pass
+    thread = threading.Thread(target=guarded, daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm_plotting() -> None:
+    import parity.plots  # noqa: F401
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 def verify(run_ref: str | None = None, *, home: Path | None = None, track: bool = True) -> dict:
@@ -208,6 +218,7 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
             info["metrics"] = train.facts.get("metrics", {})
             info["loss_history"] = json.loads((out / "history.json").read_text())["loss"]
             info["mlflow_model_dir"] = str(out / "mlflow_model")
+            info["train_key"] = train.key
         info["exports"] = {r.facts["format"]: r.path for r in results
                            if r.kind == "export" and r.name.split(":")[1] == m.name and not r.error}
         models[m.name] = info

@@ -203,7 +203,7 @@ class _Workers:
 
 
 def execute(stages: list[Stage], cache: Cache, rerun_kinds: set[str], spec_ref: str,
-            parallel: bool = True, on_lanes_started: Callable[[], None] | None = None) -> list[StageResult]:
+            parallel: bool = True, on_plan: Callable[[dict[str, bool]], None] | None = None) -> list[StageResult]:
     """Run a spec's stages; raises StageFailed (with every result so far on .results) on failure.
 
     A stage starts once all its inputs are done; after a failure, independent stages still run (the
@@ -215,8 +215,8 @@ def execute(stages: list[Stage], cache: Cache, rerun_kinds: set[str], spec_ref: 
               for s in stages}
     lanes = {s.lane for s in stages if s.lane and will_run[s.name]} if parallel else set()
     workers = _Workers(lanes, spec_ref, str(cache.root)) if lanes else None
-    if on_lanes_started:
-        on_lanes_started()
+    if on_plan:
+        on_plan(will_run)
     done: dict[str, StageResult] = {}
     blocked: set[str] = set()
     in_flight: dict[str, Stage] = {}

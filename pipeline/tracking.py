@@ -152,16 +152,22 @@ class Recorder:
             client.set_tag(cid, "parity.verdict", verdict)
         model_dir = info.get("mlflow_model_dir")
         if model_dir and Path(model_dir).is_dir():
-            logged = mlflow.initialize_logged_model(
-                name="model", source_run_id=cid, experiment_id=self.experiment_id,
-                model_type=info["framework"], tags={"framework": info["framework"]})
-            client.log_outputs(cid, models=[LoggedModelOutput(logged.model_id, step=0)])
-            client.log_model_artifacts(logged.model_id, model_dir)
-            mlflow.finalize_logged_model(logged.model_id, "READY")
-            version = mlflow.register_model(f"models:/{logged.model_id}",
-                                            registered_name(run["spec"], name))
+            version, model_id = self._known_version(client, info.get("train_key"))
+            if version is not None:  # the same trained model: link it, do not register a copy
+                client.log_outputs(cid, models=[LoggedModelOutput(model_id, step=0)])
+            else:
+                logged = mlflow.initialize_logged_model(
+                    name="model", source_run_id=cid, experiment_id=self.experiment_id,
+                    model_type=info["framework"], tags={"framework": info["framework"]})
+                client.log_outputs(cid, models=[LoggedModelOutput(logged.model_id, step=0)])
+                client.log_model_artifacts(logged.model_id, model_dir)
+                mlflow.finalize_logged_model(logged.model_id, "READY")
+                version = mlflow.register_model(f"models:/{logged.model_id}",
+                                                registered_name(run["spec"], name))
+                model_id = logged.model_id
+                self._remember_version(info.get("train_key"), version, model_id)
             failed = sum(r["status"] == "failed" for r in rows)
-            version_tags = {
+            version_tags = {"pipeline.train_key": info.get("train_key", ""),
                 "parity.verdict": verdict if run["status"] == "passed" or failed else "failed",
                 "parity.summary": f"{len(rows) - failed} passed, {failed} failed",
                 "formats": ",".join(sorted(info.get("exports", {}))),
@@ -170,10 +176,37 @@ class Recorder:
             for k, v in version_tags.items():
                 client.set_model_version_tag(version.name, version.version, k, v)
             client.set_registered_model_alias(version.name, "candidate", version.version)
-            result.update(model_id=logged.model_id, registered_model=version.name, version=version.version)
+            result.update(model_id=model_id, registered_model=version.name, version=version.version)
         client.set_terminated(cid, status=child_status, end_time=int(time.time() * 1000))
         return result
 
+
+    # A trained model (identified by its train stage's cache key) is registered once; later runs that
+    # reuse it from the cache link to that version. The index lives beside the store.
+    def _index_path(self) -> Path:
+        return store_dir(self.home) / "registered_versions.json"
+
+    def _known_version(self, client, train_key: str | None):
+        if not train_key or not self._index_path().is_file():
+            return None, None
+        known = json.loads(self._index_path().read_text()).get(train_key)
+        if not known:
+            return None, None
+        from mlflow.exceptions import MlflowException
+        try:
+            return client.get_model_version(known["name"], known["version"]), known["model_id"]
+        except MlflowException:  # the store was reset since: register again
+            return None, None
+
+    def _remember_version(self, train_key: str | None, version, model_id: str) -> None:
+        if not train_key:
+            return
+        path = self._index_path()
+        index = json.loads(path.read_text()) if path.is_file() else {}
+        index[train_key] = {"name": version.name, "version": version.version, "model_id": model_id}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, path)
 
     def _record_parity(self, client, pid: str, run: dict, parity: dict) -> None:
         report_dir = Path(run["report_dir"])
