@@ -64,7 +64,7 @@ def main() -> None:
 
     print(f"digits model, {args.rows} parity rows, median of {args.repeats}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
-    print(f"| model | artifact | runtime | bare load+infer ms | verify ms | ratio |")
+    print("| model | artifact | runtime | bare load+infer ms | verify ms | ratio |")
     print("|---|---|---|---|---|---|")
     for m in spec.models:
         train = cache.lookup("train", next(s.key for s in stages if s.name == f"train:{m.name}"))

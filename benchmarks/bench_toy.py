@@ -63,8 +63,8 @@ def main() -> None:
             last_home = rec
             print(f"pair {i + 1}: baseline {wall_b:.1f} s (rc {rc_b}), ours {wall_o:.1f} s (rc {rc_o}), "
                   f"cached rerun {wall_c:.2f} s", flush=True)
-    print(f"\n| pair | baseline wall s | baseline peak RSS MB | run toy wall s | run toy peak RSS MB | "
-          f"ratio | cached rerun s |")
+    print("\n| pair | baseline wall s | baseline peak RSS MB | run toy wall s | run toy peak RSS MB | "
+          "ratio | cached rerun s |")
     print("|---|---|---|---|---|---|---|")
     for i, _, wb, rb, _, wo, ro, ratio, wc in rows:
         print(f"| {i} | {wb:.1f} | {rb:.0f} | {wo:.1f} | {ro:.0f} | {ratio:.2f} | {wc:.2f} |")

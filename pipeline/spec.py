@@ -299,6 +299,12 @@ class _Validator:
             self.get(tolerances, fmt, "parity.tolerances", dict)
             for k in tol:
                 self.get(tol, k, f"parity.tolerances.{fmt}", float)
+        from parity.compare import VARIANTS, tolerance_for  # numpy only: still no framework import
+        try:
+            for variant in VARIANTS:
+                tolerance_for(variant, "onnx", tolerances)
+        except ValueError as e:
+            self.fail("parity.tolerances", f"valid tolerance overrides ({e})", show_found=False)
         return ParitySpec(
             held_out_rows=self.get(p, "held_out_rows", "parity", int, 64),
             random_rows=self.get(p, "random_rows", "parity", int, 64),

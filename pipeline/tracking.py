@@ -88,9 +88,8 @@ class Recorder:
         """Log a finished (or failed) pipeline run; returns the MLflow ids for the run record."""
         if self.experiment_id is None:
             self.prepare()
-        import mlflow
         from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
         client = MlflowClient()
         now = int(time.time() * 1000)
         status = "FINISHED" if run["status"] == "passed" else "FAILED"

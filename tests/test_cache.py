@@ -1,5 +1,4 @@
 """The stage cache: keys follow settings, inputs and code; outputs appear atomically."""
-import os
 import subprocess
 import sys
 

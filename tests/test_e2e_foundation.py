@@ -5,7 +5,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -197,3 +196,29 @@ def test_digits_accuracy(tmp_path):
     rec = records(tmp_path)[-1]
     for name in ("keras", "torch"):
         assert rec["models"][name]["metrics"]["accuracy"] >= 0.95
+
+
+def test_from_stage_and_force(tmp_path):
+    spec = user_spec(tmp_path)
+    spec.write_text(spec.read_text() + '\n[export]\nformats = ["onnx", "torchscript"]\n')
+    first = run_cli("run", str(spec), "--no-track", home=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    def cached_by_kind(rec):
+        kinds = {}
+        for s in rec["stages"]:
+            kinds.setdefault(s["kind"], set()).add(s["cached"])
+        return kinds
+
+    r = run_cli("run", str(spec), "--no-track", "--from", "export", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    kinds = cached_by_kind(records(tmp_path)[-1])
+    assert kinds["data"] == kinds["train"] == kinds["reference"] == {True}
+    assert kinds["export"] == kinds["verify"] == kinds["report"] == {False}
+
+    r = run_cli("run", str(spec), "--no-track", "--force", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not any(s["cached"] for s in records(tmp_path)[-1]["stages"])
+
+    r = run_cli("run", str(spec), "--no-track", "--from", "nowhere", home=tmp_path)
+    assert r.returncode == 2 and "--from nowhere: expected one of" in r.stderr

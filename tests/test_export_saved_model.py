@@ -68,7 +68,6 @@ def first_weight(framework: str, model) -> np.ndarray:
     """The first layer's weight matrix as the framework holds it."""
     if framework == "keras":
         return next(layer.get_weights()[0] for layer in model.layers if layer.get_weights())
-    import torch
 
     return next(p.detach().numpy() for p in model.parameters() if p.ndim == 2)
 

@@ -104,3 +104,15 @@ def test_help_imports_nothing_heavy():
             "print([m for m in ('tensorflow', 'torch', 'keras', 'mlflow', 'numpy') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_unknown_tolerance_override_is_refused_early(tmp_path):
+    p = write(tmp_path, GOOD + "\n[parity.tolerances]\nlitert-int4 = { atol = 0.1 }\n")
+    with pytest.raises(SpecError, match=r"parity.tolerances: expected valid tolerance overrides.*litert-int4"):
+        spec_mod.load(str(p))
+
+
+def test_tolerance_override_with_unknown_field_is_refused(tmp_path):
+    p = write(tmp_path, GOOD + "\n[parity.tolerances]\nfp16 = { atoll = 0.1 }\n")
+    with pytest.raises(SpecError, match="parity.tolerances"):
+        spec_mod.load(str(p))
