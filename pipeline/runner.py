@@ -21,7 +21,7 @@ from typing import Callable
 
 from .cache import Cache, Entry, code_version, stage_key
 
-STAGE_ORDER = ("data", "parity_set", "train", "reference", "export", "verify", "report", "deploy")
+STAGE_ORDER = ("data", "parity_set", "train", "reference", "export", "verify", "report")
 
 
 @dataclass
@@ -87,9 +87,9 @@ def plan(stages: list[Stage], cache: Cache, rerun_kinds: set[str]) -> dict[str, 
     return will_run
 
 
-def run_stage(stage: Stage, cache: Cache, memo: dict, force: bool, prefix: str = "") -> StageResult:
+def run_stage(stage: Stage, cache: Cache, memo: dict, force: bool) -> StageResult:
     def log(msg: str) -> None:
-        print(f"{prefix}  {stage.name:<24} {msg}", flush=True)
+        print(f"  {stage.name:<24} {msg}", flush=True)
 
     existing = None if force else cache.lookup(stage.kind, stage.key)
     if existing is not None:
@@ -143,8 +143,14 @@ def _worker_main(spec_ref: str, lane: str, cache_root: str, tasks, results) -> N
     stages = {s.name: s for s in build_stages(load(spec_ref))}
     assign_keys(list(stages.values()))
     cache, memo = Cache(Path(cache_root)), {}
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent was killed: nobody will ask for more
+                break
+            continue
         if task is None:
             break
         name, force = task
