@@ -162,6 +162,7 @@ class ParityReport:
                 lines.append(f"  - artifact: `{r.artifact}`")
         if failed:
             lines.append("")
+        lines += self._artifact_lines()
         lines += ["## Discrimination of the parity set", ""]
         if not self.discrimination:
             lines += ["Not measured.", ""]
@@ -171,6 +172,20 @@ class ParityReport:
         if self.discrimination:
             lines.append("")
         return "\n".join(lines)
+
+    def _artifact_lines(self) -> list[str]:
+        """How each artifact was made (from the records' details), with any converter note."""
+        seen, lines = set(), []
+        for r in self.records:
+            d = r.details or {}
+            if r.label in seen or not d.get("route"):
+                continue
+            seen.add(r.label)
+            size = f", {d['size_bytes'] / 1024:.1f} KiB" if d.get("size_bytes") else ""
+            batches = f", batch sizes {d['batch_sizes']}" if d.get("batch_sizes") else ", any batch"
+            note = f". Note: {d['note']}" if d.get("note") else ""
+            lines.append(f"- `{r.label}`: {_md(d['route'])}{size}{batches}{_md(note)}")
+        return (["## Artifacts", ""] + lines + [""]) if lines else []
 
     def write_markdown(self, path) -> Path:
         return _write_atomic(Path(path), self.to_markdown() + "\n")

@@ -9,6 +9,8 @@ parent.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -138,8 +140,11 @@ def _worker_main(spec_ref: str, lane: str, cache_root: str, tasks, results) -> N
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from .spec import load
     from .stages import build_stages
-    for module in WARM_IMPORTS.get(lane, ()):
-        importlib.import_module(module)
+    with _quiet_native_stderr():  # TensorFlow's C++ start-up banner, printed whatever the log level
+        for module in WARM_IMPORTS.get(lane, ()):
+            importlib.import_module(module)
+    for noisy in ("torch.onnx", "torch.utils._pytree"):  # "torchvision is not installed" x4, deprecations
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     stages = {s.name: s for s in build_stages(load(spec_ref))}
     assign_keys(list(stages.values()))
     cache, memo = Cache(Path(cache_root)), {}
@@ -162,15 +167,42 @@ def _worker_main(spec_ref: str, lane: str, cache_root: str, tasks, results) -> N
         except BaseException as e:  # the runner itself broke: still answer, never hang the parent
             s = stages[name]
             results.put(StageResult(s.name, s.kind, s.key, s.lane, False, 0.0, error=f"{type(e).__name__}: {e}"))
+    results.close()
+    results.join_thread()  # every result is on the pipe before the process goes
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: seconds with TensorFlow, torch and jax loaded
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Send file descriptor 2 to a temporary file for the block; show it only if the block fails."""
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class _Workers:
     """One spawned process per lane, fed through a task queue; results come back on one queue."""
 
     def __init__(self, lanes: set[str], spec_ref: str, cache_root: str):
+        # Workers skip interpreter teardown, so a library's semaphore is left to multiprocessing's
+        # resource tracker, which frees it and then warns; it takes its warning filters from ours.
+        quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if quiet not in sys.warnoptions:
+            sys.warnoptions.append(quiet)
         ctx = multiprocessing.get_context("spawn")
         self.results = ctx.Queue()
         self.tasks = {lane: ctx.Queue() for lane in lanes}

@@ -351,7 +351,8 @@ def _check(module, artifact, runtime, ref: dict, tol, spec: Spec, m: ModelSpec):
     rec = ParityRecord.checked(m.name, artifact.format, artifact.variant, runtime, artifact.path, comparison,
                                elapsed_s=time.perf_counter() - t0,
                                details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
-                                        "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes})
+                                        "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes,
+                                        **({"note": artifact.details["note"]} if artifact.details.get("note") else {})})
     return rec, got
 
 

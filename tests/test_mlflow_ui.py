@@ -55,7 +55,7 @@ def mlflow_ui(toy_run):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by `scripts/setup.sh --test`")
-def test_run_page_shows_verdicts_table_and_registered_model(mlflow_ui):
+def test_run_page_shows_verdicts_table_plots_and_registered_model(mlflow_ui):
     from playwright.sync_api import sync_playwright
     home, port = mlflow_ui
     rec = json.loads(sorted((home / ".pipeline" / "runs").glob("*.json"))[0].read_text())
@@ -74,6 +74,15 @@ def test_run_page_shows_verdicts_table_and_registered_model(mlflow_ui):
             assert "PASSED" in body
             assert "tfjs-node-wasm" in body and "litert-interpreter" in body  # the parity table
             page.screenshot(path=str(ARTIFACTS / "mlflow_run_page.png"), full_page=True)
+
+            page.get_by_role("tab", name="Artifacts").click()  # the plots, as images
+            page.get_by_text("plots", exact=True).first.click()
+            page.get_by_text("parity_keras.png", exact=True).first.click()
+            plot = page.locator("img[src^='blob:']").first  # the UI shows a fetched PNG as a blob
+            plot.wait_for(timeout=60_000)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=plot.element_handle(),
+                                   timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_parity_plot.png"), full_page=True)
 
             page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp}/runs/{child}", timeout=60_000)
             page.get_by_text("toy-keras", exact=False).first.wait_for(timeout=60_000)
