@@ -10,6 +10,7 @@ parent.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -65,6 +66,7 @@ class StageResult:
     facts: dict = field(default_factory=dict)
     error: str | None = None
     path: str = ""
+    frameworks: list[str] = field(default_factory=list)  # loaded in the process that ran it
 
 
 class StageFailed(RuntimeError):
@@ -110,7 +112,9 @@ def run_stage(stage: Stage, cache: Cache, memo: dict, force: bool) -> StageResul
     log("running ...")
     t0 = time.perf_counter()
     try:
-        facts = stage.run(Context(stage, tmp, inputs, memo, log)) or {}
+        # plain JSON values only: a framework's own types (torch's version string is one) would
+        # make the parent import that framework just to unpickle the result
+        facts = json.loads(json.dumps(stage.run(Context(stage, tmp, inputs, memo, log)) or {}, default=str))
     except BaseException as e:
         cache.abandon(tmp)
         elapsed = time.perf_counter() - t0
@@ -122,10 +126,11 @@ def run_stage(stage: Stage, cache: Cache, memo: dict, force: bool) -> StageResul
     entry = cache.commit(stage.kind, stage.key, tmp, {"name": stage.name, "settings": stage.settings,
                                                        "inputs": list(stage.inputs), "facts": facts,
                                                        "elapsed_s": elapsed})
+    loaded = [m for m in ("tensorflow", "torch") if m in sys.modules]
     summary = facts.get("summary", "")
     log(f"done     {elapsed:6.2f} s  {summary}".rstrip())
     return StageResult(stage.name, stage.kind, stage.key, stage.lane, False, elapsed, facts,
-                       path=str(entry.path))
+                       path=str(entry.path), frameworks=loaded)
 
 
 WARM_IMPORTS = {"tensorflow": ("tensorflow", "keras"), "torch": ("torch",)}

@@ -84,3 +84,18 @@ def test_truncated_litert_file_is_a_clear_load_failure(toy_run, tmp_path):
     broken = [x for x in parity["records"] if x["format"] == "litert" and x["variant"] == "fp32"]
     assert broken and all(x["status"] == "failed" and "ArtifactLoadError" in x["error"] for x in broken)
     assert "Traceback" not in r.stderr
+
+
+def test_each_worker_imports_only_its_own_framework(toy_run):
+    home, _ = toy_run
+    rec = json.loads(sorted((home / ".pipeline" / "runs").glob("*.json"))[0].read_text())
+    ran = [s for s in rec["stages"] if not s["cached"]]
+    assert {s["lane"] for s in ran} == {None, "tensorflow", "torch"}
+    for s in ran:
+        other = {"tensorflow": "torch", "torch": "tensorflow"}.get(s["lane"])
+        if s["lane"] is None:
+            assert s["frameworks"] == [], s["name"]
+        else:
+            assert s["lane"] in s["frameworks"] and other not in s["frameworks"], (s["name"], s["frameworks"])
+    cross = {s["name"]: s["lane"] for s in ran}
+    assert cross["export:keras:torchscript"] == "torch" and cross["export:torch:saved_model"] == "tensorflow"
