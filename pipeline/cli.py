@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends the output quietly
     args = build_parser().parse_args(argv)
     from .spec import SpecError
     try:
@@ -153,10 +155,11 @@ def cmd_show(args) -> int:
           f"{rec['elapsed_s']:.1f} s")
     if rec.get("mlflow"):
         print(f"MLflow parent run {rec['mlflow']['parent_run_id']} (experiment {rec['mlflow']['experiment_id']})")
-    print(f"\n{'stage':<26} {'status':<8} {'seconds':>8}  summary")
+    print(f"\n{'stage':<26} {'process':<11} {'status':<8} {'seconds':>8}  summary")
     for s in rec["stages"]:
         status = "FAILED" if s["error"] else ("cached" if s["cached"] else "ran")
-        print(f"{s['name']:<26} {status:<8} {s['elapsed_s']:8.2f}  {s['facts'].get('summary', s['error'] or '')}")
+        print(f"{s['name']:<26} {s['lane'] or 'main':<11} {status:<8} {s['elapsed_s']:8.2f}  "
+              f"{s['facts'].get('summary', s['error'] or '')}")
     print()
     for name, info in rec["models"].items():
         shown = "  ".join(f"{k}={v:.4f}" for k, v in info.get("metrics", {}).items())

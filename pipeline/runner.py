@@ -214,8 +214,19 @@ class _Workers:
         self.procs = {lane: ctx.Process(target=_worker_main, name=f"lane-{lane}", daemon=True,
                                         args=(spec_ref, lane, cache_root, self.tasks[lane], self.results))
                       for lane in lanes}
-        for p in self.procs.values():
-            p.start()
+        # spawn re-imports the parent's main script in each child; a main that is no file (python -,
+        # an embedding host) would fail there, and the workers need nothing from it
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        hide = path is not None and not os.path.isfile(path)
+        if hide:
+            del main.__file__
+        try:
+            for p in self.procs.values():
+                p.start()
+        finally:
+            if hide:
+                main.__file__ = path
 
     def submit(self, lane: str, name: str, force: bool) -> None:
         self.tasks[lane].put((name, force))
