@@ -1,7 +1,8 @@
 """TF.js graph model: converted from the SavedModel artifact, run in Node on the pure-JS cpu and wasm backends.
 
 Export: `tensorflowjs.converters.convert_tf_saved_model` on the upstream SavedModel (the layers format made
-from a Keras 3 model does not load in TF.js, see ENVIRONMENT.md; the graph model does).
+from a Keras 3 model does not load in TF.js: "An InputLayer should be passed either a batchInputShape or
+an inputShape"; the graph model does).
 
 Run: one warm Node process (exporters/js/runner.js, pure-JS `@tensorflow/tfjs` + `@tensorflow/tfjs-backend-wasm`;
 `@tensorflow/tfjs-node` cannot be installed offline) serves every TF.js runner of this Python process, every
@@ -66,7 +67,7 @@ def _import_converter():
     """tensorflowjs.converters, imported with a placeholder for tensorflow_decision_forests.
 
     tensorflowjs imports tensorflow_decision_forests at import time only "to load saved models that use TFDF";
-    no TFDF release loads under TensorFlow 2.21 (ENVIRONMENT.md). The placeholder lives in sys.modules only
+    no TFDF release loads under TensorFlow 2.21 (each pins an older TensorFlow). The placeholder lives in sys.modules only
     for the duration of the import.
     """
     if "tensorflowjs.converters.tf_saved_model_conversion_v2" in sys.modules:

@@ -6,7 +6,8 @@ Routes:
   keras: the ONNX artifact made upstream (not re-exported here) -> onnx2fx.convert (ONNX to a torch.fx
          GraphModule) -> torch.jit.trace -> torch.jit.save. onnx2fx is installed with
          `pip install --no-deps onnx2fx==0.0.1` (its requirements, torch>=2.9 and onnx>=1.19.1, are already
-         met; a plain install of onnx2torch/onnx2pytorch would replace the CPU torch, see ENVIRONMENT.md).
+         met; a plain install of onnx2torch/onnx2pytorch would replace the CPU torch with a CUDA build, and
+         with --no-deps both import torchvision, which fails beside this torch).
 
 After tracing, the traced module is run on batches of 1 and of (example batch + 1) rows and compared with
 the module it was traced from, so `batch_sizes=None` is only claimed when another batch really works.

@@ -90,7 +90,7 @@ def exported(tmp_path_factory):
             example = inputs(kind, 8, 0)
             upstream = {}
             if framework == "keras":
-                model(example)  # Keras models must have been called once (ENVIRONMENT.md)
+                model(example)  # Keras ONNX export refuses a model that has never been called
             else:
                 upstream["onnx"] = onnx_format.export(model, framework=framework, name=name, example=example,
                                                       out_dir=tmp_path_factory.mktemp(f"onnx-{name}"),
