@@ -87,3 +87,45 @@ def write_manifest(out_dir: Path, artifacts: list[Artifact]) -> None:
 
 def read_manifest(out_dir: Path) -> list[Artifact]:
     return [Artifact.from_json(d, out_dir) for d in json.loads((out_dir / "artifacts.json").read_text())]
+
+
+# --------------------------------------------------------------------------- shared by the format modules
+
+def package_version(dist: str) -> str | None:
+    """An installed distribution's version, for Artifact.details (None when it is not installed)."""
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def example_batch(example, fmt: str, name: str, framework: str) -> np.ndarray:
+    """The example inputs as a contiguous float32 batch of at least one row."""
+    example = np.ascontiguousarray(example, dtype=np.float32)
+    if example.ndim < 1 or example.shape[0] < 1:
+        raise ExportError(f"{fmt} export of {name} ({framework}): expected an example batch with at least "
+                          f"one row, found shape {example.shape}")
+    return example
+
+
+def pick_runtime(fmt: str, artifact: Artifact, runtime: str | None, runtimes: tuple[str, ...]) -> str:
+    """`runtime`, or the format's default, refusing one the format does not have."""
+    runtime = runtime or runtimes[0]
+    if runtime not in runtimes:
+        raise ValueError(f"{fmt} artifact {artifact.label}: runtime {runtime!r} is not supported "
+                         f"(expected one of {', '.join(runtimes)})")
+    return runtime
+
+
+def check_file(fmt: str, artifact: Artifact, what: str) -> Path:
+    """The artifact's file, refusing a missing one or one whose size differs from the export's."""
+    path = Path(artifact.path)
+    if not path.is_file():
+        raise ArtifactLoadError(f"{fmt} artifact {artifact.label}: expected {what} at {path}, found "
+                                f"{'a folder' if path.exists() else 'nothing'}")
+    found = path.stat().st_size
+    if artifact.size_bytes and found != artifact.size_bytes:
+        raise ArtifactLoadError(f"{fmt} artifact {artifact.label}: expected {artifact.size_bytes} bytes at {path} "
+                                f"(as exported), found {found}: the file is truncated or was replaced")
+    return path

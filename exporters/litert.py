@@ -28,7 +28,6 @@ batch sizes, zero-pads the last chunk and trims the output. details["batch_strat
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import os
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+from exporters.base import Artifact, ArtifactLoadError, ExportError, package_version, pick_runtime, size_of
 
 FORMAT = "litert"
 REQUIRES = {"keras": ("saved_model",), "torch": ()}
@@ -53,13 +52,6 @@ QUANTIZATION = {
     "fp16": "float16 weights, float32 activations",
     "int8": "dynamic-range int8 weights (per channel), float32 inputs/outputs; no calibration data",
 }
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -126,7 +118,7 @@ def _export_keras(name: str, out_dir: Path, upstream: dict) -> dict:
 
     import tensorflow as tf
 
-    versions = {"tensorflow": tf.__version__, "ai_edge_litert": _version("ai-edge-litert")}
+    versions = {"tensorflow": tf.__version__, "ai_edge_litert": package_version("ai-edge-litert")}
     made = {}
     for variant in VARIANTS:
         t0 = time.perf_counter()
@@ -171,7 +163,7 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, options:
     from litert_torch.generative.quantize import quant_recipes
 
     versions = {"torch": torch.__version__, "litert_torch": litert_torch.__version__,
-                "ai_edge_quantizer": _version("ai-edge-quantizer"), "ai_edge_litert": _version("ai-edge-litert")}
+                "ai_edge_quantizer": package_version("ai-edge-quantizer"), "ai_edge_litert": package_version("ai-edge-litert")}
     recipes = {"fp32": (None, ""), "fp16": (quant_recipes.full_fp16_recipe, "quant_recipes.full_fp16_recipe()"),
                "int8": (quant_recipes.full_dynamic_recipe, "quant_recipes.full_dynamic_recipe()")}
 
@@ -359,7 +351,7 @@ class LiteRTRunner:
             "batch_strategy": _strategy_text(self._dynamic is not None, static, self.resize_ok),
             "resize_probe": probe,
             "num_threads": 1,
-            "ai_edge_litert": _version("ai-edge-litert"),
+            "ai_edge_litert": package_version("ai-edge-litert"),
         }
 
     def _run(self, key: str, x: np.ndarray) -> np.ndarray:
@@ -411,8 +403,5 @@ class LiteRTRunner:
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> LiteRTRunner:
-    runtime = runtime or RUNTIMES[0]
-    if runtime not in RUNTIMES:
-        raise ValueError(f"litert artifact {artifact.label}: runtime {runtime!r} is not supported "
-                         f"(expected one of {', '.join(RUNTIMES)})")
+    pick_runtime(FORMAT, artifact, runtime, RUNTIMES)
     return LiteRTRunner(artifact)

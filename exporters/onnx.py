@@ -10,13 +10,13 @@ dimension; if a converter wrote a fixed batch, the artifact says so in `batch_si
 from __future__ import annotations
 
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+from exporters.base import (Artifact, ArtifactLoadError, ExportError, check_file,
+                             example_batch, package_version, pick_runtime, size_of)
 
 FORMAT = "onnx"
 REQUIRES = {"keras": (), "torch": ()}
@@ -27,23 +27,13 @@ RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework
 FILE_NAME = "model.onnx"
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,
            options=None, expected=None) -> list[Artifact]:
     """Write `out_dir/model.onnx` (fp32, dynamic batch) and return its Artifact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
-    example = np.ascontiguousarray(example, dtype=np.float32)
-    if example.ndim < 1 or example.shape[0] < 1:
-        raise ExportError(f"onnx export of {name} ({framework}): expected an example batch with at least "
-                          f"one row, found shape {example.shape}")
+    example = example_batch(example, FORMAT, name, framework)
     t0 = time.perf_counter()
     if framework == "keras":
         route, details = _export_keras(model, name, example, path)
@@ -81,8 +71,8 @@ def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[st
         raise ExportError(f"onnx export of {name} (keras): model.export(format='onnx') failed: "
                           f"{type(e).__name__}: {e}") from e
     details = {"converter": "keras.Model.export(format='onnx')", "keras_backend": keras.backend.backend(),
-               "versions": {"keras": _version("keras"), "tensorflow": _version("tensorflow"),
-                            "tf2onnx": _version("tf2onnx"), "onnx": _version("onnx")}}
+               "versions": {"keras": package_version("keras"), "tensorflow": package_version("tensorflow"),
+                            "tf2onnx": package_version("tf2onnx"), "onnx": package_version("onnx")}}
     via = "tf2onnx" if keras.backend.backend() == "tensorflow" else f"{keras.backend.backend()} backend"
     return f"keras.Model.export(format='onnx') ({via})", details
 
@@ -111,8 +101,8 @@ def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[st
     details = {"converter": "torch.onnx.export(dynamo=True, external_data=False)",
                "forward_args": arg_names,
                "dynamic_shapes": "batch dimension 0 of the first positional argument",
-               "versions": {"torch": _version("torch"), "onnxscript": _version("onnxscript"),
-                            "onnx": _version("onnx")}}
+               "versions": {"torch": package_version("torch"), "onnxscript": package_version("onnxscript"),
+                            "onnx": package_version("onnx")}}
     return "torch.onnx.export(dynamo=True, dynamic batch)", details
 
 
@@ -194,17 +184,8 @@ class OnnxRunner:
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> OnnxRunner:
-    runtime = runtime or RUNTIMES[0]
-    if runtime not in RUNTIMES:
-        raise ValueError(f"{artifact.label}: unknown runtime {runtime!r} for onnx, expected one of {RUNTIMES}")
-    path = Path(artifact.path)
-    if not path.is_file():
-        raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected a model file at {path}, found "
-                                f"{'a folder' if path.exists() else 'nothing'}")
-    found = path.stat().st_size
-    if artifact.size_bytes and found != artifact.size_bytes:
-        raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected {artifact.size_bytes} bytes at {path} "
-                                f"(as exported), found {found}: the file is truncated or was replaced")
+    pick_runtime(FORMAT, artifact, runtime, RUNTIMES)
+    path = check_file(FORMAT, artifact, "a model file")
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -216,7 +197,7 @@ def load(artifact: Artifact, runtime: str | None = None) -> OnnxRunner:
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactLoadError(f"onnx artifact {artifact.label}: onnxruntime could not load {path} "
-                                f"({found} bytes); expected a complete ONNX model, the file is corrupt or "
+                                f"({path.stat().st_size} bytes); expected a complete ONNX model, the file is corrupt or "
                                 f"truncated: {first_line}") from None
     if len(session.get_inputs()) != 1:
         raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected one input, found "

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+from exporters.base import Artifact, ArtifactLoadError, ExportError, pick_runtime, size_of
 
 FORMAT = "saved_model"
 REQUIRES = {"keras": (), "torch": ("onnx",)}
@@ -335,8 +335,5 @@ class SavedModelRunner:
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> SavedModelRunner:
-    runtime = runtime or RUNTIMES[0]
-    if runtime not in RUNTIMES:
-        raise ValueError(f"saved_model artifact {artifact.model}: runtime {runtime!r} is not supported "
-                         f"(expected one of {', '.join(RUNTIMES)})")
+    pick_runtime(FORMAT, artifact, runtime, RUNTIMES)
     return SavedModelRunner(artifact)

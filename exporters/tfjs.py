@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+from exporters.base import Artifact, ArtifactLoadError, ExportError, pick_runtime, size_of
 
 FORMAT = "tfjs"
 REQUIRES = {"keras": ("saved_model",), "torch": ("saved_model",)}
@@ -458,9 +458,7 @@ class TfjsRunner:
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> TfjsRunner:
-    runtime = runtime or RUNTIMES[0]
-    if runtime not in RUNTIMES:
-        raise ValueError(f"tfjs artifact {artifact.label}: unknown runtime {runtime!r}; expected one of {RUNTIMES}")
+    runtime = pick_runtime(FORMAT, artifact, runtime, RUNTIMES)
     if artifact.format != FORMAT:
         raise ArtifactLoadError(f"tfjs: expected a {FORMAT} artifact, got {artifact.label} ({artifact.format})")
     return TfjsRunner(artifact, runtime)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, size_of
+from exporters.base import (Artifact, ArtifactLoadError, ExportError, check_file,
+                             example_batch, package_version, pick_runtime, size_of)
 
 FORMAT = "torchscript"
 REQUIRES = {"keras": ("onnx",), "torch": ()}
@@ -34,13 +34,6 @@ RUNTIME_LANE = "torch"  # the process that loads the artifact ("any": no framewo
 FILE_NAME = "model.pt"
 BATCH_PROBE_ATOL = 1e-5   # traced vs source module, same weights, same ops: anything above is a shape bug
 ONNX2FX_INSTALL = "pip install --no-deps onnx2fx==0.0.1"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -81,14 +74,11 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
-    example = np.ascontiguousarray(example, dtype=np.float32)
-    if example.ndim < 1 or example.shape[0] < 1:
-        raise ExportError(f"torchscript export of {name} ({framework}): expected an example batch with at "
-                          f"least one row, found shape {example.shape}")
+    example = example_batch(example, FORMAT, name, framework)
     t0 = time.perf_counter()
     if framework == "torch":
         source, route, details = model, "torch.jit.trace", {}
-        details["versions"] = {"torch": _version("torch")}
+        details["versions"] = {"torch": package_version("torch")}
         was_training = model.training
         model.eval()
         try:
@@ -162,8 +152,8 @@ def _onnx_to_torch(onnx_artifact: Artifact, name: str):
                "onnx_input_name": [i.name for i in proto.graph.input if i.name not in initializers][0],
                "onnx_output_names": [o.name for o in proto.graph.output],
                "graph_inputs": [n.name for n in module.graph.nodes if n.op == "placeholder"],
-               "versions": {"torch": _version("torch"), "onnx2fx": _version("onnx2fx"),
-                            "onnx": _version("onnx")}}
+               "versions": {"torch": package_version("torch"), "onnx2fx": package_version("onnx2fx"),
+                            "onnx": package_version("onnx")}}
     return module, details
 
 
@@ -256,18 +246,8 @@ class TorchScriptRunner:
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> TorchScriptRunner:
-    runtime = runtime or RUNTIMES[0]
-    if runtime not in RUNTIMES:
-        raise ValueError(f"{artifact.label}: unknown runtime {runtime!r} for torchscript, expected one of "
-                         f"{RUNTIMES}")
-    path = Path(artifact.path)
-    if not path.is_file():
-        raise ArtifactLoadError(f"torchscript artifact {artifact.label}: expected a model.pt archive at {path}, "
-                                f"found {'a folder' if path.exists() else 'nothing'}")
-    found = path.stat().st_size
-    if artifact.size_bytes and found != artifact.size_bytes:
-        raise ArtifactLoadError(f"torchscript artifact {artifact.label}: expected {artifact.size_bytes} bytes "
-                                f"at {path} (as exported), found {found}: the file is truncated or was replaced")
+    pick_runtime(FORMAT, artifact, runtime, RUNTIMES)
+    path = check_file(FORMAT, artifact, "a model.pt archive")
     import torch
 
     try:
@@ -277,7 +257,7 @@ def load(artifact: Artifact, runtime: str | None = None) -> TorchScriptRunner:
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactLoadError(f"torchscript artifact {artifact.label}: torch.jit.load could not read {path} "
-                                f"({found} bytes); expected a complete TorchScript archive, the file is "
+                                f"({path.stat().st_size} bytes); expected a complete TorchScript archive, the file is "
                                 f"corrupt or truncated: {first_line}") from None
     module.eval()
     return TorchScriptRunner(module, artifact.label, artifact.batch_sizes[0] if artifact.batch_sizes else None)

@@ -9,52 +9,9 @@ import pytest
 from exporters import onnx as onnx_format
 from exporters.base import Artifact, ArtifactLoadError, ExportError
 
+from .models import SHAPES, inputs, keras_model, reference, torch_model
+
 ATOL = 1e-5
-SHAPES = {"toy": (1,), "digits": (8, 8)}
-
-
-def keras_model(kind: str):
-    import keras
-
-    keras.utils.set_random_seed(0)
-    if kind == "toy":
-        m = keras.Sequential([keras.Input((1,), name="x"), keras.layers.Dense(1)])
-    else:
-        m = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
-                              keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, activation="softmax")])
-    rng = np.random.default_rng(1)  # non-zero biases, as after training, so every weight is exercised
-    for layer in m.layers:
-        w = layer.get_weights()
-        if w:
-            layer.set_weights([w[0] * 2.0, rng.normal(0, 0.3, w[1].shape).astype(np.float32)])
-    return m
-
-
-def torch_model(kind: str):
-    import torch
-
-    torch.manual_seed(0)
-    if kind == "toy":
-        m = torch.nn.Linear(1, 1)
-        with torch.no_grad():  # a fresh Linear(1, 1) can have a near-zero slope; use a trained-looking one
-            m.weight.fill_(2.0)
-            m.bias.fill_(0.5)
-        return m.eval()
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                               torch.nn.Linear(128, 10), torch.nn.Softmax(-1)).eval()
-
-
-def reference(framework: str, model, x: np.ndarray) -> np.ndarray:
-    if framework == "keras":
-        return np.asarray(model(x))
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
-
-
-def inputs(kind: str, n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, *SHAPES[kind]), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
