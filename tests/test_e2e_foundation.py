@@ -179,8 +179,8 @@ def test_kill_9_during_training_then_rerun_completes(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     cache = tmp_path / ".pipeline" / "cache"
-    assert not (list((cache / "train").glob("*/stage.json")) and
-                len(list((cache / "train").glob("*/stage.json"))) == 2), "training finished before the kill"
+    finished = list((cache / "train").glob("*/stage.json"))
+    assert len(finished) < 2, "both models finished training before the kill: the test proved nothing"
     r = run_cli("run", "toy", "--no-track", home=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not list(cache.rglob(".tmp-*"))
