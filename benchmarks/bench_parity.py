@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_parity.py [--rows 10000] [--repeats 5]
 
-For each artifact and runtime, compares the verify path the pipeline uses (stages._check: load the
+For each artifact and runtime, compares the verify path the pipeline uses (exporters.verify.check_artifact: load the
 artifact, run batch 1, the largest batch, then the rest, compare with the reference) with the bare
 inference the runtime needs anyway (load the artifact, run all rows in one call). Prints medians.
 Runs `pipeline run digits --no-track` first in a scratch home unless --home names one.
@@ -54,7 +54,8 @@ def main() -> None:
     from pipeline.frameworks import adapter
     from pipeline.runner import assign_keys
     from pipeline.spec import load
-    from pipeline.stages import _check, build_stages
+    from exporters.verify import check_artifact
+    from pipeline.stages import build_stages
 
     spec = load("digits")
     stages = build_stages(spec)
@@ -84,7 +85,8 @@ def main() -> None:
                         runner.close()
 
                     def verify():
-                        rec, _ = _check(module, artifact, runtime, ref, tol, spec, m)
+                        rec, _, _ = check_artifact(module, artifact, runtime, ref, tol, task=spec.data.task,
+                                                   max_batch=spec.parity.max_batch, model=m.name)
                         assert rec.status == "passed", rec.message
 
                     bare(), verify()  # warm both (Node start, first-call set-up)

@@ -33,6 +33,11 @@ class ArtifactLoadError(RuntimeError):
     """An artifact could not be loaded in its runtime (missing, truncated or corrupt)."""
 
 
+class RuntimeUnavailable(ArtifactLoadError):
+    """The runtime itself is missing on this machine (a package, an executable): says what to install.
+    It says nothing about the artifact, so no verdict built on it is ever reused."""
+
+
 @dataclass
 class Artifact:
     model: str                      # the spec's model name

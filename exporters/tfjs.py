@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, pick_runtime, size_of
+from exporters.base import Artifact, ArtifactLoadError, ExportError, RuntimeUnavailable, pick_runtime, size_of
 
 FORMAT = "tfjs"
 REQUIRES = {"keras": ("saved_model",), "torch": ("saved_model",)}
 RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
 LANE = {"keras": "tensorflow", "torch": "tensorflow"}  # tensorflowjs needs TensorFlow
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
+RUNTIME_FILES = ("exporters/js/runner.js",)  # what the runtime runs besides this module
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 RUNNER_JS = JS_DIR / "runner.js"
@@ -203,7 +204,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
 def _node_binary() -> str:
     node = shutil.which("node")
     if node is None:
-        raise ArtifactLoadError("tfjs: the `node` executable is not on PATH; install Node.js 18+ "
+        raise RuntimeUnavailable("tfjs: the `node` executable is not on PATH; install Node.js 18+ "
                                 f"and then run: {INSTALL_HINT}")
     return node
 
@@ -212,7 +213,7 @@ def _check_node_modules() -> None:
     missing = [p for p in ("@tensorflow/tfjs", "@tensorflow/tfjs-backend-wasm")
                if not (NODE_MODULES / p / "package.json").is_file()]
     if missing:
-        raise ArtifactLoadError(f"tfjs: {', '.join(missing)} not installed in {NODE_MODULES}; run: {INSTALL_HINT}")
+        raise RuntimeUnavailable(f"tfjs: {', '.join(missing)} not installed in {NODE_MODULES}; run: {INSTALL_HINT}")
 
 
 class NodeProcess:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import spec as spec_mod
 from .cache import PACKAGE_ROOT, Cache
+from .home_lock import home_lock
 from .runner import STAGE_ORDER, StageFailed, execute
 
 PACKAGES = ("pipeline", "exporters", "parity", "serving", "edge")
@@ -53,55 +54,89 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
     """Run a spec end to end. Returns the run record (also saved under .pipeline/runs/).
 
     Raises SpecError for a spec that cannot run (nothing is started); a failed stage gives a record
-    with status "failed" and the error, after MLflow has been told.
+    with status "failed" and the error, after MLflow has been told. One run at a time per home: a
+    second run waits for the first.
     """
-    from .stages import build_stages
     home = home or home_dir()
     spec = spec_mod.load(spec_ref)
     kinds = rerun_kinds(force, from_stage)
+    with home_lock(work_dir(home), f"run {spec.name}"):
+        return _run(spec, home, kinds, parallel, track)
+
+
+def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict:
+    from .stages import build_stages
+    t_start = time.perf_counter()
     cache = Cache(work_dir(home) / "cache")
+    cache.check_writable()
     cache.sweep()
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + "-" + uuid.uuid4().hex[:4]
     print(f"pipeline {spec.name}: run {run_id} (cache {cache.root})", flush=True)
+    stages = build_stages(spec)
 
     # MLflow's import and store set-up take seconds: overlap them with the stages (the parent
     # process only waits on its workers); the report's plotting library warms up the same way.
-    recorder, helpers = None, []
-    if track:
-        from .tracking import Recorder
-        recorder = Recorder(home, spec.name)
-        helpers.append(_background(recorder.prepare))
+    # When nothing runs, nothing new needs recording: the earlier run that holds it is named instead.
+    recorder, helpers, unchanged_since = None, [], None
 
     def on_plan(will_run: dict[str, bool]) -> None:
+        nonlocal recorder, unchanged_since
+        if not any(will_run.values()):
+            unchanged_since = _recorded_run_with_keys(home, {s.name: s.key for s in stages})
+        if track and unchanged_since is None:
+            from .tracking import Recorder
+            recorder = Recorder(home, spec.name)
+            helpers.append(_background(recorder.prepare))
         if will_run.get("report"):
             helpers.append(_background(_warm_plotting))
 
-    error, results = None, []
+    error, error_kind, results = None, None, []
     try:
-        results = execute(build_stages(spec), cache, kinds, str(spec.path), parallel=parallel, on_plan=on_plan)
+        results = execute(stages, cache, kinds, parallel=parallel, on_plan=on_plan)
     except StageFailed as e:
-        error = str(e)
+        error, error_kind = str(e), e.result.error_kind
+        if error_kind == "usage":
+            error = e.result.error
         results = getattr(e, "results", [e.result])
     report = next((r for r in results if r.name == "report" and not r.error), None)
     if error is None and report is not None and not report.facts["passed"]:
         failures = report.facts["failures"]
         error = (f"parity failed: {len(failures)} artifact check(s) failed; first: "
                  + (failures[0] if failures else "no artifact was checked"))
-    finished = time.time()
-    record = _record(spec, run_id, started, finished, results, error)
+    record = _record(spec, run_id, started, time.time(), results, error)
+    record["error_kind"] = error_kind
     if report is not None:
         # a snapshot per run: a later forced verify rewrites the cache entry this run read
         record["report_dir"] = str(_snapshot_reports(home, run_id, Path(report.path)))
         _print_parity(Path(record["report_dir"]))
     for thread in helpers:
         thread.join()
-    if recorder is not None:
+    if unchanged_since is not None:
+        record["mlflow"] = {**unchanged_since["mlflow"], "reused_from": unchanged_since["run_id"]}
+        print(f"nothing changed since run {unchanged_since['run_id']}: MLflow run "
+              f"{unchanged_since['mlflow']['parent_run_id']} holds this result (not recorded again)")
+    elif recorder is not None:
         t0 = time.perf_counter()
         record["mlflow"] = recorder.record(record)
         record["mlflow_s"] = time.perf_counter() - t0
+    record["elapsed_s"] = time.perf_counter() - t_start
+    record["finished"] = time.time()
     save_record(home, record)
     return record
+
+
+def _recorded_run_with_keys(home: Path, keys: dict[str, str]) -> dict | None:
+    """The latest recorded run whose stages had exactly these cache keys (so the same results)."""
+    for path in reversed(list_records(home)):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("mlflow", {}).get("parent_run_id") and \
+                {s["name"]: s["key"] for s in rec.get("stages", [])} == keys:
+            return rec
+    return None
 
 
 def _background(fn) -> threading.Thread:
@@ -116,7 +151,7 @@ def _background(fn) -> threading.Thread:
 
 
 def _warm_plotting() -> None:
-    import parity.plots  # noqa: F401
+    from . import plots  # noqa: F401
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
@@ -130,32 +165,60 @@ def verify(run_ref: str | None = None, *, home: Path | None = None, track: bool 
 
 
 def check(target: str, *, home: Path | None = None, out_dir: Path | None = None, track: bool = True) -> dict:
-    """The release gate: run (or reuse from the cache) every stage of a spec, always re-verify every
-    artifact, and write parity.json, junit.xml and summary.md into `out_dir` (default: reports/).
+    """The release gate; writes parity.json, junit.xml and summary.md into `out_dir` (default: reports/).
 
-    `target` is a spec (built-in name or .toml path) or a registered model version
-    (NAME, NAME@ALIAS or NAME/VERSION), whose spec is found through the version's tags."""
-    import shutil
+    `target` is a spec (built-in name or .toml path): every stage runs or is reused from the cache, and
+    every artifact is verified again. Or a registered model version (NAME, NAME@ALIAS or NAME/VERSION):
+    the bundle the registry holds for that version is verified, and only that model (pipeline.gate).
+    Or a bundle folder (one holding manifest.json): its files and artifacts are verified as they are."""
+    from . import gate
     home = home or home_dir()
-    try:
-        spec_ref = str(spec_mod.resolve(target))
-    except spec_mod.SpecError:
-        if not any(c in target for c in "@/") and "-" not in target:
-            raise
-        from .tracking import resolve_version
-        version = resolve_version(home, target)
-        spec_ref = version.tags.get("pipeline.spec_path")
-        if not spec_ref:
-            raise LookupError(f"model version {version.name}/{version.version} carries no pipeline.spec_path tag")
-    record = run(spec_ref, home=home, from_stage="verify", track=track)
+    spec_ref = None
+    if Path(target, "manifest.json").is_file():  # a bundle folder, as a deploy would take it
+        with home_lock(work_dir(home), f"check {target}"):
+            record = gate.check_bundle(Path(target).resolve(), target, work_dir(home))
+    else:
+        try:
+            spec_ref = str(spec_mod.resolve(target))
+        except spec_mod.SpecError:
+            if not any(c in target for c in "@/") and "-" not in target:
+                raise
+        if spec_ref is not None:
+            record = run(spec_ref, home=home, from_stage="verify", track=track)
+        else:
+            with home_lock(work_dir(home), f"check {target}"):
+                record = gate.check_version(home, target, work_dir(home), track=track)
     out = (out_dir or home / "reports").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if record.get("report_dir"):
-        for name in ("parity.json", "junit.xml", "parity.md"):
-            shutil.copy2(Path(record["report_dir"]) / name, out / name)
+        gate.copy_reports(Path(record["report_dir"]), out)
         (out / "summary.md").write_text(_summary_markdown(record, out / "parity.md"))
     record["reports"] = str(out)
     return record
+
+
+def validate(spec_ref: str, *, models: bool = True) -> dict:
+    """Check a spec without running it: its keys and types, its data (files, arrays, labels) and,
+    with `models`, that each factory builds a model that takes the data's inputs (this imports each
+    model's framework in its own process). Raises SpecError (DataError, ...) naming the problem."""
+    import tempfile
+    from . import data as data_mod
+    from .stages import probe_stages
+    from .training import n_outputs
+    spec = spec_mod.load(spec_ref)
+    arrays = data_mod.load_arrays(spec)
+    shape = list(arrays["x_train"].shape[1:])
+    outputs = n_outputs(spec.data.task, arrays["y_train"])
+    facts = {"spec": spec, "input_shape": shape, "n_outputs": outputs, "rows": len(arrays["x_train"])}
+    if models:
+        with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
+            try:
+                execute(probe_stages(spec, shape, outputs), Cache(Path(tmp) / "cache"), {"probe"},
+                        log_dir=Path(tmp) / "logs")
+            except StageFailed as e:
+                raise spec_mod.SpecError(e.result.error if e.result.error_kind == "usage" else
+                                         f"{spec.path}: {e.result.name}: {e.result.error}") from None
+    return facts
 
 
 def _summary_markdown(record: dict, parity_md: Path) -> str:
@@ -221,6 +284,9 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
             info["train_key"] = train.key
         info["exports"] = {r.facts["format"]: r.path for r in results
                            if r.kind == "export" and r.name.split(":")[1] == m.name and not r.error}
+        bundle = by_name.get(f"bundle:{m.name}")
+        if bundle is not None and not bundle.error:
+            info["bundle_dir"] = str(Path(bundle.path) / "bundle")
         models[m.name] = info
     return {
         "run_id": run_id, "spec": spec.name, "spec_path": str(spec.path), "spec_hash": spec.digest()[:12],
@@ -234,9 +300,16 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
 
 
 def _snapshot_reports(home: Path, run_id: str, report_dir: Path) -> Path:
+    """Copy the reports into runs/<run_id>/, with this run's id in parity.json and junit.xml."""
     import shutil
+    from parity.report import ParityReport
     dest = runs_dir(home) / run_id
     shutil.copytree(report_dir, dest, ignore=shutil.ignore_patterns("stage.json"), dirs_exist_ok=True)
+    report = ParityReport.from_json(dest / "parity.json")
+    report.run_id = run_id
+    report.write_json(dest / "parity.json")
+    report.write_junit(dest / "junit.xml")
+    report.write_markdown(dest / "parity.md")
     return dest
 
 

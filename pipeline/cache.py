@@ -1,8 +1,14 @@
-"""Content-addressed stage cache with atomic outputs.
+"""Content-addressed stage cache with atomic outputs that vouches only for what it wrote.
 
 An entry lives in CACHE/<kind>/<key>/ and exists only once complete: a stage writes into a private
 temporary folder beside it and renames it into place at the end, so a run killed mid-stage leaves
 only a `.tmp-*` folder that no later run trusts (and the next run sweeps away).
+
+Each entry's stage.json lists the sha256 of every file the stage wrote. A lookup checks them (once
+per process) and refuses an entry whose files were changed, added or removed since: the entry is
+moved aside to `.changed-*` for a person to inspect and the stage is rebuilt. An entry marked
+volatile (its outcome said something about the machine, not the inputs: a runtime was missing) is
+readable by the run that wrote it but is never a cache hit for a later run.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+META_FILE = "stage.json"
 _code_hashes: dict[tuple[str, ...], str] = {}
 
 
@@ -44,6 +51,21 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (stage.json excluded), keyed by its relative POSIX path."""
+    return {p.relative_to(folder).as_posix(): file_digest(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META_FILE}
+
+
+def content_digest(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class CacheError(OSError):
+    """The cache folder cannot be used (not writable); says which folder and what to do."""
+    user_error = True
+
+
 @dataclass(frozen=True)
 class Entry:
     kind: str
@@ -52,37 +74,110 @@ class Entry:
 
     @property
     def meta_path(self) -> Path:
-        return self.path / "stage.json"
+        return self.path / META_FILE
 
     def meta(self) -> dict:
         return json.loads(self.meta_path.read_text())
+
+    @property
+    def content(self) -> str:
+        """Digest of the files the stage wrote, as recorded when it was committed."""
+        return self.meta().get("content", "")
+
+    @property
+    def volatile(self) -> str | None:
+        return self.meta().get("volatile")
 
 
 class Cache:
     def __init__(self, root: Path):
         self.root = root
+        self._verified: set[Path] = set()
+        self.changed: list[str] = []   # one line per entry found changed and moved aside in this process
 
     def entry(self, kind: str, key: str) -> Entry:
         return Entry(kind, key, self.root / kind / key)
 
-    def lookup(self, kind: str, key: str) -> Entry | None:
+    def lookup(self, kind: str, key: str, *, volatile_ok: bool = False) -> Entry | None:
+        """The committed, unchanged entry for (kind, key), else None.
+
+        `volatile_ok`: also accept an entry marked volatile (the run that wrote it reads its own outputs).
+        """
         entry = self.entry(kind, key)
-        return entry if entry.meta_path.is_file() else None
+        try:
+            meta = entry.meta()
+        except (OSError, ValueError):
+            return None
+        if meta.get("volatile") and not volatile_ok:
+            return None
+        if entry.path in self._verified:
+            return entry
+        problem = self._changed_files(entry, meta)
+        if problem:
+            self._move_aside(entry, meta, problem)
+            return None
+        self._verified.add(entry.path)
+        return entry
+
+    @staticmethod
+    def _changed_files(entry: Entry, meta: dict) -> str | None:
+        recorded = meta.get("files")
+        if recorded is None:
+            return "its stage.json records no file digests (written by an older version)"
+        found = folder_digests(entry.path)
+        changed = sorted(f for f in recorded if f in found and found[f] != recorded[f])
+        missing = sorted(set(recorded) - set(found))
+        added = sorted(set(found) - set(recorded))
+        parts = [f"{what}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+                 for what, files in (("changed", changed), ("missing", missing), ("added", added)) if files]
+        return "; ".join(parts) or None
+
+    def _move_aside(self, entry: Entry, meta: dict, problem: str) -> None:
+        aside = entry.path.parent / f".changed-{entry.key}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        try:
+            os.rename(entry.path, aside)
+            where = f"moved aside to {aside}"
+        except OSError as e:
+            where = f"could not be moved aside ({e})"
+        self.changed.append(f"cache entry {meta.get('name', entry.kind)} (key {entry.key[:10]}) was changed "
+                            f"since it was written ({problem}); {where}; rebuilding it")
+
+    def check_writable(self) -> None:
+        """Refuse, before anything runs, a cache this process cannot write to."""
+        probe = self.root / f".probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CacheError(f"{self.root}: expected a cache folder this user can write, found "
+                             f"{'no folder' if not self.root.is_dir() else 'one it cannot write'} "
+                             f"({e.strerror or e}); fix its permissions or set PIPELINE_HOME to another "
+                             f"folder") from None
 
     def begin(self, kind: str, key: str) -> Path:
         """A fresh private folder to write a stage's outputs into."""
         tmp = self.root / kind / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise CacheError(f"{tmp.parent}: expected a cache folder this user can write ({e.strerror or e}); "
+                             f"fix its permissions or set PIPELINE_HOME to another folder") from None
         return tmp
 
-    def commit(self, kind: str, key: str, tmp: Path, meta: dict) -> Entry:
-        """Write stage.json last, then move the folder into place in one rename."""
-        (tmp / "stage.json").write_text(json.dumps({**meta, "key": key, "kind": kind,
-                                                    "finished": time.time()}, indent=2, default=str))
+    def commit(self, kind: str, key: str, tmp: Path, meta: dict, volatile: str | None = None) -> Entry:
+        """Record the digest of every file, write stage.json last, then move the folder into place."""
+        files = folder_digests(tmp)
+        record = {**meta, "key": key, "kind": kind, "finished": time.time(), "files": files,
+                  "content": content_digest(files)}
+        if volatile:
+            record["volatile"] = volatile
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2, default=str))
         entry = self.entry(kind, key)
-        if entry.path.exists():  # a stale entry without stage.json, or a concurrent run won the race
+        if entry.path.exists():  # a stale entry without stage.json, or one a forced run replaces
             shutil.rmtree(entry.path, ignore_errors=True)
         os.rename(tmp, entry.path)
+        self._verified.add(entry.path)
         return entry
 
     def abandon(self, tmp: Path) -> None:
@@ -94,6 +189,8 @@ class Cache:
         if not self.root.exists():
             return 0
         for kind_dir in self.root.iterdir():
+            if not kind_dir.is_dir():
+                continue
             for tmp in kind_dir.glob(".tmp-*"):
                 pid = _pid_of(tmp.name)
                 if pid and _alive(pid):

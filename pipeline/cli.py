@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
     c = sub.add_parser("check", help="release gate: exit 0 only if every artifact passes parity in every runtime")
-    c.add_argument("target", help="spec name or .toml, or a registered model version NAME[@ALIAS|/VERSION]")
+    c.add_argument("target", help="spec name or .toml, a registered model version NAME[@ALIAS|/VERSION], "
+                                  "or a bundle folder")
     c.add_argument("--out", default=None, help="folder for parity.json, junit.xml, summary.md (default: reports/)")
     c.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1")
 
-    v = sub.add_parser("validate", help="check a spec without running it")
+    v = sub.add_parser("validate", help="check a spec, its data and its model factories without running it")
     v.add_argument("spec")
+    v.add_argument("--quick", action="store_true", help="skip building the models (no framework import)")
     return p
 
 
@@ -58,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends the output quietly
     args = build_parser().parse_args(argv)
+    from .cache import CacheError
+    from .gate import GateError
     from .spec import SpecError
     try:
         return COMMANDS[args.command](args)
-    except SpecError as e:
+    except (SpecError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except GateError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except LookupError as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return EXIT_USAGE
@@ -72,19 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_code(record: dict) -> int:
+    if record["status"] == "passed":
+        return EXIT_OK
+    return EXIT_USAGE if record.get("error_kind") == "usage" else EXIT_FAILED
+
+
 def cmd_run(args) -> int:
     from . import api
     record = api.run(args.spec, force=args.force, from_stage=args.from_stage,
                      parallel=not args.sequential, track=not args.no_track)
     print_summary(record)
-    return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+    return exit_code(record)
 
 
 def cmd_verify(args) -> int:
     from . import api
     record = api.verify(args.run, track=not args.no_track)
     print_summary(record)
-    return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+    return exit_code(record)
 
 
 def cmd_check(args) -> int:
@@ -93,7 +107,7 @@ def cmd_check(args) -> int:
     record = api.check(args.target, out_dir=Path(args.out) if args.out else None, track=not args.no_track)
     print_summary(record)
     print(f"gate reports: {record['reports']}/parity.json, junit.xml, summary.md")
-    return EXIT_OK if record["status"] == "passed" else EXIT_FAILED
+    return exit_code(record)
 
 
 def cmd_promote(args) -> int:
@@ -131,7 +145,7 @@ def print_summary(record: dict) -> None:
             print(f"{name:>8} ({info['framework']}): {shown}")
     cached = sum(1 for s in record["stages"] if s["cached"])
     print(f"{record['status'].upper()}: {len(record['stages'])} stages ({cached} cached) in "
-          f"{record['elapsed_s'] + record.get('mlflow_s', 0):.1f} s; run {record['run_id']}"
+          f"{record['elapsed_s']:.1f} s; run {record['run_id']}"
           + (f", MLflow run {record['mlflow']['parent_run_id']}" if record.get("mlflow") else ""))
     if record.get("error"):
         print(f"error: {record['error']}", file=sys.stderr)
@@ -180,22 +194,56 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--default-artifact-root", artifacts.resolve().as_uri()]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **tracking.OFFLINE_ENV})
-    url = tracking.latest_run_url(home, args.host, args.port)
-    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri})")
-    print(f"latest run: {url}" if url else "no runs yet: `python -m pipeline run toy`")
-    print("Ctrl-C to stop", flush=True)
+
+    def stop(*_):  # the UI's workers live in its process group: end the group, on Ctrl-C or SIGTERM
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        sys.exit(EXIT_OK)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     try:
+        print(f"starting the MLflow UI on http://{args.host}:{args.port} (store {uri}) ...", flush=True)
+        url = tracking.latest_run_url(home, args.host, args.port)
+        if not _wait_for_health(f"http://{args.host}:{args.port}/health", proc, timeout=180):
+            print(f"error: the MLflow UI exited with code {proc.returncode} before it answered", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri})")
+        print(f"latest run: {url}" if url else "no runs yet: `python -m pipeline run toy`")
+        print("Ctrl-C to stop", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)  # the UI's workers live in its process group
-        proc.wait(timeout=10)
-        return EXIT_OK
+        stop()
+    return EXIT_OK
+
+
+def _wait_for_health(url: str, proc, timeout: float) -> bool:
+    """Poll the server until it answers (True), it exits (False) or `timeout` passes (False)."""
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
 
 
 def cmd_validate(args) -> int:
-    from .spec import load
-    spec = load(args.spec)
-    print(f"{spec.path}: ok ({len(spec.models)} models, formats {', '.join(spec.formats)})")
+    from . import api
+    if not args.quick:
+        print("checking the spec, its data and each model factory (imports each model's framework) ...",
+              flush=True)
+    facts = api.validate(args.spec, models=not args.quick)
+    spec = facts["spec"]
+    print(f"{spec.path}: ok ({len(spec.models)} models, formats {', '.join(spec.formats)}; data: "
+          f"{facts['rows']} training rows, input {tuple(facts['input_shape'])}, {facts['n_outputs']} output(s))")
     return EXIT_OK
 
 

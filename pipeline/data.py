@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import Spec
+from .spec import Spec, SpecError
 
 
-class DataError(ValueError):
-    """Training data that cannot be used; says which array and what is wrong with it."""
+class DataError(SpecError):
+    """Training data that cannot be used; says which file, which array, what was found and what was
+    expected. A user's input problem: the command line exits 2 with the message alone."""
+    user_error = True
 
 
 def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
@@ -29,29 +31,74 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
         x = (digits.images / float(opts.get("scale", 16.0))).astype(np.float32)
         y = digits.target.astype(np.int64)
     elif spec.data.source == "npz":
-        path = Path(opts["path"])
-        try:
-            with np.load(path) as f:
-                x, y = f["x"], f["y"]
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{path}: expected an .npz file with arrays 'x' and 'y' ({e})") from None
-        x = x.astype(np.float32)
+        x, y = read_npz(Path(opts["path"]))
     else:  # validated by the spec already
         raise DataError(f"unknown data source {spec.data.source!r}")
-    check_finite({"x": x, "y": y}, spec.data.source)
-    if len(x) != len(y):
-        raise DataError(f"data source {spec.data.source!r}: x has {len(x)} rows but y has {len(y)}")
+    where = opts.get("path") or f"data source {spec.data.source!r}"
+    x, y = checked_arrays(x, y, spec.data.task, where)
     return split(x, y, float(opts.get("test_fraction", 0.0)), rng)
 
 
-def check_finite(arrays: dict[str, np.ndarray], source: str) -> None:
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: expected arrays 'x' and 'y', found {sorted(f.files)}")
+            return f["x"], f["y"]
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected an .npz file with arrays 'x' and 'y', found no such file") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: expected an .npz file with arrays 'x' and 'y', found an unreadable file "
+                        f"({e})") from None
+
+
+def checked_arrays(x: np.ndarray, y: np.ndarray, task: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs as float32 rows; targets in the one shape every framework trains on: regression
+    (N, outputs) float32, classification (N,) int64 class ids 0..K-1. Refuses what cannot be brought there."""
+    x, y = np.asarray(x), np.asarray(y)
+    if not _numeric(x):
+        raise DataError(f"{where}: array 'x': expected numbers, found dtype {x.dtype}")
+    if x.ndim == 0 or len(x) == 0:
+        raise DataError(f"{where}: array 'x': expected one row per sample, found shape {x.shape}")
+    x = (x.reshape(-1, 1) if x.ndim == 1 else x).astype(np.float32)
+    if y.ndim == 0 or len(y) != len(x):
+        raise DataError(f"{where}: array 'y': expected {len(x)} rows (one per row of x), found shape {y.shape}")
+    if not _numeric(y):
+        what = "class ids 0..K-1 (map labels such as strings to integers first)" if task == "classification" \
+            else "numbers"
+        raise DataError(f"{where}: array 'y': expected {what}, found dtype {y.dtype}")
+    check_finite({"x": x, "y": y}, where)
+    if task == "classification":
+        if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+            raise DataError(f"{where}: array 'y': expected one class id per row, shape ({len(y)},) or "
+                            f"({len(y)}, 1), found shape {y.shape} (one-hot targets: take argmax first)")
+        y = y.reshape(-1)
+        if np.issubdtype(y.dtype, np.floating) and not np.array_equal(y, np.round(y)):
+            bad = int(np.argmax(y != np.round(y)))
+            raise DataError(f"{where}: array 'y': expected integer class ids for classification, found "
+                            f"fractional values (row {bad}: {y[bad]!r}); for real-valued targets use "
+                            f"task = \"regression\"")
+        if (y < 0).any():
+            bad = int(np.argmax(y < 0))
+            raise DataError(f"{where}: array 'y': expected class ids 0..K-1, found {y[bad]!r} in row {bad}")
+        return x, y.astype(np.int64)
+    y = y.reshape(-1, 1) if y.ndim == 1 else y.reshape(len(y), -1)
+    return x, y.astype(np.float32)
+
+
+def _numeric(a: np.ndarray) -> bool:
+    return a.dtype.kind in "biuf"
+
+
+def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
     for name, a in arrays.items():
         if np.issubdtype(a.dtype, np.floating):
             bad = ~np.isfinite(a)
             if bad.any():
                 rows = np.unique(np.argwhere(bad)[:, 0])
                 raise DataError(
-                    f"data source {source!r}: {name} holds {int(bad.sum())} non-finite value(s) "
+                    f"{where}: array '{name}' holds {int(bad.sum())} non-finite value(s) "
                     f"(NaN or inf) in row(s) {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}; "
                     f"expected finite numbers: clean or drop those rows before training")
 

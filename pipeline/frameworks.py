@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .spec import ModelSpec, Spec
-from .training import build_model
+from .training import build_model, output_kind
+
+# Keras trains its epochs in compiled chunks of this many, reporting progress between chunks
+EPOCH_CHUNKS = 20
 
 
 def adapter(framework: str) -> "KerasAdapter | TorchAdapter":
@@ -20,6 +23,7 @@ def adapter(framework: str) -> "KerasAdapter | TorchAdapter":
 
 class KerasAdapter:
     weights_file = "model.weights.h5"
+    output_kind = "values"  # set by train for classifiers: "probabilities" (softmax head) or "logits"
 
     def __init__(self):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,26 +34,29 @@ class KerasAdapter:
         return build_model(spec, m, input_shape, n_outputs)
 
     def train(self, model, m: ModelSpec, x: np.ndarray, y: np.ndarray, seed: int, on_epoch=None) -> list[float]:
-        """All epochs in one compiled loop: the same updates as `fit` (one optimizer step per batch, in
-        order, or in a seeded per-epoch shuffle), without a Python round trip per epoch."""
+        """The epochs in a few compiled chunks: the same updates as `fit` (one optimizer step per batch,
+        in order, or in a seeded per-epoch shuffle), without a Python round trip per epoch."""
         import keras
         import tensorflow as tf
         t = m.train
-        loss_fn = {"mse": keras.losses.MeanSquaredError(),
-                   "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy()}[t.loss]
+        xs, ys = tf.constant(x), tf.constant(y)
+        if t.loss == "mse":
+            loss_fn = keras.losses.MeanSquaredError()
+        else:
+            self.output_kind = output_kind(np.asarray(model(xs[:8])))
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=self.output_kind == "logits")
         opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
         n = len(x)
         bs = min(t.batch_size or n, n)
         n_batches = math.ceil(n / bs)
-        xs, ys = tf.constant(x), tf.constant(y)
         model(xs[:1])
         opt.build(model.trainable_variables)
         shuffle = t.shuffle
 
         @tf.function(reduce_retracing=True)
-        def run_epochs(epochs):
-            losses = tf.TensorArray(tf.float32, size=epochs)
-            for epoch in tf.range(epochs):
+        def run_epochs(start, stop):
+            losses = tf.TensorArray(tf.float32, size=stop - start)
+            for epoch in tf.range(start, stop):
                 if shuffle:
                     order = tf.argsort(tf.random.stateless_uniform([n], seed=[seed, epoch]))
                 else:
@@ -63,10 +70,17 @@ class KerasAdapter:
                     grads = tape.gradient(loss, model.trainable_variables)
                     opt.apply_gradients(zip(grads, model.trainable_variables))
                     total += loss * tf.cast(tf.shape(idx)[0], tf.float32)
-                losses = losses.write(epoch, total / n)
+                losses = losses.write(epoch - start, total / n)
             return losses.stack()
 
-        return [float(v) for v in run_epochs(tf.constant(t.epochs)).numpy()]
+        losses: list[float] = []
+        step = max(1, math.ceil(t.epochs / EPOCH_CHUNKS))
+        for start in range(0, t.epochs, step):
+            stop = min(start + step, t.epochs)
+            losses += [float(v) for v in run_epochs(tf.constant(start), tf.constant(stop)).numpy()]
+            if on_epoch:
+                on_epoch(stop, losses[-1])
+        return losses
 
     def predict(self, model, x: np.ndarray) -> np.ndarray:
         import tensorflow as tf
@@ -96,6 +110,7 @@ class KerasAdapter:
 
 class TorchAdapter:
     weights_file = "model.state_dict.pt"
+    output_kind = "values"  # set by train for classifiers: "probabilities" (softmax head) or "logits"
 
     def build(self, spec: Spec, m: ModelSpec, input_shape, n_outputs):
         import torch
@@ -108,12 +123,17 @@ class TorchAdapter:
         import torch.nn.functional as F
         t = m.train
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[t.optimizer](model.parameters(), lr=t.lr)
+        xs, ys = torch.from_numpy(x), torch.from_numpy(y)
         if t.loss == "mse":
             loss_fn = F.mse_loss
-        else:  # the model ends in softmax, as the Keras one does
-            def loss_fn(prob, target):
-                return F.nll_loss(torch.log(prob.clamp_min(1e-12)), target)
-        xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+        else:
+            with torch.no_grad():
+                self.output_kind = output_kind(model(xs[:8]).numpy())
+            if self.output_kind == "logits":
+                loss_fn = F.cross_entropy
+            else:  # a softmax head, as the Keras digits model has
+                def loss_fn(prob, target):
+                    return F.nll_loss(torch.log(prob.clamp_min(1e-12)), target)
         n = len(x)
         bs = min(t.batch_size or n, n)
         gen = torch.Generator().manual_seed(seed)
@@ -130,6 +150,8 @@ class TorchAdapter:
                 opt.step()
                 total += loss.item() * len(idx)
             losses.append(total / n)
+            if on_epoch:
+                on_epoch(len(losses), losses[-1])
         model.eval()
         return losses
 

@@ -24,6 +24,7 @@ TASKS = ("regression", "classification")
 
 class SpecError(ValueError):
     """A spec that cannot run; the message names the file, the key and what was expected."""
+    user_error = True  # the command line exits 2 with the message alone
 
 
 def builtin_specs() -> dict[str, Path]:
@@ -206,6 +207,9 @@ class _Validator:
         if source == "npz":
             rel = self.get(data_raw, "path", "data", str)
             data_options["path"] = str((self.path.parent / rel).resolve())
+            if not Path(data_options["path"]).is_file():
+                self.fail("data.path", f"an .npz file (relative to the spec), found no file at "
+                                       f"{data_options['path']}", show_found=False)
         for key in ("n_samples",):
             if key in data_raw:
                 self.get(data_raw, key, "data", int, positive=True)
@@ -331,6 +335,36 @@ class _Validator:
                 sys.path.remove(spec_dir)
             self.fail(key, f"an importable module '{module}' (looked beside the spec and on sys.path)",
                       factory)
+        origin = Path(found.origin) if found.origin else None
+        if origin is not None and origin.suffix == ".py" and origin.is_file() and \
+                not ({func, "*"} & _top_level_names(origin)):
+            self.fail(key, f"a function '{func}' defined in {origin}", factory)
+
+
+def _top_level_names(source: Path) -> set[str]:
+    """Names a module defines at its top level, read from its source without importing it (importing
+    a factory module would import its framework)."""
+    import ast
+    try:
+        tree = ast.parse(source.read_text(), filename=str(source))
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return {"*"}  # cannot tell: the import at run time will say what is wrong
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.If, ast.Try)):  # definitions under `if` / `try`: accept, do not guess
+            names.update(n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+            names.update(t.id for n in ast.walk(node) if isinstance(n, ast.Assign)
+                         for t in n.targets if isinstance(t, ast.Name))
+    if any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in tree.body):
+        names.add("*")
+    return names
 
 
 _TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads"}

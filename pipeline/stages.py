@@ -3,6 +3,7 @@ their outputs into ctx.out and return facts (JSON) that later stages, the run re
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from . import data as data_mod
 from .runner import Context, Stage
 from .spec import ModelSpec, Spec
-from .training import check_acceptance, n_outputs, task_metrics, write_history
+from .training import check_acceptance, n_outputs, probe_model, task_metrics, write_history
 
 STAGES_CODE = ("pipeline/stages.py",)
 DATA_CODE = STAGES_CODE + ("pipeline/data.py",)
@@ -21,29 +22,39 @@ TRAIN_CODE = STAGES_CODE + ("pipeline/frameworks.py", "pipeline/training.py")
 
 
 def build_stages(spec: Spec) -> list[Stage]:
-    """Every stage of a spec, upstream first."""
+    """Every stage of a spec, upstream first. A stage names its function and the spec's path; the
+    process that runs it loads the spec itself (validated, cheap), so stages travel as plain data."""
+    ref = {"spec": str(spec.path)}
     stages = [
         Stage("data", "data", {"source": spec.data.source, "task": spec.data.task, "seed": spec.seed,
                                "options": spec.data.options, "file": _data_file_digest(spec)},
-              DATA_CODE, lambda ctx: run_data(ctx, spec)),
+              DATA_CODE, f"{__name__}:run_data", ref),
         Stage("parity_set", "parity_set", {"parity": _parity_settings(spec), "seed": spec.seed},
-              DATA_CODE, lambda ctx: run_parity_set(ctx, spec), inputs=("data",)),
+              DATA_CODE, f"{__name__}:run_parity_set", ref, inputs=("data",)),
     ]
     for m in spec.models:
+        mref = {**ref, "model": m.name}
         stages.append(Stage(
             f"train:{m.name}", "train",
             {"framework": m.framework, "factory": m.factory, "factory_source": m.factory_source_hash(),
              "params": m.params, "train": m.train.__dict__, "accept": [b.__dict__ for b in m.accept],
              "seed": spec.seed, "task": spec.data.task},
-            TRAIN_CODE, lambda ctx, m=m: run_train(ctx, spec, m), inputs=("data",), lane=side(m.framework)))
+            TRAIN_CODE, f"{__name__}:run_train", mref, inputs=("data",), lane=side(m.framework)))
         stages.append(Stage(
             f"reference:{m.name}", "reference", {"perturbation": PERTURBATION},
-            TRAIN_CODE, lambda ctx, m=m: run_reference(ctx, spec, m),
+            TRAIN_CODE, f"{__name__}:run_reference", mref,
             inputs=("data", "parity_set", f"train:{m.name}"), lane=side(m.framework)))
         stages += export_stages(spec, m)
         stages += verify_stages(spec, m)
+        stages.append(bundle_stage(spec, m))
     stages.append(report_stage(spec))
     return stages
+
+
+@functools.lru_cache(maxsize=8)
+def load_spec(path: str) -> Spec:
+    from .spec import load
+    return load(path)
 
 
 def side(framework: str) -> str:
@@ -65,7 +76,8 @@ def _parity_settings(spec: Spec) -> dict:
 
 # --------------------------------------------------------------------------- data
 
-def run_data(ctx: Context, spec: Spec) -> dict:
+def run_data(ctx: Context, spec: str) -> dict:
+    spec = load_spec(spec)
     arrays = data_mod.load_arrays(spec)
     np.savez(ctx.out / "arrays.npz", **arrays)
     x, y = arrays["x_train"], arrays["y_train"]
@@ -79,7 +91,8 @@ def load_arrays(ctx: Context) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def run_parity_set(ctx: Context, spec: Spec) -> dict:
+def run_parity_set(ctx: Context, spec: str) -> dict:
+    spec = load_spec(spec)
     ps = data_mod.parity_inputs(spec, load_arrays(ctx))
     np.savez(ctx.out / "parity_inputs.npz", **ps)
     return {"rows": int(len(ps["x"])), "held_out": int((ps["kind"] == 0).sum()),
@@ -100,16 +113,23 @@ def trained_model(ctx: Context, spec: Spec, m: ModelSpec):
     return ctx.memo[key]
 
 
-def run_train(ctx: Context, spec: Spec, m: ModelSpec) -> dict:
+def run_train(ctx: Context, spec: str, model: str) -> dict:
     from .frameworks import adapter
+    spec = load_spec(spec)
+    m = spec.model(model)
     arrays = load_arrays(ctx)
     info = ctx.input_facts("data")
     fw = adapter(m.framework)
     t0 = time.perf_counter()
     model = fw.build(spec, m, tuple(info["input_shape"]), info["n_outputs"])
+    probe_model(m, lambda x: fw.predict(model, x), arrays["x_train"][:2], info["n_outputs"])
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses = fw.train(model, m, arrays["x_train"], arrays["y_train"], spec.seed)
+    epochs = m.train.epochs
+
+    def on_epoch(done: int, loss: float) -> None:
+        ctx.progress(done, epochs, f"epoch {done}/{epochs} loss {loss:.4g}")
+    losses = fw.train(model, m, arrays["x_train"], arrays["y_train"], spec.seed, on_epoch=on_epoch)
     fit_s = time.perf_counter() - t0
     metrics = {"final_loss": losses[-1], **task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays)}
     check_acceptance(m, metrics)  # raises TrainingRejected with the numbers
@@ -121,9 +141,27 @@ def run_train(ctx: Context, spec: Spec, m: ModelSpec) -> dict:
     ctx.memo[("model", m.name)] = model
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "final_loss")
     return {"metrics": metrics, "epochs": len(losses), "input_shape": info["input_shape"],
-            "n_outputs": info["n_outputs"], "framework": m.framework,
+            "n_outputs": info["n_outputs"], "framework": m.framework, "outputs": fw.output_kind,
             "timings": {"build_s": build_s, "fit_s": fit_s, "save_mlflow_model_s": time.perf_counter() - t0},
-            "summary": f"{m.framework}: {shown} loss={losses[-1]:.5f}"}
+            "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"}
+
+
+def probe_stages(spec: Spec, input_shape: list[int], n_outputs: int) -> list[Stage]:
+    """For `validate`: build each model from its factory and call it on rows shaped like the data."""
+    return [Stage(f"probe:{m.name}", "probe", {"model": m.name}, TRAIN_CODE, f"{__name__}:run_probe",
+                  {"spec": str(spec.path), "model": m.name, "input_shape": input_shape, "n_outputs": n_outputs},
+                  lane=side(m.framework)) for m in spec.models]
+
+
+def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_outputs: int) -> dict:
+    from .frameworks import adapter
+    spec = load_spec(spec)
+    m = spec.model(model)
+    fw = adapter(m.framework)
+    built = fw.build(spec, m, tuple(input_shape), n_outputs)
+    probe_model(m, lambda x: fw.predict(built, x), np.zeros((2, *input_shape), np.float32), n_outputs)
+    return {"summary": f"{m.framework} model takes (batch, {', '.join(map(str, input_shape))}) and gives "
+                       f"{n_outputs} output(s)"}
 
 
 # --------------------------------------------------------------------------- reference
@@ -131,10 +169,12 @@ def run_train(ctx: Context, spec: Spec, m: ModelSpec) -> dict:
 PERTURBATION = 1e-3  # relative weight noise of the "slightly perturbed model" the parity set must catch
 
 
-def run_reference(ctx: Context, spec: Spec, m: ModelSpec) -> dict:
+def run_reference(ctx: Context, spec: str, model: str) -> dict:
     """The trained model's outputs on the parity set, computed once; every artifact is compared with
     these arrays. Also the outputs of a slightly perturbed copy, to show the parity set can tell them apart."""
     from .frameworks import adapter
+    spec = load_spec(spec)
+    m = spec.model(model)
     fw = adapter(m.framework)
     model = trained_model(ctx, spec, m)
     with np.load(ctx.input_dir("parity_set") / "parity_inputs.npz") as f:
@@ -184,8 +224,8 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         stages.append(Stage(
             f"export:{m.name}:{fmt}", "export",
             {"format": fmt, "framework": m.framework, "options": _export_options(spec, m, fmt)},
-            EXPORT_CODE_COMMON + (f"exporters/{fmt}.py",),
-            lambda ctx, m=m, fmt=fmt: run_export(ctx, spec, m, fmt),
+            EXPORT_CODE_COMMON + (f"exporters/{fmt}.py",), f"{__name__}:run_export",
+            {"spec": str(spec.path), "model": m.name, "fmt": fmt},
             inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
             lane=exporters.module(fmt).LANE[m.framework]))
     return stages
@@ -219,13 +259,17 @@ def _export_options(spec: Spec, m: ModelSpec, fmt: str) -> dict:
     return {"batch_sizes": list(m.litert_batch_sizes)} if fmt == "litert" else {}
 
 
-def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
+def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     """Write one format's artifacts. A converter failure is recorded (and becomes a failed parity
-    record with the converter's message), not raised: the other formats still get made and checked."""
+    record with the converter's message), not raised: the other formats still get made and checked.
+    A failure because the machine lacks the converter is not kept for later runs."""
     import exporters
     from exporters.base import read_manifest, size_of, write_manifest
+    from exporters.verify import environment_problem
+    spec = load_spec(spec)
+    m = spec.model(model)
     requires = _requires(fmt, m.framework)
-    model = None if requires else trained_model(ctx, spec, m)
+    model_obj = None if requires else trained_model(ctx, spec, m)
     arrays = load_arrays(ctx)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         example, expected = f["x"][: spec.parity.max_batch], f["y"][: spec.parity.max_batch]
@@ -245,11 +289,14 @@ def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
     try:
         if missing:
             raise RuntimeError(f"converted from an artifact that could not be made ({'; '.join(missing)})")
-        artifacts = exporters.module(fmt).export(model, framework=m.framework, name=m.name, example=example,
+        artifacts = exporters.module(fmt).export(model_obj, framework=m.framework, name=m.name, example=example,
                                                  out_dir=out_dir, upstream=upstream, options=options,
                                                  expected=expected)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
+        cause = environment_problem(e) or environment_problem(e.__cause__ or e)
+        if cause:
+            ctx.volatile(f"the converter is missing here: {cause[:200]}")
         ctx.log(f"export failed: {error[:300]}")
         write_manifest(out_dir, [])
         (ctx.out / "artifacts.json").write_text("[]")
@@ -266,7 +313,8 @@ def run_export(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
 
 # --------------------------------------------------------------------------- verify
 
-VERIFY_CODE = STAGES_CODE + ("parity/compare.py", "exporters/__init__.py", "exporters/base.py")
+VERIFY_CODE = STAGES_CODE + ("parity/compare.py", "exporters/__init__.py", "exporters/base.py",
+                             "exporters/verify.py")
 VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
 
 
@@ -281,18 +329,28 @@ def verify_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         stages.append(Stage(
             f"verify:{m.name}:{fmt}", "verify",
             {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
-            VERIFY_CODE + (f"exporters/{fmt}.py",), lambda ctx, fmt=fmt: run_verify(ctx, spec, m, fmt),
+            VERIFY_CODE + (f"exporters/{fmt}.py",) + _runtime_files(fmt), f"{__name__}:run_verify",
+            {"spec": str(spec.path), "model": m.name, "fmt": fmt},
             inputs=(f"reference:{m.name}", f"export:{m.name}:{fmt}"),
             lane=side(m.framework) if lane == "any" else lane))
     return stages
 
 
-def run_verify(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
+def _runtime_files(fmt: str) -> tuple[str, ...]:
+    """Files besides the format module that its runtime runs (part of the verify stage's key)."""
+    import exporters
+    return tuple(getattr(exporters.module(fmt), "RUNTIME_FILES", ()))
+
+
+def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     """Load each artifact of one format in each of its runtimes, run the stored parity inputs, compare
     with the stored reference outputs. Writes records.json and the outputs (for plots)."""
     import exporters
     from exporters.base import read_manifest
+    from exporters.verify import check_artifact
     from parity.compare import ParityRecord, tolerance_for
+    spec = load_spec(spec)
+    m = spec.model(model)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         ref = {k: f[k] for k in f.files}
     variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
@@ -312,7 +370,11 @@ def run_verify(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
         for artifact in artifacts:
             tol = tolerance_for(artifact.variant, fmt, spec.parity.tolerances)
             for runtime in module.RUNTIMES:
-                rec, got = _check(module, artifact, runtime, ref, tol, spec, m)
+                rec, got, env = check_artifact(module, artifact, runtime, ref, tol, task=spec.data.task,
+                                               max_batch=spec.parity.max_batch, model=m.name)
+                if env:
+                    rec.details["cause"] = "environment"
+                    ctx.volatile(f"{artifact.label} on {runtime}: {env[:200]}")
                 records.append(rec)
                 if got is not None:
                     outputs[f"{artifact.label}@{runtime}"] = got
@@ -325,40 +387,50 @@ def run_verify(ctx: Context, spec: Spec, m: ModelSpec, fmt: str) -> dict:
             "summary": f"{len(checked) - len(failed)}/{len(checked)} checks passed"}
 
 
-def _check(module, artifact, runtime, ref: dict, tol, spec: Spec, m: ModelSpec):
-    """One artifact in one runtime: batch 1, the largest declared batch, then the rest of the rows."""
-    from parity.compare import ParityRecord, compare
-    x, y_ref, labels, kinds = ref["x"], ref["y"], ref.get("labels"), ref["kind"]
-    t0 = time.perf_counter()
-    try:
-        runner = module.load(artifact, runtime)
-    except Exception as e:
-        return ParityRecord.failed_to_load(m.name, artifact.format, artifact.variant, runtime, artifact.path,
-                                           e), None
-    try:
-        cuts = [0, 1, min(1 + spec.parity.max_batch, len(x)), len(x)]
-        parts = [np.asarray(runner(x[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
-        got = np.concatenate(parts).reshape(y_ref.shape) if sum(map(len, parts)) == len(x) else \
-            np.concatenate(parts)
-    except Exception as e:
-        return ParityRecord.failed_to_load(m.name, artifact.format, artifact.variant, runtime, artifact.path,
-                                           f"running failed: {type(e).__name__}: {e}"), None
-    finally:
-        close = getattr(runner, "close", None)
-        if close:
-            close()
-    comparison = compare(y_ref, got, tolerance=tol, task=spec.data.task, labels=labels, kinds=kinds)
-    rec = ParityRecord.checked(m.name, artifact.format, artifact.variant, runtime, artifact.path, comparison,
-                               elapsed_s=time.perf_counter() - t0,
-                               details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
-                                        "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes,
-                                        **({"note": artifact.details["note"]} if artifact.details.get("note") else {})})
-    return rec, got
+# --------------------------------------------------------------------------- bundle
+
+BUNDLE_CODE = STAGES_CODE + ("exporters/bundle.py",)
+
+
+def bundle_stage(spec: Spec, m: ModelSpec) -> Stage:
+    """The model's bundle: its artifacts, the stored parity inputs and reference outputs, the verdicts
+    and the digest of every file (what the registry keeps, and what the gate and deploys read)."""
+    import exporters
+    formats = [f for f in exporters.FORMATS if f in spec.formats]
+    return Stage(f"bundle:{m.name}", "bundle",
+                 {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
+                 BUNDLE_CODE, f"{__name__}:run_bundle", {"spec": str(spec.path), "model": m.name},
+                 inputs=(f"reference:{m.name}",) + tuple(f"export:{m.name}:{f}" for f in formats)
+                 + tuple(f"verify:{m.name}:{f}" for f in formats))
+
+
+def run_bundle(ctx: Context, spec: str, model: str) -> dict:
+    import exporters
+    from exporters.base import read_manifest
+    from exporters.bundle import write_bundle
+    spec = load_spec(spec)
+    m = spec.model(model)
+    artifacts, verdicts = {}, {}
+    for fmt in exporters.FORMATS:
+        if fmt not in spec.formats:
+            continue
+        arts = read_manifest(ctx.input_dir(f"export:{m.name}:{fmt}"))
+        if arts:
+            artifacts[fmt] = arts
+        for r in json.loads((ctx.input_dir(f"verify:{m.name}:{fmt}") / "records.json").read_text()):
+            verdicts[f"{r['label']}@{r.get('runtime') or '-'}"] = r["status"]
+    manifest = write_bundle(ctx.out / "bundle", model=m.name, framework=m.framework, task=spec.data.task,
+                            reference=ctx.input_dir(f"reference:{m.name}") / "reference.npz",
+                            artifacts=artifacts, verdicts=verdicts, tolerances=spec.parity.tolerances,
+                            max_batch=spec.parity.max_batch, source={"spec": spec.name, "spec_path": str(spec.path)})
+    n = sum(len(v) for v in artifacts.values())
+    return {"formats": sorted(artifacts), "files": len(manifest["files"]),
+            "summary": f"{n} artifacts, {len(manifest['files'])} files"}
 
 
 # --------------------------------------------------------------------------- report
 
-REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "parity/plots.py")
+REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "pipeline/plots.py")
 
 
 def report_stage(spec: Spec) -> Stage:
@@ -368,15 +440,16 @@ def report_stage(spec: Spec) -> Stage:
     inputs = verifies + tuple(f"{k}:{m.name}" for m in spec.models for k in ("train", "reference"))
     return Stage("report", "report", {"spec": spec.name, "formats": list(spec.formats),
                                       "tolerances": spec.parity.tolerances},
-                 REPORT_CODE, lambda ctx: run_report(ctx, spec), inputs=inputs)
+                 REPORT_CODE, f"{__name__}:run_report", {"spec": str(spec.path)}, inputs=inputs)
 
 
-def run_report(ctx: Context, spec: Spec) -> dict:
+def run_report(ctx: Context, spec: str) -> dict:
     """parity.json, parity.md and junit.xml for the whole run, the discrimination of each model's
     parity set, and the plots a reviewer looks at."""
     import exporters
+    spec = load_spec(spec)
     from parity.compare import ParityRecord, discrimination, tolerance_for
-    from parity.plots import plot_model_parity, plot_training_curve
+    from .plots import plot_model_parity, plot_training_curve
     from parity.report import ParityReport
     report = ParityReport(spec=spec.name, metadata={"spec_path": str(spec.path)})
     plots = []

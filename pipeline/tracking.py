@@ -27,14 +27,19 @@ def tracking_uri(home: Path) -> str:
 
 
 def configure(home: Path) -> str:
+    import logging
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     store_dir(home).mkdir(parents=True, exist_ok=True)
     import mlflow
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Created version '1' of model ...": the run says it
     uri = tracking_uri(home)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def registered_name(spec_name: str, model_name: str) -> str:
@@ -50,11 +55,12 @@ def save_native_model(framework: str, model, path: Path, x_example: np.ndarray, 
         os.environ.setdefault(k, v)
     from mlflow.models import infer_signature
     signature = infer_signature(x_example, y_example)
-    if framework == "keras":
+    if framework == "keras":  # Keras 3's own flavor (mlflow.tensorflow expects tf.keras models)
         import keras
-        import mlflow.tensorflow
+        import mlflow.keras
         import tensorflow as tf
-        mlflow.tensorflow.save_model(
+        path.mkdir(parents=True)  # mlflow.keras writes its input example before it makes the folder
+        mlflow.keras.save_model(
             model, str(path), signature=signature, input_example=x_example,
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
     else:
@@ -80,9 +86,29 @@ class Recorder:
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is None:
             artifacts = (store_dir(self.home) / "artifacts" / self.experiment).resolve()
-            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts.as_uri())
+            # the UI opens a "custom model development" experiment on its training-runs view, not GenAI's
+            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts.as_uri(),
+                                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.stale = self._fail_interrupted_runs()
+
+    def _fail_interrupted_runs(self) -> list[str]:
+        """Runs of this home left RUNNING by a run that was killed while it logged: mark them FAILED.
+        The caller holds the home's run lock, so no run of this home is logging now."""
+        from mlflow import MlflowClient
+        client = MlflowClient()
+        stale = client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=200)
+        ids = []
+        for r in stale:
+            if r.data.tags.get("pipeline.home") == str(self.home):
+                client.set_tag(r.info.run_id, "pipeline.error", "interrupted: the run that logged it was killed "
+                                                                 "before it finished")
+                client.set_terminated(r.info.run_id, status="FAILED")
+                ids.append(r.info.run_id)
+        return ids
 
     def record(self, run: dict) -> dict:
         """Log a finished (or failed) pipeline run; returns the MLflow ids for the run record."""
@@ -96,6 +122,7 @@ class Recorder:
         cached = [s["name"] for s in run["stages"] if s["cached"]]
         tags = {"pipeline.spec": run["spec"], "pipeline.spec_hash": run["spec_hash"],
                 "pipeline.code_version": run["code_version"], "pipeline.run_id": run["run_id"],
+                "pipeline.home": str(self.home),
                 "pipeline.cached_stages": ",".join(cached) or "none",
                 "pipeline.status": run["status"]}
         if run.get("error"):
@@ -136,9 +163,9 @@ class Recorder:
         for start in range(0, max(len(metrics), 1), 1000):
             client.log_batch(cid, metrics=metrics[start:start + 1000], params=params if start == 0 else [])
         result: dict[str, Any] = {"run_id": cid}
-        for fmt, path in info.get("exports", {}).items():
-            if Path(path, fmt).is_dir():  # browsable as exports/<format>/...
-                client.log_artifacts(cid, str(Path(path, fmt)), f"exports/{fmt}")
+        bundle = self._log_bundle(client, cid, info.get("bundle_dir"))
+        if bundle:
+            result["bundle"] = bundle
         parity = _load_parity(run)
         rows = [] if parity is None else \
             [r for r in parity["records"] if r["model"] == name and r["status"] != "skipped"]
@@ -149,7 +176,10 @@ class Recorder:
                                            if k in ("max_abs", "max_rel", "cosine", "top1_agreement")
                                            and isinstance(v, (int, float))][:1000])
             client.set_tag(cid, "parity.verdict", verdict)
+            if verdict != "passed":
+                child_status = "FAILED"
         model_dir = info.get("mlflow_model_dir")
+        version = None
         if model_dir and Path(model_dir).is_dir():
             version, model_id = self._known_version(client, info.get("train_key"))
             if version is not None:  # the same trained model: link it, do not register a copy
@@ -161,24 +191,63 @@ class Recorder:
                 client.log_outputs(cid, models=[LoggedModelOutput(logged.model_id, step=0)])
                 client.log_model_artifacts(logged.model_id, model_dir)
                 mlflow.finalize_logged_model(logged.model_id, "READY")
-                version = mlflow.register_model(f"models:/{logged.model_id}",
-                                                registered_name(run["spec"], name))
                 model_id = logged.model_id
-                self._remember_version(info.get("train_key"), version, model_id)
-            failed = sum(r["status"] == "failed" for r in rows)
-            version_tags = {"pipeline.train_key": info.get("train_key", ""),
-                "parity.verdict": verdict if run["status"] == "passed" or failed else "failed",
-                "parity.summary": f"{len(rows) - failed} passed, {failed} failed",
-                "formats": ",".join(sorted(info.get("exports", {}))),
-                "pipeline.run_id": run["run_id"], "pipeline.spec_path": run["spec_path"],
-                "framework": info["framework"]}
-            for k, v in version_tags.items():
-                client.set_model_version_tag(version.name, version.version, k, v)
-            client.set_registered_model_alias(version.name, "candidate", version.version)
+                if run["status"] == "passed":  # a failed run never registers a model version
+                    version = mlflow.register_model(f"models:/{logged.model_id}",
+                                                    registered_name(run["spec"], name))
+                    self._remember_version(info.get("train_key"), version, model_id)
+        if version is not None:
+            self._tag_version(client, version, run, info, rows, verdict, bundle)
             result.update(model_id=model_id, registered_model=version.name, version=version.version)
         client.set_terminated(cid, status=child_status, end_time=int(time.time() * 1000))
         return result
 
+
+    @staticmethod
+    def _tag_version(client, version, run: dict, info: dict, rows: list[dict], verdict: str,
+                     bundle: dict | None) -> None:
+        """The version's verdict follows the latest run of its trained model; the bundle it ships
+        (what the gate checks and a deploy takes) changes only with a run that passed."""
+        failed = sum(r["status"] == "failed" for r in rows)
+        tags = {"pipeline.train_key": info.get("train_key", ""),
+                "parity.verdict": verdict if run["status"] == "passed" or failed else "failed",
+                "parity.summary": f"{len(rows) - failed} passed, {failed} failed"}
+        if run["status"] == "passed" and bundle:
+            tags.update({"bundle.run_id": bundle["run_id"], "bundle.sha256": bundle["sha256"],
+                         "formats": ",".join(sorted(info.get("exports", {}))), "pipeline.run_id": run["run_id"],
+                         "pipeline.spec_path": run["spec_path"], "framework": info["framework"]})
+        for k, v in tags.items():
+            client.set_model_version_tag(version.name, version.version, k, v)
+        client.set_registered_model_alias(version.name, "candidate", version.version)
+
+    # A bundle (identified by the digest of its manifest) is logged once, in the child run that first
+    # made it; later runs that made the same bytes point at that run. The index lives beside the store.
+    def _log_bundle(self, client, child_id: str, bundle_dir: str | None) -> dict | None:
+        if not bundle_dir or not Path(bundle_dir, "manifest.json").is_file():
+            return None
+        from exporters.bundle import manifest_digest
+        sha = manifest_digest(Path(bundle_dir))
+        index_path = store_dir(self.home) / "logged_bundles.json"
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        holder = index.get(sha)
+        if holder and self._run_exists(client, holder):
+            client.set_tag(child_id, "bundle.logged_in", holder)
+            return {"run_id": holder, "sha256": sha, "reused": True}
+        client.log_artifacts(child_id, bundle_dir, "bundle")
+        index[sha] = child_id
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_path)
+        client.set_tag(child_id, "bundle.logged_in", child_id)
+        return {"run_id": child_id, "sha256": sha, "reused": False}
+
+    @staticmethod
+    def _run_exists(client, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        try:
+            return client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
 
     # A trained model (identified by its train stage's cache key) is registered once; later runs that
     # reuse it from the cache link to that version. The index lives beside the store.
@@ -276,6 +345,30 @@ def resolve_version(home: Path, ref: str):
         raise LookupError(f"no registered model version '{ref}': {e.message.splitlines()[0]}") from None
 
 
+def download_bundle(home: Path, run_id: str, dest: Path) -> Path:
+    """The bundle logged in `run_id`, copied into `dest`; LookupError when the store has none."""
+    configure(home)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle", dst_path=str(dest))
+    except (MlflowException, OSError) as e:
+        raise LookupError(f"the bundle of MLflow run {run_id} is missing from the store "
+                          f"({str(e).splitlines()[0][:300]})") from None
+    return Path(path)
+
+
+def tag_gate_result(home: Path, version, status: str, gate_id: str, summary: str) -> None:
+    """What the gate found about the version's own bundle becomes its verdict, both ways."""
+    configure(home)
+    from mlflow import MlflowClient
+    client = MlflowClient()
+    for k, v in {"gate.verdict": status, "gate.id": gate_id, "parity.summary": f"gate {gate_id}: {summary}"[:5000],
+                 "parity.verdict": status}.items():
+        client.set_model_version_tag(version.name, version.version, k, v)
+
+
 def promote(home: Path, ref: str, alias: str = "production") -> dict:
     """Move `alias` to the version `ref` names, only if its parity verdict passed."""
     from mlflow import MlflowClient
@@ -299,7 +392,9 @@ def latest_run_url(home: Path, host: str, port: int) -> str | None:
     if not parents:
         return None
     r = parents[0]
-    return f"http://{host}:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}"
+    # the machine-learning view of the run (MLflow 3 otherwise opens on its GenAI views)
+    return (f"http://{host}:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}"
+            f"?workflowType=machine_learning")
 
 
 def dumps(obj: Any) -> str:

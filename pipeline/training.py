@@ -17,6 +17,15 @@ class TrainingRejected(RuntimeError):
 class FactoryError(RuntimeError):
     """A model factory that could not be imported or raised."""
 
+    def __init__(self, message: str, *, user_error: bool = False):
+        super().__init__(message)
+        self.user_error = user_error  # a missing function is the spec's fault (exit 2); a raise is a failure
+
+
+class ModelMismatch(ValueError):
+    """The factory's model does not take the data's inputs or gives the wrong number of outputs."""
+    user_error = True
+
 
 def load_factory(spec: Spec, model: ModelSpec):
     module_name, _, func = model.factory.partition(":")
@@ -29,7 +38,8 @@ def load_factory(spec: Spec, model: ModelSpec):
         raise FactoryError(f"model {model.name}: importing factory module '{module_name}' failed: "
                            f"{type(e).__name__}: {e}") from e
     if not hasattr(module, func):
-        raise FactoryError(f"model {model.name}: factory '{model.factory}': module has no '{func}'")
+        raise FactoryError(f"model {model.name}: factory '{model.factory}': expected module '{module_name}' "
+                           f"to define '{func}', found no such name", user_error=True)
     return getattr(module, func)
 
 
@@ -40,6 +50,22 @@ def build_model(spec: Spec, model: ModelSpec, input_shape: tuple, n_outputs: int
     except Exception as e:
         raise FactoryError(f"model {model.name}: factory '{model.factory}' raised "
                            f"{type(e).__name__}: {e}") from e
+
+
+def probe_model(model: ModelSpec, predict, x_rows: np.ndarray, n_outputs: int) -> None:
+    """Call the freshly built model on a few rows of the data, as training will: a model that does
+    not take them, or gives the wrong number of outputs, stops here with the shapes named."""
+    want = f"inputs of shape (batch, {', '.join(map(str, x_rows.shape[1:]))})"
+    try:
+        out = np.asarray(predict(x_rows))
+    except Exception as e:
+        raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
+                            f"that fails on {len(x_rows)} rows of the data: expected it to take {want}; "
+                            f"it raised {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    if out.ndim < 1 or len(out) != len(x_rows) or int(np.prod(out.shape[1:])) != n_outputs:
+        raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
+                            f"whose outputs for {len(x_rows)} rows have shape {out.shape}; expected "
+                            f"({len(x_rows)}, {n_outputs}) for the data's targets")
 
 
 def task_metrics(task: str, predict, arrays: dict[str, np.ndarray]) -> dict[str, float]:
@@ -70,6 +96,14 @@ def check_acceptance(model: ModelSpec, metrics: dict[str, float]) -> None:
     if problems:
         raise TrainingRejected(f"model {model.name} ({model.framework}) missed its acceptance bounds: "
                                + "; ".join(problems))
+
+
+def output_kind(outputs: np.ndarray) -> str:
+    """"probabilities" when every row is non-negative and sums to 1 (a softmax head), else "logits"."""
+    out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    if out.size and (out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
+        return "probabilities"
+    return "logits"
 
 
 def n_outputs(task: str, y: np.ndarray) -> int:

@@ -32,6 +32,20 @@ def toy_run(tmp_path_factory):
 
 
 def copy_home(src: Path, dst: Path) -> Path:
+    """A copy of a home whose MLflow store points at its own artifacts (the store records absolute
+    artifact locations, so a plain copy would still read, and let a test tamper with, the original's)."""
     import shutil
+    import sqlite3
     shutil.copytree(src, dst, symlinks=True)
+    db = dst / "mlruns" / "mlflow.db"
+    if db.is_file():
+        con = sqlite3.connect(db)
+        tables = [t for (t,) in con.execute("select name from sqlite_master where type='table'")]
+        for t in tables:
+            for _, col, kind, *_ in con.execute(f"pragma table_info('{t}')").fetchall():
+                if kind.upper().startswith(("VARCHAR", "TEXT")):
+                    con.execute(f'update "{t}" set "{col}" = replace("{col}", ?, ?) where "{col}" like ?',
+                                (str(src), str(dst), f"%{src}%"))
+        con.commit()
+        con.close()
     return dst

@@ -44,45 +44,61 @@ def test_reports_are_written_and_junit_is_valid(toy_run):
     assert (d / "parity_keras.png").stat().st_size > 10_000 and (d / "training_torch.png").is_file()
 
 
-def _artifact(home, model, fmt, name):
-    return next((home / ".pipeline" / "cache" / "export").glob(f"*/{fmt}/{name}"))
+def bundle_copy(home, model, dest):
+    """A copy of the model's bundle as the run wrote it (what `check BUNDLE` and a deploy read)."""
+    import shutil
+    for meta in (home / ".pipeline" / "cache" / "bundle").glob("*/stage.json"):
+        if json.loads(meta.read_text())["name"] == f"bundle:{model}":
+            return shutil.copytree(meta.parent / "bundle", dest)
+    raise AssertionError(f"no bundle for {model}")
+
+
+def rewrite_digests(bundle, keep_sizes=False):
+    """Make the manifest agree with changed files: only the parity check itself can catch them then."""
+    from exporters.bundle import MANIFEST, sha256_file
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"] = {f: sha256_file(bundle / f) for f in manifest["files"]}
+    if not keep_sizes:
+        for arts in manifest["formats"].values():
+            for a in arts:
+                a["size_bytes"] = (bundle / a["path"]).stat().st_size
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_tampered_onnx_weight_fails_verify_and_names_the_artifact(toy_run, tmp_path):
     import onnx
     from onnx import numpy_helper
     home = copy_home(toy_run[0], tmp_path / "home")
-    for path in (home / ".pipeline" / "cache" / "export").glob("*/onnx/*.onnx"):
-        meta = json.loads((path.parent.parent / "stage.json").read_text())
-        if meta["name"] != "export:keras:onnx":
-            continue
-        model = onnx.load(str(path))
-        init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).size == 1
-                    and numpy_helper.to_array(i).dtype == np.float32)
-        arr = numpy_helper.to_array(init).copy()
-        arr += 0.01
-        init.CopyFrom(numpy_helper.from_array(arr, init.name))
-        onnx.save(model, str(path))
-        manifest = path.parent.parent / "artifacts.json"
-        arts = json.loads(manifest.read_text())
-        for a in arts:
-            a["size_bytes"] = path.stat().st_size
-        manifest.write_text(json.dumps(arts))
-    r = run_cli("verify", "--no-track", home=home)
+    bundle = bundle_copy(home, "keras", tmp_path / "bundle")
+    path = bundle / "onnx" / "model.onnx"
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).size == 1
+                and numpy_helper.to_array(i).dtype == np.float32)
+    arr = numpy_helper.to_array(init).copy()
+    arr += 0.01
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(path))
+    rewrite_digests(bundle)
+    r = run_cli("check", str(bundle), "--out", str(tmp_path / "reports"), home=home)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "keras/onnx" in r.stderr
+    assert "keras/onnx" in r.stderr and "registered bundle was changed" not in r.stderr
     assert "max abs error" in r.stderr and "expected" in r.stderr and "got" in r.stderr
+    parity = json.loads((tmp_path / "reports" / "parity.json").read_text())
+    assert [x["label"] for x in parity["records"] if x["status"] == "failed"] == ["keras/onnx"]
 
 
 def test_truncated_litert_file_is_a_clear_load_failure(toy_run, tmp_path):
     home = copy_home(toy_run[0], tmp_path / "home")
-    for path in (home / ".pipeline" / "cache" / "export").glob("*/litert/model.tflite"):
+    bundle = bundle_copy(home, "torch", tmp_path / "bundle")
+    for path in (bundle / "litert").glob("*.tflite"):
         path.write_bytes(path.read_bytes()[:100])
-    r = run_cli("verify", "--no-track", home=home)
+    rewrite_digests(bundle, keep_sizes=True)
+    r = run_cli("check", str(bundle), "--out", str(tmp_path / "reports"), home=home)
     assert r.returncode == 1
-    parity = json.loads((report_dir(home) / "parity.json").read_text())
-    broken = [x for x in parity["records"] if x["format"] == "litert" and x["variant"] == "fp32"]
-    assert broken and all(x["status"] == "failed" and "ArtifactLoadError" in x["error"] for x in broken)
+    parity = json.loads((tmp_path / "reports" / "parity.json").read_text())
+    broken = [x for x in parity["records"] if x["format"] == "litert"]
+    assert len(broken) == 3 and all(x["status"] == "failed" and "ArtifactLoadError" in x["error"] and
+                                     "truncated" in x["error"] for x in broken)
     assert "Traceback" not in r.stderr
 
 

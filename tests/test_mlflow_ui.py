@@ -89,3 +89,36 @@ def test_run_page_shows_verdicts_table_plots_and_registered_model(mlflow_ui):
             page.screenshot(path=str(ARTIFACTS / "mlflow_model_run_page.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_ui_command_answers_before_it_prints_and_sigterm_ends_the_server(toy_run):
+    home = toy_run[0]
+    port = free_port()
+    env = {**os.environ, "PIPELINE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=home, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("latest run:"):
+                break
+        assert lines and lines[-1].startswith("latest run:"), "".join(lines)
+        # printed only once the server answers, and it opens the training-runs view
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert "workflowType=machine_learning" in lines[-1]
+        proc.send_signal(signal.SIGTERM)  # to the command, not its group: it must end the server itself
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                time.sleep(0.5)
+            except OSError:
+                break
+        else:
+            raise AssertionError("the MLflow server still answers after SIGTERM to `pipeline ui`")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,4 +1,4 @@
-"""parity.report (JSON round trip, Markdown, JUnit XML, terminal table) and parity.plots (PNG files)."""
+"""parity.report (JSON round trip, Markdown, JUnit XML, terminal table) and pipeline.plots (PNG files)."""
 from __future__ import annotations
 
 import json
@@ -162,7 +162,7 @@ def test_merge_reports(report):
 # --------------------------------------------------------------------------- plots
 
 def test_model_parity_plot_writes_a_png(tmp_path):
-    from parity.plots import _atol_for, plot_model_parity
+    from pipeline.plots import _atol_for, plot_model_parity
     assert _atol_for("keras/litert-int8@litert-interpreter", None) == 0.1
     assert _atol_for("keras/litert-fp16@litert-interpreter", None) == 0.02
     assert _atol_for("keras/onnx@onnxruntime-cpu", None) == 1e-5
@@ -179,7 +179,7 @@ def test_model_parity_plot_writes_a_png(tmp_path):
 
 
 def test_training_curve_plot_writes_a_png(tmp_path):
-    from parity.plots import plot_training_curve
+    from pipeline.plots import plot_training_curve
     h = {"loss": list(np.exp(-np.arange(40) / 8)), "val_loss": list(np.exp(-np.arange(40) / 9)),
          "accuracy": list(1 - np.exp(-np.arange(40) / 10))}
     path = plot_training_curve(h, tmp_path / "curve.png", "digits/keras")

@@ -27,15 +27,18 @@ def test_actionlint_catches_a_broken_workflow(tmp_path):
     assert r.returncode != 0
 
 
-def _tamper_tfjs_shard(home: Path, model: str) -> Path:
-    for shard in (home / ".pipeline" / "cache" / "export").glob("*/tfjs/tfjs/*.bin"):
-        meta = json.loads((shard.parents[2] / "stage.json").read_text())
-        if meta["name"] == f"export:{model}:tfjs":
-            w = np.frombuffer(shard.read_bytes(), dtype=np.float32).copy()
-            w[0] += 0.5
-            shard.write_bytes(w.tobytes())
-            return shard
-    raise AssertionError("no tfjs shard found")
+def _tamper_registered_tfjs_shard(home: Path, name: str) -> Path:
+    import sqlite3
+    con = sqlite3.connect(home / "mlruns" / "mlflow.db")
+    version = con.execute("select version from registered_model_aliases where name=? and alias='candidate'",
+                          (name,)).fetchone()[0]
+    run = dict(con.execute("select key, value from model_version_tags where name=? and version=?",
+                           (name, version)))["bundle.run_id"]
+    shard = next((home / "mlruns" / "artifacts").glob(f"*/{run}/artifacts/bundle/tfjs/tfjs/*.bin"))
+    w = np.frombuffer(shard.read_bytes(), dtype=np.float32).copy()
+    w[0] += 0.5
+    shard.write_bytes(w.tobytes())
+    return shard
 
 
 @pytest.mark.e2e
@@ -52,21 +55,27 @@ def test_gate_passes_then_fails_on_tamper_and_promotion_follows_verdict(toy_run,
     assert good.returncode == 0, good.stderr
     assert "is now 'production'" in good.stdout
 
-    _tamper_tfjs_shard(home, "keras")
-    bad = run_cli("check", "toy", "--out", str(tmp_path / "bad"), home=home)
+    _tamper_registered_tfjs_shard(home, "toy-keras")
+    bad = run_cli("check", "toy-keras@candidate", "--out", str(tmp_path / "bad"), home=home)
     assert bad.returncode == 1
     assert "keras/tfjs" in bad.stderr
-    failures = ET.parse(tmp_path / "bad" / "junit.xml").getroot().findall(".//failure")
-    assert {f.get("message", "")[:200] for f in failures} and all("keras" in f.get("message", "") for f in failures)
+    suite = ET.parse(tmp_path / "bad" / "junit.xml").getroot()
+    failures = suite.findall(".//failure") + suite.findall(".//error")  # a changed file is an <error>
+    assert len(failures) == 2 and all("keras/tfjs" in f.get("message", "") for f in failures)  # cpu and wasm
 
     refused = run_cli("promote", "toy-keras@candidate", home=home)
     assert refused.returncode == 1
     assert "parity verdict is 'failed'" in refused.stderr
 
+    strict = tmp_path / "strict.toml"  # the same toy with an fp16 tolerance its LiteRT artifacts miss
+    strict.write_text((ROOT / "pipeline" / "specs" / "toy.toml").read_text()
+                      + '\n[parity.tolerances]\nlitert-fp16 = { atol = 1e-6, rtol = 1e-6 }\n')
+    failed = run_cli("check", str(strict), "--out", str(tmp_path / "strict"), home=home)
+    assert failed.returncode == 1 and "litert-fp16" in failed.stderr
     runs = sorted(p.stem for p in (home / ".pipeline" / "runs").glob("*.json"))
     d = run_cli("diff", runs[-2], runs[-1], home=home)
     assert d.returncode == 0
-    assert "keras/tfjs-fp32@tfjs-node-cpu" in d.stdout and "failed" in d.stdout
+    assert "keras/litert-fp16@litert-interpreter" in d.stdout and "failed" in d.stdout
 
 
 def test_check_unknown_target_is_a_usage_error(tmp_path):

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .compare import DEFAULT_TOLERANCES, VARIANTS, Tolerance
+from parity.compare import DEFAULT_TOLERANCES, VARIANTS, Tolerance
 
 DPI = 110
 ZERO_FLOOR = 1e-12  # exact matches (error 0) are drawn at this value on the log axis

@@ -1,0 +1,165 @@
+"""The model bundle: what a verified model ships as, and what a gate, a server or a device reads.
+
+A bundle is a folder:
+
+    manifest.json      model, framework, task, the artifacts of every format (exporters.base.Artifact
+                       records, paths relative to the bundle), their parity verdicts, the tolerance
+                       overrides, and the sha256 of every other file in the folder
+    reference.npz      the stored parity inputs (x, kind, labels) and the trained model's outputs on
+                       them (y, y_perturbed): what every copy of the artifacts is compared against
+    <format>/...       the artifact files
+
+Readers need numpy and this package only; nothing here imports a framework, the pipeline or MLflow.
+The manifest's own sha256 is kept outside the bundle (the model registry holds it as a version tag),
+so a changed manifest is caught as well as a changed file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .base import Artifact
+
+SCHEMA_VERSION = "1"
+MANIFEST = "manifest.json"
+REFERENCE = "reference.npz"
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be trusted or read: says which file and what was wrong with it."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bundle(out_dir: Path, *, model: str, framework: str, task: str, reference: Path,
+                 artifacts: dict[str, list[Artifact]], verdicts: dict[str, str], tolerances: dict,
+                 max_batch: int, source: dict) -> dict:
+    """Write a bundle into `out_dir` (empty): artifact files are hard-linked where the file system
+    allows, else copied. Returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _place(reference, out_dir / REFERENCE)
+    formats = {}
+    for fmt, arts in artifacts.items():
+        records = []
+        for a in arts:
+            src = Path(a.path)
+            rel = Path(fmt) / src.name
+            _place(src, out_dir / rel)
+            records.append({**a.to_json(), "path": rel.as_posix()})
+        formats[fmt] = records
+    files = {p.relative_to(out_dir).as_posix(): sha256_file(p)
+             for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"schema_version": SCHEMA_VERSION, "kind": "model-bundle", "model": model,
+                "framework": framework, "task": task, "reference": REFERENCE, "formats": formats,
+                "verdicts": verdicts, "tolerances": tolerances, "max_batch": max_batch, "source": source,
+                "files": files}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(src), str(dst))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def formats(self) -> list[str]:
+        return list(self.manifest["formats"])
+
+    def artifacts(self, fmt: str) -> list[Artifact]:
+        return [Artifact.from_json(d, self.root) for d in self.manifest["formats"].get(fmt, [])]
+
+    def relative(self, artifact: Artifact) -> str:
+        return Path(artifact.path).relative_to(self.root).as_posix()
+
+    def reference(self) -> dict[str, np.ndarray]:
+        path = self.root / self.manifest["reference"]
+        try:
+            with np.load(path) as f:
+                ref = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{path}: expected the bundle's parity inputs and reference outputs, "
+                              f"found an unreadable file ({e})") from None
+        missing = {"x", "y", "kind"} - set(ref)
+        if missing:
+            raise BundleError(f"{path}: expected arrays x, y and kind, found {sorted(ref)}")
+        return ref
+
+    def file_problems(self, part: str | None = None) -> dict[str, str]:
+        """Files (of one part: an artifact's relative path, or reference.npz; default all) whose bytes
+        differ from the manifest's digests, or that are missing or unlisted: relative path -> what is wrong."""
+        def inside(rel: str) -> bool:
+            return part is None or rel == part or rel.startswith(part.rstrip("/") + "/")
+        recorded = {f: d for f, d in self.manifest["files"].items() if inside(f)}
+        found = {rel: p for p in sorted(self.root.rglob("*"))
+                 if p.is_file() and (rel := p.relative_to(self.root).as_posix()) != MANIFEST and inside(rel)}
+        problems = {}
+        for rel, digest in recorded.items():
+            if rel not in found:
+                problems[rel] = "missing from the bundle"
+            else:
+                got = sha256_file(found[rel])
+                if got != digest:
+                    problems[rel] = f"sha256 {got[:12]}... differs from the manifest's {digest[:12]}..."
+        for rel in sorted(set(found) - set(recorded)):
+            problems[rel] = "not listed in the manifest"
+        return problems
+
+
+def manifest_digest(root: Path) -> str:
+    return sha256_file(Path(root) / MANIFEST)
+
+
+def read_bundle(root: Path, expected_manifest_sha256: str | None = None) -> Bundle:
+    """Open a bundle, refusing an unreadable manifest or one whose sha256 is not the expected one."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: expected a bundle manifest, found {'a folder' if path.exists() else 'nothing'}")
+    if expected_manifest_sha256:
+        got = manifest_digest(root)
+        if got != expected_manifest_sha256:
+            raise BundleError(f"{path}: sha256 {got[:16]}... differs from the registered "
+                              f"{expected_manifest_sha256[:16]}...: the bundle was changed after it was registered")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise BundleError(f"{path}: expected JSON, found a malformed file ({e})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("kind") != "model-bundle":
+        raise BundleError(f"{path}: expected a model-bundle manifest, schema_version {SCHEMA_VERSION}, found "
+                          f"kind {manifest.get('kind')!r}, schema_version {manifest.get('schema_version')!r}")
+    for key in ("model", "framework", "task", "formats", "files", "reference"):
+        if key not in manifest:
+            raise BundleError(f"{path}: {key}: required key is missing")
+    return Bundle(root, manifest)

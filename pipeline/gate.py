@@ -1,0 +1,174 @@
+"""The release gate for a registered model version: verify the bundle the registry holds for it.
+
+`check NAME@ALIAS` (or NAME/VERSION) takes the bundle the version carries (its artifacts, exactly as
+logged, and the parity inputs and reference outputs stored with them), checks every file against the
+manifest and the manifest against the digest the registry keeps, loads each artifact in its own
+runtime and compares it with those reference outputs. Only that model is checked; nothing is read
+from the local cache, so the verdict is about what a deploy would take.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from .cache import Cache
+from .runner import STAGE_ORDER, Context, Stage, StageFailed, execute
+
+GATE_CODE = ("pipeline/gate.py", "exporters/bundle.py", "exporters/verify.py", "parity/compare.py")
+
+
+class GateError(RuntimeError):
+    """The version cannot be checked at all (no bundle, a changed manifest): the gate fails (exit 1)."""
+
+
+def check_version(home: Path, ref: str, work: Path, *, track: bool = True) -> dict:
+    """Verify the bundle of the registered version `ref`; returns a record like a pipeline run's."""
+    from . import tracking
+    version = tracking.resolve_version(home, ref)
+    label = f"{version.name}/{version.version}"
+    run_id, sha = version.tags.get("bundle.run_id"), version.tags.get("bundle.sha256")
+    if not run_id or not sha:
+        raise GateError(f"model version {label} carries no registered bundle (tags bundle.run_id and "
+                        f"bundle.sha256): it was registered before bundles were recorded; run its spec "
+                        f"again so a passing run registers one")
+    gate_id = _gate_id()
+    print(f"gate {label}: checking the bundle registered with it (MLflow run {run_id})", flush=True)
+    download = work / "gates" / gate_id / "download"
+    try:
+        bundle_dir = tracking.download_bundle(home, run_id, download)
+    except LookupError as e:
+        raise GateError(f"model version {label}: {e}") from None
+    try:
+        record = check_bundle(bundle_dir, label, work, expected_manifest_sha256=sha, gate_id=gate_id)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    if track:
+        tracking.tag_gate_result(home, version, record["status"], gate_id, record["summary"])
+    return record
+
+
+def check_bundle(bundle_dir: Path, label: str, work: Path, *, expected_manifest_sha256: str | None = None,
+                 gate_id: str | None = None) -> dict:
+    """Verify a bundle folder: every file against its manifest (and the manifest against the expected
+    digest, when one is known), every artifact in its runtime against the stored reference outputs."""
+    from exporters.bundle import BundleError, read_bundle
+    t0 = time.perf_counter()
+    gate_id = gate_id or _gate_id()
+    dest = work / "gates" / gate_id
+    try:
+        bundle = read_bundle(bundle_dir, expected_manifest_sha256=expected_manifest_sha256)
+    except BundleError as e:
+        raise GateError(f"{label}: {e}") from None
+    error, results = None, []
+    try:
+        results = execute(gate_stages(bundle.root, bundle.manifest), Cache(dest / "cache"),
+                          set(STAGE_ORDER) | {"gate_verify", "gate_report"})
+    except StageFailed as e:
+        error = str(e)
+        results = getattr(e, "results", [e.result])
+    report = next((r for r in results if r.name == "report" and not r.error), None)
+    report_dir = None
+    if report is not None:  # keep the reports, drop the scratch cache
+        report_dir = dest / "reports"
+        copy_reports(Path(report.path), report_dir)
+    shutil.rmtree(dest / "cache", ignore_errors=True)
+    if error is None and report is not None and not report.facts["passed"]:
+        failures = report.facts["failures"]
+        error = (f"parity failed: {len(failures)} artifact check(s) failed; first: "
+                 + (failures[0] if failures else "no artifact was checked"))
+    status = "failed" if error or report is None else "passed"
+    if report_dir is not None:
+        from .api import _print_parity
+        _print_parity(report_dir)
+    return {"run_id": gate_id, "spec": label, "status": status, "error": error,
+            "stages": [r.__dict__ for r in results], "elapsed_s": time.perf_counter() - t0,
+            "models": {bundle.model: {"framework": bundle.manifest["framework"]}},
+            "report_dir": str(report_dir) if report_dir else None,
+            "summary": report.facts.get("summary", "") if report else (error or "")}
+
+
+def _gate_id() -> str:
+    return time.strftime("gate-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+
+
+def gate_stages(bundle_root: Path, manifest: dict) -> list[Stage]:
+    import exporters
+    from .stages import side
+    arg = {"bundle": str(bundle_root)}
+    stages = []
+    for fmt in sorted(manifest["formats"], key=lambda f: exporters.FORMATS.index(f) if f in exporters.FORMATS else 99):
+        lane = exporters.module(fmt).RUNTIME_LANE
+        stages.append(Stage(f"verify:{manifest['model']}:{fmt}", "gate_verify", {"format": fmt},
+                            GATE_CODE + (f"exporters/{fmt}.py",), f"{__name__}:run_bundle_verify",
+                            {**arg, "fmt": fmt},
+                            lane=side(manifest["framework"]) if lane == "any" else lane))
+    stages.append(Stage("report", "gate_report", {}, GATE_CODE + ("parity/report.py",),
+                        f"{__name__}:run_gate_report", arg, inputs=tuple(s.name for s in stages)))
+    return stages
+
+
+def run_bundle_verify(ctx: Context, bundle: str, fmt: str) -> dict:
+    """Each artifact of one format in each of its runtimes, against the bundle's reference outputs;
+    an artifact whose bytes differ from the manifest fails whatever its numbers."""
+    import exporters
+    from exporters.bundle import REFERENCE, read_bundle
+    from exporters.verify import check_artifact
+    from parity.compare import ParityRecord, tolerance_for
+    b = read_bundle(Path(bundle))
+    m = b.manifest
+    reference_problems = b.file_problems(REFERENCE)
+    ref = b.reference()
+    module = exporters.module(fmt)
+    records = []
+    for artifact in b.artifacts(fmt):
+        problems = {**reference_problems, **b.file_problems(b.relative(artifact))}
+        tol = tolerance_for(artifact.variant, fmt, m.get("tolerances") or {})
+        for runtime in module.RUNTIMES:
+            rec, _, env = check_artifact(module, artifact, runtime, ref, tol, task=m["task"],
+                                         max_batch=int(m.get("max_batch", 16)), model=m["model"])
+            if env:
+                rec.details["cause"] = "environment"
+            if problems:
+                shown = "; ".join(f"{f}: {why}" for f, why in sorted(problems.items())[:3])
+                c = rec.comparison
+                numbers = (f"; its outputs: {c.failures[0]}" if c is not None and c.failures else
+                           "; its outputs still match" if c is not None else f"; {rec.error}")
+                rec = ParityRecord(rec.model, rec.format, rec.variant, rec.runtime, rec.artifact,
+                                   comparison=c, elapsed_s=rec.elapsed_s,
+                                   error=f"the registered bundle was changed: {shown}{numbers}",
+                                   details={**rec.details, "integrity": problems})
+            records.append(rec)
+    (ctx.out / "records.json").write_text(json.dumps([r.to_json() for r in records], indent=2))
+    failed = [r for r in records if r.failed]
+    return {"checked": len(records), "failed": len(failed), "failures": [r.message for r in failed],
+            "summary": f"{len(records) - len(failed)}/{len(records)} checks passed"}
+
+
+def run_gate_report(ctx: Context, bundle: str) -> dict:
+    from exporters.bundle import read_bundle
+    from parity.compare import ParityRecord, discrimination, tolerance_for
+    from parity.report import ParityReport
+    b = read_bundle(Path(bundle))
+    report = ParityReport(spec=b.manifest.get("source", {}).get("spec"), metadata={"bundle": str(b.root)})
+    for name in ctx.inputs:
+        for r in json.loads((ctx.input_dir(name) / "records.json").read_text()):
+            report.add(ParityRecord.from_json(r))
+    ref = b.reference()
+    report.discrimination[b.model] = discrimination(
+        ref["y"], ref.get("y_perturbed"), tolerance_for("fp32", "onnx", b.manifest.get("tolerances") or {}),
+        task=b.manifest["task"])
+    report.write_json(ctx.out / "parity.json")
+    report.write_markdown(ctx.out / "parity.md")
+    report.write_junit(ctx.out / "junit.xml")
+    return {"passed": report.passed, "counts": report.counts,
+            "failures": [r.message for r in report.failed_records], "summary": report.summary_line()}
+
+
+def copy_reports(report_dir: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("parity.json", "junit.xml", "parity.md"):
+        shutil.copy2(report_dir / name, out / name)
+
