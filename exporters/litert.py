@@ -401,6 +401,12 @@ class LiteRTRunner:
         self._runners = {}
         self._interp = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def load(artifact: Artifact, runtime: str | None = None) -> LiteRTRunner:
     pick_runtime(FORMAT, artifact, runtime, RUNTIMES)

@@ -413,9 +413,13 @@ class TfjsRunner:
         if not res.get("ok"):
             raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}) at {self.path} did not "
                                     f"load: {res.get('error')}")
+        if res.get("backend") != self.backend:
+            raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}): asked TF.js for the "
+                                    f"{self.backend} backend, but it loaded the model on {res.get('backend')!r}")
         self._node, self._handle = node, res["handle"]
         self.info = {k: res.get(k) for k in ("inputs", "outputs", "load_ms", "backend")}
         self.info["pid"] = node.pid
+        self.ran_on: str | None = None  # the backend TF.js reported for the last prediction
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -437,6 +441,10 @@ class TfjsRunner:
         if not res.get("ok"):
             raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on input of shape "
                                f"{x.shape}: {res.get('error')}")
+        self.ran_on = res.get("backend")
+        if self.ran_on != self.backend:  # a silent fallback would verify the wrong runtime
+            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): asked for the {self.backend} "
+                               f"backend, but TF.js predicted on {self.ran_on!r}")
         y = _from_b64(res["outputs"][0])
         if self.output_transpose is not None:
             y = np.transpose(y, self.output_transpose)

@@ -42,8 +42,9 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
     except Exception as e:
         return (ParityRecord.failed_to_load(model, artifact.format, artifact.variant, runtime, artifact.path, e),
                 None, environment_problem(e))
+    cuts = feed_cuts(len(x), max_batch)
     try:
-        parts = [np.asarray(runner(x[a:b])) for a, b in feed_cuts(len(x), max_batch)]
+        parts = [np.asarray(runner(x[a:b])) for a, b in cuts]
         got = np.concatenate(parts)
         if len(got) == len(x) and got.size == y_ref.size:
             got = got.reshape(y_ref.shape)
@@ -58,6 +59,7 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
     rec = ParityRecord.checked(model, artifact.format, artifact.variant, runtime, artifact.path, comparison,
                                elapsed_s=time.perf_counter() - t0,
                                details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
+                                        "feeds": [b - a for a, b in cuts],
                                         "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes,
                                         **({"note": artifact.details["note"]} if artifact.details.get("note") else {})})
     return rec, got, None

@@ -58,6 +58,19 @@ class ParityReport:
         return not self.failed_records and bool(self.passed_records)
 
     @property
+    def inconclusive(self) -> list[str]:
+        """Models whose parity set was measured and does not discriminate: their PASS proves little."""
+        return [m for m, d in self.discrimination.items() if not d.get("discriminative")]
+
+    @property
+    def verdict(self) -> str:
+        """"failed" (a record failed, or nothing was checked), "inconclusive" (every check passed on a
+        parity set that cannot tell a right artifact from a wrong one) or "passed"."""
+        if not self.passed:
+            return "failed"
+        return "inconclusive" if self.inconclusive else "passed"
+
+    @property
     def counts(self) -> dict[str, int]:
         return {"total": len(self.records), "passed": len(self.passed_records),
                 "failed": len(self.failed_records), "skipped": len(self.skipped_records),
@@ -93,6 +106,7 @@ class ParityReport:
             "run_id": self.run_id,
             "created": self.created,
             "passed": self.passed,
+            "verdict": self.verdict,
             "summary": self.summary_line(),
             "counts": self.counts,
             "warnings": self.warnings,
@@ -131,7 +145,8 @@ class ParityReport:
     def to_markdown(self) -> str:
         title = "Parity report" + (f": {self.spec}" if self.spec else "")
         lines = [f"# {title}", ""]
-        meta = [f"verdict **{'PASS' if self.passed else 'FAIL'}**", self.summary_line()]
+        meta = [f"verdict **{ {'passed': 'PASS', 'failed': 'FAIL'}.get(self.verdict, 'INCONCLUSIVE') }**",
+                self.summary_line()]
         if self.run_id:
             meta.append(f"run `{self.run_id}`")
         meta.append(f"created {self.created}")
@@ -167,7 +182,7 @@ class ParityReport:
         if not self.discrimination:
             lines += ["Not measured.", ""]
         for model, d in self.discrimination.items():
-            mark = "ok" if d.get("discriminative") else "WARNING"
+            mark = "ok" if d.get("discriminative") else "INCONCLUSIVE, not discriminative"
             lines.append(f"- {mark}: {_md(describe_discrimination(model, d))}")
         if self.discrimination:
             lines.append("")
@@ -206,6 +221,7 @@ class ParityReport:
                 for k, v in (("spec", self.spec), ("run_id", self.run_id)):
                     if v:
                         ET.SubElement(props, "property", name=k, value=str(v))
+                ET.SubElement(props, "property", name="verdict", value=self.verdict)
                 if d is not None:
                     ET.SubElement(props, "property", name="discriminative", value=str(bool(d.get("discriminative"))).lower())
                     ET.SubElement(props, "property", name="discrimination", value=describe_discrimination(model, d))
@@ -336,7 +352,8 @@ def print_table(report: ParityReport, file=None, width: int | None = None) -> st
                      + "  " + verdict)
     for model, d in report.discrimination.items():
         lines.append(describe_discrimination(model, d))
-    lines.append(report.summary_line())
+    lines.append(report.summary_line() + ("" if report.verdict != "inconclusive" else
+                 f"; INCONCLUSIVE: the parity set of {', '.join(report.inconclusive)} does not discriminate"))
     text = "\n".join(lines) + "\n"
     if file is not None:
         print(text, file=file, end="")

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import spec as spec_mod
 from .cache import PACKAGE_ROOT, Cache
 from .home_lock import home_lock
-from .runner import STAGE_ORDER, StageFailed, execute
+from .runner import STAGE_ORDER, StageFailed, dump_modules, execute
 
 PACKAGES = ("pipeline", "exporters", "parity", "serving", "edge")
 
@@ -71,7 +71,9 @@ def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict
     cache.check_writable()
     cache.sweep()
     started = time.time()
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + "-" + uuid.uuid4().hex[:4]
+    # sortable: runs of a home are serialised by its lock, and milliseconds order two in one second
+    run_id = (time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + f"{int(started * 1000) % 1000:03d}-"
+              + uuid.uuid4().hex[:4])
     print(f"pipeline {spec.name}: run {run_id} (cache {cache.root})", flush=True)
     stages = build_stages(spec)
 
@@ -100,10 +102,8 @@ def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict
             error = e.result.error
         results = getattr(e, "results", [e.result])
     report = next((r for r in results if r.name == "report" and not r.error), None)
-    if error is None and report is not None and not report.facts["passed"]:
-        failures = report.facts["failures"]
-        error = (f"parity failed: {len(failures)} artifact check(s) failed; first: "
-                 + (failures[0] if failures else "no artifact was checked"))
+    if error is None and report is not None:
+        error = verdict_error(report.facts)
     record = _record(spec, run_id, started, time.time(), results, error)
     record["error_kind"] = error_kind
     if report is not None:
@@ -123,7 +123,22 @@ def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict
     record["elapsed_s"] = time.perf_counter() - t_start
     record["finished"] = time.time()
     save_record(home, record)
+    dump_modules("main")
     return record
+
+
+def verdict_error(report_facts: dict) -> str | None:
+    """The run's error for a report that did not pass: failed checks, or a parity set that cannot
+    tell a right artifact from a wrong one (INCONCLUSIVE, a failure for the gate)."""
+    if not report_facts["passed"]:
+        failures = report_facts["failures"]
+        return (f"parity failed: {len(failures)} artifact check(s) failed; first: "
+                + (failures[0] if failures else "no artifact was checked"))
+    if report_facts.get("verdict") == "inconclusive":
+        return (f"parity inconclusive: every check passed, but the parity set of "
+                f"{', '.join(report_facts['inconclusive'])} does not discriminate (its reference outputs barely "
+                f"vary), so the passes prove little; see the discrimination lines above")
+    return None
 
 
 def _recorded_run_with_keys(home: Path, keys: dict[str, str]) -> dict | None:

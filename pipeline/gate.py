@@ -75,10 +75,9 @@ def check_bundle(bundle_dir: Path, label: str, work: Path, *, expected_manifest_
         report_dir = dest / "reports"
         copy_reports(Path(report.path), report_dir)
     shutil.rmtree(dest / "cache", ignore_errors=True)
-    if error is None and report is not None and not report.facts["passed"]:
-        failures = report.facts["failures"]
-        error = (f"parity failed: {len(failures)} artifact check(s) failed; first: "
-                 + (failures[0] if failures else "no artifact was checked"))
+    if error is None and report is not None:
+        from .api import verdict_error
+        error = verdict_error(report.facts)
     status = "failed" if error or report is None else "passed"
     if report_dir is not None:
         from .api import _print_parity
@@ -163,7 +162,8 @@ def run_gate_report(ctx: Context, bundle: str) -> dict:
     report.write_json(ctx.out / "parity.json")
     report.write_markdown(ctx.out / "parity.md")
     report.write_junit(ctx.out / "junit.xml")
-    return {"passed": report.passed, "counts": report.counts,
+    return {"passed": report.passed, "verdict": report.verdict, "inconclusive": report.inconclusive,
+            "counts": report.counts,
             "failures": [r.message for r in report.failed_records], "summary": report.summary_line()}
 
 

@@ -82,7 +82,6 @@ class StageResult:
     facts: dict = field(default_factory=dict)
     error: str | None = None
     path: str = ""
-    frameworks: list[str] = field(default_factory=list)  # loaded in the process that ran it
     error_kind: str | None = None  # "usage": bad input from the user (exit 2); "failed": anything else
     volatile: str | None = None    # why this result is not reused by later runs
     traceback: str = ""
@@ -174,12 +173,11 @@ def run_stage(stage: Stage, cache: Cache, memo: dict, force: bool, display: "Dis
     entry = cache.commit(stage.kind, stage.key, tmp, {
         "name": stage.name, "settings": stage.settings, "inputs": list(stage.inputs), "facts": facts,
         "elapsed_s": elapsed, "input_content": {n: e.content for n, e in inputs.items()}}, volatile=volatile)
-    loaded = [m for m in ("tensorflow", "torch") if m in sys.modules]
     summary = facts.get("summary", "")
     display.finish(stage.name)
     log(f"done     {elapsed:6.2f} s  {summary}".rstrip() + (f"  (not cached: {volatile})" if volatile else ""))
     return StageResult(stage.name, stage.kind, stage.key, stage.lane, False, elapsed, facts,
-                       path=str(entry.path), frameworks=loaded, volatile=volatile)
+                       path=str(entry.path), volatile=volatile)
 
 
 WARM_IMPORTS = {"tensorflow": ("tensorflow", "keras"), "torch": ("torch",)}
@@ -244,11 +242,21 @@ def _worker_main(lane: str, cache_root: str, log_path: str, tasks, results) -> N
         for line in cache.changed:
             results.put(("note", line))
         cache.changed.clear()
+        dump_modules(lane)
     results.close()
     results.join_thread()  # every result is on the pipe before the process goes
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: seconds with TensorFlow, torch and jax loaded
+
+
+def dump_modules(process: str) -> None:
+    """With PIPELINE_MODULES_DUMP set (a folder), write the top-level modules this process has loaded,
+    so a test can see for itself which frameworks each process imported."""
+    folder = os.environ.get("PIPELINE_MODULES_DUMP")
+    if folder:
+        names = sorted({m.split(".")[0] for m in list(sys.modules)})
+        Path(folder, f"{process}-{os.getpid()}.json").write_text(json.dumps(names))
 
 
 def _redirect_output(log_path: str) -> None:

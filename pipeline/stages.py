@@ -478,6 +478,7 @@ def run_report(ctx: Context, spec: str) -> dict:
     report.write_json(ctx.out / "parity.json")
     report.write_markdown(ctx.out / "parity.md")
     report.write_junit(ctx.out / "junit.xml")
-    return {"passed": report.passed, "counts": report.counts, "failures": [r.message for r in report.failed_records],
+    return {"passed": report.passed, "verdict": report.verdict, "inconclusive": report.inconclusive,
+            "counts": report.counts, "failures": [r.message for r in report.failed_records],
             "warnings": report.warnings, "plots": [p.name for p in map(Path, plots)],
             "summary": report.summary_line()}

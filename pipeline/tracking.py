@@ -170,6 +170,8 @@ class Recorder:
         rows = [] if parity is None else \
             [r for r in parity["records"] if r["model"] == name and r["status"] != "skipped"]
         verdict = "passed" if rows and all(r["status"] == "passed" for r in rows) else "failed"
+        if verdict == "passed" and not (parity or {}).get("discrimination", {}).get(name, {}).get("discriminative", True):
+            verdict = "inconclusive"
         if parity is not None:
             client.log_batch(cid, metrics=[Metric(_metric_key(r, k), float(v), now, 0) for r in rows
                                            for k, v in (r.get("comparison") or {}).get("metrics", {}).items()
@@ -291,7 +293,7 @@ class Recorder:
                          ("cosine", m.get("cosine")), ("verdict", r["status"].upper())):
                 table[k].append(v)
         client.log_table(pid, data=table, artifact_file="parity/parity_table.json")
-        client.set_tag(pid, "parity.verdict", "passed" if parity["passed"] else "failed")
+        client.set_tag(pid, "parity.verdict", parity.get("verdict") or ("passed" if parity["passed"] else "failed"))
 
 
 def _load_parity(run: dict) -> dict | None:

@@ -26,7 +26,9 @@ def home(tmp_path):
 def toy_run(tmp_path_factory):
     """One cold `run toy` shared by the end-to-end tests (copy it before changing anything)."""
     home = tmp_path_factory.mktemp("toy")
-    first = run_cli("run", "toy", home=home)
+    dump = home / "modules"  # each process writes the modules it loaded (tests/test_e2e_parity.py reads them)
+    dump.mkdir()
+    first = run_cli("run", "toy", home=home, env={"PIPELINE_MODULES_DUMP": str(dump)})
     assert first.returncode == 0, first.stdout + first.stderr
     return home, first
 

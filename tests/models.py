@@ -61,3 +61,30 @@ def first_weight(framework: str, model) -> np.ndarray:
     if framework == "keras":
         return next(layer.get_weights()[0] for layer in model.layers if layer.get_weights())
     return next(p.detach().numpy() for p in model.parameters() if p.ndim == 2)
+
+
+def fails_parity(expected: np.ndarray, got: np.ndarray, variant: str, fmt: str, task: str = "classification") -> str:
+    """The parity verdict the pipeline would give `got`: returns the failure message, or raises if it passed."""
+    from parity.compare import compare, tolerance_for
+    c = compare(expected, got, tolerance=tolerance_for(variant, fmt), task=task)
+    assert not c.passed, f"{fmt}-{variant}: the tampered artifact still passed parity ({c.metrics.get('max_abs')})"
+    return c.failures[0]
+
+
+def tamper_tflite(path, variant: str) -> None:
+    """Change the largest constant buffer of a .tflite in place (the first layer's weights): one weight
+    +10 for float variants, every weight negated for int8 (whose tolerance allows small changes)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    data = bytearray(open(path, "rb").read())
+    model = schema.Model.GetRootAsModel(data, 0)
+    buffers = [model.Buffers(i) for i in range(model.BuffersLength())]
+    largest = max(buffers, key=lambda b: b.DataLength())
+    raw = largest.DataAsNumpy()  # a view into `data`
+    assert raw.base is not None and largest.DataLength() >= 64, "no weight buffer to change"
+    if variant == "int8":
+        w = raw.view(np.int8)
+        w[:] = -w
+    else:
+        w = raw.view(np.float16 if variant == "fp16" else np.float32)
+        w[0] += 10.0
+    open(path, "wb").write(bytes(data))

@@ -108,9 +108,12 @@ factory = "my_models:{factory}"
 """
 
 MY_MODELS = """
+from pathlib import Path
 import torch.nn as nn
 
 def good(input_shape, n_outputs, **_):
+    # a trace the test can check: this factory, not a built-in one, made the model
+    Path(__file__).with_name("factory_calls.txt").open("a").write(f"good {tuple(input_shape)} {n_outputs}\\n")
     return nn.Linear(input_shape[-1], n_outputs)
 
 def broken(input_shape, n_outputs, **_):
@@ -129,6 +132,10 @@ def test_user_spec_with_own_factory(tmp_path):
     r = run_cli("run", str(user_spec(tmp_path)), "--no-track", home=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "slope=" in r.stdout
+    calls = (tmp_path / "factory_calls.txt").read_text().splitlines()
+    assert calls and set(calls) == {"good (1,) 1"}  # built by the user's factory (training, and reloads)
+    rec = records(tmp_path)[-1]
+    assert rec["models"]["net"]["factory"] == "my_models:good"
 
 
 def test_factory_that_raises_marks_run_failed_and_keeps_data(tmp_path):
@@ -173,19 +180,23 @@ def test_kill_9_during_training_then_rerun_completes(tmp_path):
                             start_new_session=True)
     deadline = time.time() + 120
     for line in proc.stdout:
-        if "train:keras" in line and "running" in line:
+        if "train:torch" in line and "running" in line:  # the slower of the two (about 3.5 s)
             break
         assert time.time() < deadline
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     cache = tmp_path / ".pipeline" / "cache"
-    finished = list((cache / "train").glob("*/stage.json"))
-    assert len(finished) < 2, "both models finished training before the kill: the test proved nothing"
+    finished = {json.loads(p.read_text())["name"] for p in (cache / "train").glob("*/stage.json")}
+    assert "train:torch" not in finished, "torch finished training before the kill: the test proved nothing"
+    leftovers = list((cache / "train").glob(".tmp-*"))
+    assert leftovers, "the killed stage left no half-written folder: the test proved nothing"
     r = run_cli("run", "toy", "--no-track", home=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not list(cache.rglob(".tmp-*"))
+    assert not list(cache.rglob(".tmp-*")) and not any(p.exists() for p in leftovers)
     rec = records(tmp_path)[-1]
+    killed = next(s for s in rec["stages"] if s["name"] == "train:torch")
+    assert not killed["cached"] and killed["error"] is None  # the killed stage ran again, from the start
     for name in ("keras", "torch"):
         assert abs(rec["models"][name]["metrics"]["slope"] - 3.0) <= 0.05
 

@@ -103,15 +103,110 @@ def test_truncated_litert_file_is_a_clear_load_failure(toy_run, tmp_path):
 
 
 def test_each_worker_imports_only_its_own_framework(toy_run):
+    """Read off each process's own sys.modules (dumped after every stage), not a field it reports."""
     home, _ = toy_run
+    loaded = {}
+    for dump in (home / "modules").glob("*.json"):
+        process = dump.name.split("-")[0]
+        loaded.setdefault(process, set()).update(json.loads(dump.read_text()))
+    assert set(loaded) == {"main", "tensorflow", "torch"}
+    heavy = {"tensorflow", "keras", "torch", "jax", "onnx2tf", "tensorflowjs", "litert_torch", "tf_keras"}
+    assert not loaded["main"] & heavy, loaded["main"] & heavy
+    assert {"tensorflow", "keras"} <= loaded["tensorflow"] and not loaded["tensorflow"] & {"torch", "litert_torch"}
+    assert {"torch", "litert_torch"} <= loaded["torch"]
+    assert not loaded["torch"] & {"tensorflow", "keras", "tf_keras", "onnx2tf", "tensorflowjs"}
     rec = json.loads(sorted((home / ".pipeline" / "runs").glob("*.json"))[0].read_text())
-    ran = [s for s in rec["stages"] if not s["cached"]]
-    assert {s["lane"] for s in ran} == {None, "tensorflow", "torch"}
-    for s in ran:
-        other = {"tensorflow": "torch", "torch": "tensorflow"}.get(s["lane"])
-        if s["lane"] is None:
-            assert s["frameworks"] == [], s["name"]
-        else:
-            assert s["lane"] in s["frameworks"] and other not in s["frameworks"], (s["name"], s["frameworks"])
-    cross = {s["name"]: s["lane"] for s in ran}
-    assert cross["export:keras:torchscript"] == "torch" and cross["export:torch:saved_model"] == "tensorflow"
+    lanes = {s["name"]: s["lane"] for s in rec["stages"]}
+    assert lanes["export:keras:torchscript"] == "torch" and lanes["export:torch:saved_model"] == "tensorflow"
+    assert lanes["data"] is lanes["report"] is None
+
+
+def test_every_artifact_is_fed_batch_1_the_largest_batch_and_the_rest(toy_run):
+    home, _ = toy_run
+    parity = json.loads((report_dir(home) / "parity.json").read_text())
+    checked = [r for r in parity["records"] if r["status"] != "skipped"]
+    assert checked and all(r["details"]["feeds"] == [1, 16, 113] for r in checked)  # 130 rows, max_batch 16
+    for m in ("keras", "torch"):
+        d = parity["discrimination"][m]
+        assert d["discriminative"] and d["perturbation_caught"] is True and d["perturbation_max_abs"] > 1e-4
+
+
+CONSTANT_SPEC = """
+[pipeline]
+name = "flat"
+[data]
+source = "linear"
+task = "regression"
+[train]
+optimizer = "sgd"
+lr = 0.1
+epochs = 20
+loss = "mse"
+[[model]]
+name = "flat"
+framework = "torch"
+factory = "flat_models:constant"
+[export]
+formats = ["onnx"]
+"""
+
+FLAT_MODELS = """
+import torch
+import torch.nn as nn
+
+class Constant(nn.Module):
+    '''Ignores its input: every row gets the same output, so every artifact of it "passes".'''
+    def __init__(self, n_outputs):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(n_outputs))
+
+    def forward(self, x):
+        return self.b.expand(x.shape[0], -1) + 0.0 * x[:, :1]
+
+def constant(input_shape, n_outputs, **_):
+    return Constant(n_outputs)
+"""
+
+
+def test_a_parity_set_that_cannot_discriminate_is_inconclusive_and_fails_the_gate(tmp_path):
+    import xml.etree.ElementTree as ET
+    (tmp_path / "flat_models.py").write_text(FLAT_MODELS)
+    spec = tmp_path / "flat.toml"
+    spec.write_text(CONSTANT_SPEC)
+    r = run_cli("check", str(spec), "--out", str(tmp_path / "reports"), "--no-track", home=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "flat: NOT discriminative" in r.stdout and "INCONCLUSIVE" in r.stdout
+    assert "parity inconclusive" in r.stderr
+    parity = json.loads((tmp_path / "reports" / "parity.json").read_text())
+    assert parity["passed"] and parity["verdict"] == "inconclusive"  # every cell passed, and that proves little
+    assert "INCONCLUSIVE" in (tmp_path / "reports" / "parity.md").read_text()
+    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "reports" / "junit.xml").getroot().iter("property")}
+    assert props["discriminative"] == "false" and props["verdict"] == "inconclusive"
+
+
+def test_tampered_litert_torchscript_and_saved_model_artifacts_fail_the_gate(toy_run, tmp_path):
+    """One weight changed in each format's own file (and the manifest made to agree): only the parity
+    check can catch it, and it names each artifact."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    home = copy_home(toy_run[0], tmp_path / "home")
+    bundle = bundle_copy(home, "torch", tmp_path / "bundle")
+    weight = next(numpy_helper.to_array(i) for i in onnx.load(str(bundle / "onnx" / "model.onnx")).graph.initializer
+                  if numpy_helper.to_array(i).ndim == 2).astype(np.float32)
+    for path in (bundle / "saved_model" / "saved_model" / "saved_model.pb", bundle / "litert" / "model.tflite"):
+        data = path.read_bytes()
+        at = data.find(weight.tobytes())
+        assert at >= 0, f"the weight's float32 bytes are not in {path.name}"
+        path.write_bytes(data[:at] + np.float32(weight.flat[0] + 1.0).tobytes() + data[at + 4:])
+    ts = torch.jit.load(str(bundle / "torchscript" / "model.pt"))
+    with torch.no_grad():
+        next(p for p in ts.parameters() if p.ndim == 2).add_(1.0)
+    torch.jit.save(ts, str(bundle / "torchscript" / "model.pt"))
+    rewrite_digests(bundle)
+    r = run_cli("check", str(bundle), "--out", str(tmp_path / "reports"), home=home)
+    assert r.returncode == 1, r.stdout + r.stderr
+    parity = json.loads((tmp_path / "reports" / "parity.json").read_text())
+    failed = {x["label"] for x in parity["records"] if x["status"] == "failed"}
+    assert failed == {"torch/saved_model", "torch/torchscript", "torch/litert"}
+    assert all("max abs error" in x["message"] for x in parity["records"] if x["status"] == "failed")

@@ -11,7 +11,7 @@ import pytest
 from exporters import litert
 from exporters.base import Artifact, ArtifactLoadError, ExportError
 
-from .models import SHAPES, first_weight, inputs, keras_model, reference, torch_model
+from .models import fails_parity, tamper_tflite, SHAPES, first_weight, inputs, keras_model, reference, torch_model
 
 ATOL = {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2}
 BATCH_SIZES = [1, 16]
@@ -144,8 +144,24 @@ def test_tampered_weight_changes_output(exported, tmp_path, framework):
     (tmp_path / "model.tflite").write_bytes(bytes(data))
     x = inputs("digits", 16, 7)
     a, b = litert.load(art), litert.load(bad)
-    diff = float(np.max(np.abs(a(x) - b(x))))
-    assert diff > 1e-3, f"a changed weight moved the outputs by only {diff:.3g}"
+    assert "max abs error" in fails_parity(a(x), b(x), "fp32", "litert")
+
+
+@pytest.mark.parametrize("framework", ["keras", "torch"])
+@pytest.mark.parametrize("variant", litert.VARIANTS)
+def test_tampered_weights_fail_parity_in_every_variant(exported, tmp_path, framework, variant):
+    """The verdict the pipeline gives: each variant, judged by its own tolerance, fails once tampered."""
+    model, arts = exported[framework, "digits"]
+    art = arts[variant]
+    bad = copy_file_artifact(art, tmp_path / "model.tflite")
+    tamper_tflite(tmp_path / "model.tflite", variant)
+    x = inputs("digits", 64, 8)
+    expected = reference(framework, model, x)
+    with litert.load(art) as good:
+        from parity.compare import compare, tolerance_for
+        assert compare(expected, good(x), tolerance=tolerance_for(variant, "litert"), task="classification").passed
+    with litert.load(bad) as tampered:
+        fails_parity(expected, tampered(x), variant, "litert")
 
 
 @pytest.mark.parametrize("recorded_size", [True, False])

@@ -9,7 +9,7 @@ import pytest
 from exporters import onnx as onnx_format
 from exporters.base import Artifact, ArtifactLoadError, ExportError
 
-from .models import SHAPES, inputs, keras_model, reference, torch_model
+from .models import fails_parity, SHAPES, inputs, keras_model, reference, torch_model
 
 ATOL = 1e-5
 
@@ -87,8 +87,8 @@ def test_tampered_weight_changes_outputs(exported, framework, kind, tmp_path):
     onnx.save(proto, str(bad))
     runner = onnx_format.load(dataclasses.replace(art, path=str(bad), size_bytes=bad.stat().st_size))
     x = inputs(kind, 16, 12)
-    err = float(np.max(np.abs(runner(x) - reference(framework, model, x))))
-    assert err > 1e-3, f"tampering {target.name} moved outputs by only {err:.3g}"
+    task = "regression" if kind == "toy" else "classification"
+    assert "max abs error" in fails_parity(reference(framework, model, x), runner(x), "fp32", "onnx", task)
 
 
 @pytest.mark.parametrize("framework,kind", [("keras", "toy"), ("torch", "digits")])
@@ -131,6 +131,7 @@ def test_fixed_batch_graph_is_run_in_padded_chunks(tmp_path):
                    route="torch.onnx.export(dynamo=True, static)", batch_sizes=[3], size_bytes=path.stat().st_size)
     runner = onnx_format.load(art)
     assert runner.input_shape[0] == 3
-    for n in (1, 3, 7):
+    # remainders of 1 and 2 rows: with one row, the padding equals it, so only 2+ shows a wrong slice
+    for n in (1, 3, 5, 7, 8):
         x = inputs("digits", n, 20 + n)
         assert float(np.max(np.abs(runner(x) - reference("torch", model, x)))) <= ATOL

@@ -134,11 +134,27 @@ def test_one_node_process_serves_all_runners(built):
         info = tfjs.node_process_info()
         assert pids == {info["pid"]} and info["alive"]
         assert info["starts"] - before <= 1   # at most one start (none if an earlier test started it)
+        # what TF.js itself reports (tf.getBackend() at load and after each prediction), not the request echoed
         assert {r.info["backend"] for r in runners} == {"cpu", "wasm"}
+        assert all(r.ran_on == r.backend == {"tfjs-node-cpu": "cpu", "tfjs-node-wasm": "wasm"}[r.runtime]
+                   for r in runners)
     finally:
         for r in runners:
             r.close()
     assert tfjs.node_process_info()["alive"]   # closing runners keeps the warm process
+
+
+def test_a_prediction_on_another_backend_than_asked_is_an_error(built, monkeypatch):
+    with tfjs.load(built["toy"][1], "tfjs-node-wasm") as runner:
+        node = runner._node
+        real = node.request
+
+        def falls_back_to_cpu(msg, timeout, what):
+            res = real(msg, timeout, what)
+            return {**res, "backend": "cpu"} if msg.get("cmd") == "predict" else res
+        monkeypatch.setattr(node, "request", falls_back_to_cpu)
+        with pytest.raises(tfjs.TfjsRunError, match="asked for the wasm backend, but TF.js predicted on 'cpu'"):
+            runner(_inputs("toy", 2))
 
 
 def _copy(art: Artifact, dest: Path) -> Artifact:

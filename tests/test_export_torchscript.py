@@ -10,7 +10,7 @@ from exporters import onnx as onnx_format
 from exporters import torchscript
 from exporters.base import ArtifactLoadError, ExportError
 
-from .models import SHAPES, inputs, keras_model, reference, torch_model
+from .models import fails_parity, SHAPES, inputs, keras_model, reference, torch_model
 
 ATOL = 1e-5
 
@@ -87,8 +87,8 @@ def test_tampered_weight_changes_outputs(exported, framework, kind, tmp_path):
     torch.jit.save(module, str(bad))
     runner = torchscript.load(dataclasses.replace(art, path=str(bad), size_bytes=bad.stat().st_size))
     x = inputs(kind, 16, 12)
-    err = float(np.max(np.abs(runner(x) - reference(framework, model, x))))
-    assert err > 1e-3, f"tampering one weight moved outputs by only {err:.3g}"
+    task = "regression" if kind == "toy" else "classification"
+    assert "max abs error" in fails_parity(reference(framework, model, x), runner(x), "fp32", "torchscript", task)
 
 
 @pytest.mark.parametrize("framework,kind", [("keras", "digits"), ("torch", "toy")])
@@ -157,6 +157,6 @@ def test_keras_cnn_with_batch_bound_graph_is_run_in_padded_chunks(tmp_path):
                              upstream={"onnx": onnx_arts}, options={})[0]
     assert art.batch_sizes == [4] and "padded chunks" in art.details["batch_note"]
     runner = torchscript.load(art)
-    for n in (1, 4, 9):
+    for n in (1, 4, 6, 7, 9):  # remainders of 2 and 3 rows catch a padded chunk sliced from the wrong end
         x = inputs("digits", n, n)[..., None]
         assert float(np.max(np.abs(runner(x) - np.asarray(model(x))))) <= ATOL

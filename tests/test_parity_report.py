@@ -186,3 +186,31 @@ def test_training_curve_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000
     path = plot_training_curve([1.0, 0.5, 0.2], tmp_path / "bare.png", "a bare loss list")
     assert path.stat().st_size > 5_000
+
+
+def test_each_junit_case_matches_its_record(report, tmp_path):
+    root = ET.parse(report.write_junit(tmp_path / "parity.xml")).getroot()
+    cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
+    assert len(cases) == len(report.records)
+    for r in report.records:
+        case = cases[(f"{r.model}.{r.format}", f"{r.variant}@{r.runtime or 'none'}")]
+        kind = next((k for k in ("failure", "error", "skipped") if case.find(k) is not None), "passed")
+        expected = {"passed": "passed", "skipped": "skipped"}.get(r.status, "error" if r.error else "failure")
+        assert kind == expected, r.label
+        if kind in ("failure", "error"):
+            assert case.find(kind).get("message") == r.message
+        if kind == "skipped":
+            assert case.find("skipped").get("message") == r.reason
+
+
+def test_a_non_discriminative_parity_set_makes_the_verdict_inconclusive(report, tmp_path):
+    ok = ParityReport(spec="s", records=[r for r in report.records if r.passed], discrimination=report.discrimination)
+    assert ok.passed and ok.verdict == "inconclusive" and ok.inconclusive == ["torch"]
+    assert json.loads(json.dumps(ok.to_json()))["verdict"] == "inconclusive"
+    assert "verdict **INCONCLUSIVE**" in ok.to_markdown() and "INCONCLUSIVE, not discriminative" in ok.to_markdown()
+    assert "INCONCLUSIVE: the parity set of torch does not discriminate" in print_table(ok)
+    props = {p.get("name"): p.get("value") for s in ok.to_junit().iter("testsuite") if s.get("name") == "torch"
+             for p in s.iter("property")}
+    assert props["verdict"] == "inconclusive" and props["discriminative"] == "false"
+    ok.discrimination = {"keras": report.discrimination["keras"]}
+    assert ok.verdict == "passed"

@@ -116,3 +116,22 @@ def test_tolerance_override_with_unknown_field_is_refused(tmp_path):
     p = write(tmp_path, GOOD + "\n[parity.tolerances]\nfp16 = { atoll = 0.1 }\n")
     with pytest.raises(SpecError, match="parity.tolerances"):
         spec_mod.load(str(p))
+
+
+@pytest.mark.parametrize("table,where", [
+    ("[pipeline]", "pipeline"), ("[data]", "data"), ("[train]", "train"), ("[[model]]", "model[0]"),
+    ("[export]", "export"), ("[parity]", "parity"),
+])
+def test_unknown_keys_are_refused_in_every_table(tmp_path, table, where):
+    text = GOOD if table in GOOD else GOOD + f"\n{table}\n"
+    p = write(tmp_path, text.replace(table, f"{table}\ncolour = \"red\"", 1))
+    with pytest.raises(SpecError) as e:
+        spec_mod.load(str(p))
+    assert f"{where}.colour: expected one of the known keys" in str(e.value)
+
+
+def test_unknown_keys_are_refused_in_a_models_own_train_table(tmp_path):
+    p = write(tmp_path, GOOD.replace('factory = "pipeline.zoo:linear_torch"',
+                                     'factory = "pipeline.zoo:linear_torch"\ntrain = { colour = "red" }'))
+    with pytest.raises(SpecError, match=r"model\[0\]\.train\.colour: expected one of the known keys"):
+        spec_mod.load(str(p))

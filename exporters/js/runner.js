@@ -129,7 +129,8 @@ async function load(req) {
   const handle = `m${nextHandle++}`;
   const entry = { model, backend, path: req.path, inputs: tensorInfo(model.inputs), outputs: tensorInfo(model.outputs) };
   models.set(handle, entry);
-  return { handle, backend, inputs: entry.inputs, outputs: entry.outputs,
+  // the backend TF.js really has active, not the one asked for: the caller checks they agree
+  return { handle, backend: tf.getBackend(), inputs: entry.inputs, outputs: entry.outputs,
            signature: model.signature || null, load_ms: loadMs };
 }
 

@@ -1,0 +1,77 @@
+"""How an artifact is fed and what the parity set holds: batch 1, the largest declared batch, then the
+rest; held-out rows, random draws from the input range and the range's two extremes."""
+import numpy as np
+
+from exporters.base import Artifact
+from exporters.verify import check_artifact, feed_cuts
+from parity.compare import tolerance_for
+from pipeline.data import parity_inputs
+from pipeline.spec import load
+
+
+class SpyRunner:
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, x):
+        self.log.append(len(x))
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+    def close(self):
+        self.log.append("closed")
+
+
+class SpyModule:
+    def __init__(self):
+        self.log = []
+
+    def load(self, artifact, runtime):
+        return SpyRunner(self.log)
+
+
+def reference(n):
+    x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+    return {"x": x, "y": x.sum(axis=1, keepdims=True), "kind": np.zeros(n, np.int8)}
+
+
+def test_an_artifact_is_fed_batch_1_then_the_largest_batch_then_the_rest():
+    module, art = SpyModule(), Artifact("m", "onnx", "fp32", "/nowhere", "torch", "test")
+    rec, got, env = check_artifact(module, art, "spy", reference(40), tolerance_for("fp32", "onnx"),
+                                   task="regression", max_batch=16)
+    assert module.log == [1, 16, 23, "closed"]
+    assert rec.passed and env is None and got.shape == (40, 1)
+    assert rec.details["feeds"] == [1, 16, 23]
+
+
+def test_feeding_small_parity_sets():
+    assert feed_cuts(1, 16) == [(0, 1)]
+    assert feed_cuts(10, 16) == [(0, 1), (1, 10)]
+    assert feed_cuts(17, 16) == [(0, 1), (1, 17)]
+    assert feed_cuts(18, 16) == [(0, 1), (1, 17), (17, 18)]
+
+
+def test_a_runner_that_mixes_up_rows_fails():
+    class Shuffled(SpyModule):
+        def load(self, artifact, runtime):
+            inner = SpyRunner(self.log)
+            return lambda x: inner(x)[::-1]
+    art = Artifact("m", "onnx", "fp32", "/nowhere", "torch", "test")
+    rec, _, _ = check_artifact(Shuffled(), art, "spy", reference(40), tolerance_for("fp32", "onnx"),
+                               task="regression", max_batch=16)
+    assert rec.failed and "max abs error" in rec.message
+
+
+def test_the_parity_set_holds_held_out_rows_random_draws_and_both_extremes():
+    spec = load("toy")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 1)).astype(np.float32)
+    arrays = {"x_train": x[:80], "y_train": x[:80], "x_test": x[80:], "y_test": x[80:]}
+    ps = parity_inputs(spec, arrays)
+    kinds, rows = ps["kind"], ps["x"]
+    held = min(spec.parity.held_out_rows, 20)
+    assert (kinds == 0).sum() == held and np.array_equal(rows[kinds == 0], x[80:80 + held])
+    assert (kinds == 1).sum() == spec.parity.random_rows
+    low, high = spec.parity.input_range
+    random_rows = rows[kinds == 1]
+    assert random_rows.min() >= low and random_rows.max() <= high and random_rows.std() > 0.5
+    assert (kinds == 2).sum() == 2 and rows[kinds == 2].tolist() == [[low], [high]]
