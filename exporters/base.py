@@ -8,7 +8,7 @@ A format module (exporters/<format>.py) has this small surface:
     LANE = {"keras": "tensorflow", "torch": "torch"}   # which side's process runs the converter
     RUNTIME_LANE = "any"                      # which side's process loads the artifact ("any": no framework)
     export(model, *, framework, name, example, out_dir, upstream, options, expected) -> list[Artifact]
-    load(artifact, runtime=None) -> Runner    # numpy in, numpy out
+    load(artifact, runtime=None) -> BaseRunner  # feeds of named arrays in, named arrays out
 
 `model` is the in-memory framework model (keras.Model or torch.nn.Module), or None for a route that
 converts an upstream artifact (so a TensorFlow-side process never imports torch, and the reverse);
@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping
 
 import numpy as np
+
+from parity.signature import InputMismatch, Signature, batch_plan, pad_rows
 
 
 class ExportError(RuntimeError):
@@ -70,12 +72,85 @@ class Artifact:
         return cls(**d)
 
 
-class Runner(Protocol):
-    runtime: str                    # e.g. "onnxruntime-cpu", "tfjs-node-wasm"
+class RunnerClosed(RuntimeError):
+    """A runner used after close()."""
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
-    def close(self) -> None: ...
+class BaseRunner:
+    """What every format's runner shares (after Polygraphy's BaseRunner): it owns the artifact's input
+    and output signature, checks and casts a feed before the runtime sees it, feeds an artifact that
+    takes only some batch sizes in chunks of those (one padding rule for every format), is a context
+    manager, and raises typed errors: InputMismatch (a feed that does not fit), RunnerClosed,
+    ArtifactLoadError (at load). Feeds and results are dicts of name -> array; calling the runner with
+    one array is the same for a one-input model and returns its first output.
+
+    A format implements `infer_impl(feed) -> {output name: array}` for one call of a size the
+    artifact takes; `static_batches` (None: any) says which sizes those are.
+    """
+    runtime: str = ""
+
+    def __init__(self, artifact: "Artifact", signature: Signature, static_batches=None):
+        self.artifact = artifact
+        self.signature = signature
+        self.static_batches = tuple(sorted(static_batches)) if static_batches else None
+        self.last_strategy: str | None = None   # how the latest call was fed, for reports and tests
+        self._closed = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.artifact.format} artifact {self.artifact.label} ({self.runtime})"
+
+    def infer(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise RunnerClosed(f"{self.label}: the runner is closed")
+        feed = self.signature.prepare_feed(feed, self.label)
+        n = len(next(iter(feed.values())))
+        plan = batch_plan(n, self.feed_sizes(n))
+        if len(plan) == 1 and plan[0][1] == plan[0][2]:
+            self.last_strategy = self.describe_call(n)
+            return self.infer_impl(feed)
+        parts = []
+        for start, rows, size in plan:
+            chunk = {k: pad_rows(v[start:start + rows], size) for k, v in feed.items()}
+            parts.append({k: v[:rows] for k, v in self.infer_impl(chunk).items()})
+        self.last_strategy = (f"chunks of {[size for _, _, size in plan]} rows (last padded "
+                              f"{plan[-1][2] - plan[-1][1]}), trimmed to {n}")
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def __call__(self, x) -> np.ndarray:
+        """One array in (a one-input artifact), its first output out."""
+        if isinstance(x, Mapping):
+            out = self.infer(x)
+        else:
+            if len(self.signature.inputs) != 1:
+                raise InputMismatch(f"{self.label}: takes inputs {', '.join(map(repr, self.signature.input_names))}; "
+                                    f"expected a feed of named arrays, found one array")
+            out = self.infer({self.signature.inputs[0].name: x})
+        return next(iter(out.values()))
+
+    def feed_sizes(self, n_rows: int) -> tuple[int, ...] | None:
+        """The batch sizes a call may have for n rows (None: any); a format may override (LiteRT can
+        resize some static signatures)."""
+        return self.static_batches
+
+    def describe_call(self, n_rows: int) -> str:
+        return "dynamic batch" if self.static_batches is None else f"static batch {n_rows}"
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def size_of(path: Path) -> int:

@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, package_version, pick_runtime, size_of
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, package_version, pick_runtime,
+                            size_of)
+from parity.signature import Signature, TensorSpec
 
 FORMAT = "litert"
 REQUIRES = {"keras": ("saved_model",), "torch": ()}
@@ -276,7 +278,7 @@ def _strategy_text(dynamic: bool, static: list[int], resize_ok: bool) -> str:
     text = f"static signatures for batch {static}: a matching signature when N is one of them"
     if resize_ok:
         return text + f", else resize_tensor_input(strict=False) of the batch-{static[-1]} signature to N"
-    return text + f", else chunks of {static[-1]} (last chunk zero-padded to a signature size, output trimmed)"
+    return text + f", else chunks of {static[-1]} (the last filled up to a signature size by repeating its last row, output trimmed)"
 
 
 def _probe_resize(path: Path, sigs: dict, probe_rows: np.ndarray | None = None) -> tuple[bool, str]:
@@ -309,103 +311,76 @@ def _probe_resize(path: Path, sigs: dict, probe_rows: np.ndarray | None = None) 
 
 # ---------------------------------------------------------------------------------------------- load
 
-class LiteRTRunner:
-    """numpy float32 in (the as-trained layout), numpy out; any batch N >= 1."""
+class LiteRTRunner(BaseRunner):
+    """The LiteRT interpreter, one thread. A dynamic-batch signature takes any batch; static signatures
+    (one per batch size) take their own, any other batch either by resizing the largest (where that was
+    proven to give the same rows) or in padded chunks (BaseRunner)."""
 
     runtime = "litert-interpreter"
 
     def __init__(self, artifact: Artifact):
-        self.artifact = artifact
         label = artifact.label
         path = Path(artifact.path)
-        self._interp = _open_interpreter(path, label, ArtifactLoadError, expected_size=artifact.size_bytes or None)
+        interp = _open_interpreter(path, label, ArtifactLoadError, expected_size=artifact.size_bytes or None)
         try:
-            self._sigs = _signatures_of(path, label, ArtifactLoadError, interp=self._interp)
+            sigs = _signatures_of(path, label, ArtifactLoadError, interp=interp)
         except ArtifactLoadError:
             raise
         except Exception as e:  # noqa: BLE001
             raise ArtifactLoadError(f"litert artifact {label}: could not read the signatures of {path}: "
                                     f"{type(e).__name__}: {e}") from e
-        feats = {tuple(s["feature_shape"]) for s in self._sigs.values()}
+        feats = {(tuple(s["feature_shape"]), s["dtype"]) for s in sigs.values()}
         if len(feats) != 1:
             raise ArtifactLoadError(f"litert artifact {label}: expected all signatures to take the same "
-                                    f"per-row shape, found {sorted(feats)}")
-        self._feature_shape = list(next(iter(feats)))
-        self._runners = {k: self._interp.get_signature_runner(k) for k in self._sigs}
-        self._dynamic = next((k for k, s in self._sigs.items() if s["batch"] is None), None)
-        self._static = {s["batch"]: k for k, s in self._sigs.items() if s["batch"] is not None}
+                                    f"per-row shape and dtype, found {sorted(feats)}")
+        (feature_shape, dtype), = feats
+        self._interp, self._sigs = interp, sigs
+        self._runners = {k: interp.get_signature_runner(k) for k in sigs}
+        self._dynamic = next((k for k, s in sigs.items() if s["batch"] is None), None)
+        self._static = {s["batch"]: k for k, s in sigs.items() if s["batch"] is not None}
+        first = sigs[self._dynamic or self._static[max(self._static)]]
+        signature = Signature((TensorSpec(first["input"], dtype, (None, *(d if d > 0 else None for d in feature_shape))),),
+                              (TensorSpec(first["output"], "float32", (None,)),))
+        super().__init__(artifact, signature, static_batches=None if self._dynamic else sorted(self._static))
         self.resize_ok = False
         probe = "not needed"
         if self._dynamic is None:
             recorded = (artifact.details or {}).get("resize_ok")
             if recorded is None:
-                self.resize_ok, probe = _probe_resize(path, self._sigs)
+                self.resize_ok, probe = _probe_resize(path, sigs)
                 probe = "measured at load: " + probe
             else:
                 self.resize_ok, probe = bool(recorded), "recorded at export: " + str(
                     (artifact.details or {}).get("resize_probe", ""))
-        static = sorted(self._static)
-        self.last_strategy = None   # what the latest call did, e.g. "chunks of [16, 16, 16] rows (last padded 11)"
         self.details = {
-            "signatures": self._sigs,
-            "batch_strategy": _strategy_text(self._dynamic is not None, static, self.resize_ok),
+            "signatures": sigs,
+            "batch_strategy": _strategy_text(self._dynamic is not None, sorted(self._static), self.resize_ok),
             "resize_probe": probe,
             "num_threads": 1,
             "ai_edge_litert": package_version("ai-edge-litert"),
         }
 
-    def _run(self, key: str, x: np.ndarray) -> np.ndarray:
-        sig = self._sigs[key]
-        return self._runners[key](**{sig["input"]: x})[sig["output"]]
+    def feed_sizes(self, n_rows: int):
+        return None if self.resize_ok else self.static_batches
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._interp is None:
-            raise RuntimeError(f"litert runner for {self.artifact.label} is closed")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != len(self._feature_shape) + 1 or any(
-                d > 0 and d != n for d, n in zip(self._feature_shape, x.shape[1:])):
-            raise ValueError(f"litert artifact {self.artifact.label}: expected inputs of shape "
-                             f"[N, {', '.join(str(d) for d in self._feature_shape)}], found {list(x.shape)}")
-        n = x.shape[0]
-        if n < 1:
-            raise ValueError(f"litert artifact {self.artifact.label}: expected at least one row, found 0")
+    def describe_call(self, n_rows: int) -> str:
         if self._dynamic is not None:
-            self.last_strategy = f"dynamic batch: {self._dynamic!r} resized to {n}"
-            return self._run(self._dynamic, x)
-        if n in self._static:
-            self.last_strategy = f"signature {self._static[n]!r}"
-            return self._run(self._static[n], x)
-        if self.resize_ok:
-            key = self._static[max(self._static)]
-            self.last_strategy = f"signature {key!r} resized to {n}"
-            return self._run(key, x)
-        # chunks of the largest static batch; the remainder goes to the smallest signature that holds it
-        sizes = sorted(self._static)
-        big = sizes[-1]
-        outs, used = [], []
-        i = 0
-        while i < n:
-            rest = n - i
-            b = big if rest >= big else next(s for s in sizes if s >= rest)
-            chunk = x[i:i + b]
-            m = chunk.shape[0]
-            if m < b:
-                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self._run(self._static[b], chunk)[:m])
-            used.append(b)
-            i += m
-        self.last_strategy = f"chunks of {used} rows (last padded {used[-1] - (n - sum(used[:-1]))}), trimmed to {n}"
-        return np.concatenate(outs)
+            return f"dynamic batch: {self._dynamic!r} resized to {n_rows}"
+        if n_rows in self._static:
+            return f"signature {self._static[n_rows]!r}"
+        return f"signature {self._static[max(self._static)]!r} resized to {n_rows}"
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (x,) = feed.values()
+        n = len(x)
+        key = self._dynamic or self._static.get(n) or self._static[max(self._static)]
+        sig = self._sigs[key]
+        return {self.signature.output_names[0]: self._runners[key](**{sig["input"]: x})[sig["output"]]}
 
     def close(self) -> None:
+        super().close()
         self._runners = {}
         self._interp = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> LiteRTRunner:

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, ExportError, check_file,
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
                              example_batch, package_version, pick_runtime, size_of)
+from parity.signature import Signature, TensorSpec
 
 FORMAT = "onnx"
 REQUIRES = {"keras": (), "torch": ()}
@@ -140,46 +141,40 @@ def _describe(path: Path, name: str, framework: str, route: str) -> tuple[str | 
     return batch_dim, io
 
 
-class OnnxRunner:
-    """onnxruntime on the CPU, one intra-op thread: the single input is fed by position, the first output
-    is returned (names in `input_name`/`output_name`)."""
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def _spec(node) -> TensorSpec:
+    dtype = ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise ArtifactLoadError(f"onnx: tensor {node.name!r} has type {node.type}, which this runner does not feed")
+    shape = tuple(d if isinstance(d, int) else None for d in (node.shape or [None]))
+    return TensorSpec(node.name, dtype, shape)
+
+
+class OnnxRunner(BaseRunner):
+    """onnxruntime on the CPU, one intra-op thread. Its signature is the session's; a graph with a fixed
+    batch takes padded chunks of that batch (BaseRunner)."""
 
     runtime = "onnxruntime-cpu"
 
-    def __init__(self, session, label: str):
+    def __init__(self, session, artifact: Artifact):
+        signature = Signature(tuple(_spec(i) for i in session.get_inputs()),
+                              tuple(_spec(o) for o in session.get_outputs()))
+        batch = signature.inputs[0].shape[0]
+        super().__init__(artifact, signature, static_batches=None if batch is None else (batch,))
         self._session = session
-        self.label = label
-        inp = session.get_inputs()[0]
-        self.input_name = inp.name
-        self.input_shape = list(inp.shape)
-        self.output_name = session.get_outputs()[0].name
-        self.output_names = [o.name for o in session.get_outputs()]
+        self.input_name = signature.inputs[0].name
+        self.input_shape = [d if d is not None else "N" for d in signature.inputs[0].shape]
+        self.output_names = signature.output_names
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._session is None:
-            raise RuntimeError(f"{self.label}: runner is closed")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        expected = self.input_shape
-        if (x.ndim != len(expected) or x.shape[0] < 1
-                or any(isinstance(d, int) and d != n for d, n in zip(expected[1:], x.shape[1:]))):
-            raise ValueError(f"{self.label}: input {self.input_name!r} expects shape {expected}, "
-                             f"found {list(x.shape)}")
-        batch = expected[0] if isinstance(expected[0], int) else None
-        if batch is None or x.shape[0] == batch:
-            return self._run(x)
-        # a fixed-batch graph: feed padded chunks of its batch (inference rows are independent)
-        outs = []
-        for start in range(0, x.shape[0], batch):
-            chunk, n = x[start:start + batch], min(batch, x.shape[0] - start)
-            if n < batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-            outs.append(self._run(np.ascontiguousarray(chunk))[:n])
-        return np.concatenate(outs)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self._session.run([self.output_name], {self.input_name: x})[0]
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self._session.run(self.output_names, feed)))
 
     def close(self) -> None:
+        super().close()
         self._session = None
 
 
@@ -199,7 +194,4 @@ def load(artifact: Artifact, runtime: str | None = None) -> OnnxRunner:
         raise ArtifactLoadError(f"onnx artifact {artifact.label}: onnxruntime could not load {path} "
                                 f"({path.stat().st_size} bytes); expected a complete ONNX model, the file is corrupt or "
                                 f"truncated: {first_line}") from None
-    if len(session.get_inputs()) != 1:
-        raise ArtifactLoadError(f"onnx artifact {artifact.label}: expected one input, found "
-                                f"{[i.name for i in session.get_inputs()]}")
-    return OnnxRunner(session, artifact.label)
+    return OnnxRunner(session, artifact)

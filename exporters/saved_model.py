@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, pick_runtime, size_of
+from exporters.base import Artifact, ArtifactLoadError, BaseRunner, ExportError, pick_runtime, size_of
+from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
 REQUIRES = {"keras": (), "torch": ("onnx",)}
@@ -217,10 +218,9 @@ def _shape_fits(spec: list, shape: tuple) -> bool:
 
 # ----------------------------------------------------------------------------------------- signature
 
-def _open_signature(path: Path, name: str, what: str):
-    """Load the SavedModel; return (loaded object, its serving function, input name, output name).
-
-    The loaded object owns the variables the function reads: keep it alive as long as the function."""
+def _open(path: Path, name: str, what: str):
+    """Load the SavedModel; return (loaded object, its serving function). The loaded object owns the
+    variables the function reads: keep it alive as long as the function."""
     import tensorflow as tf
 
     path = Path(path)
@@ -242,7 +242,13 @@ def _open_signature(path: Path, name: str, what: str):
     if SIGNATURE_KEY not in sigs:
         raise ArtifactLoadError(f"{what} artifact {name}: expected the signature {SIGNATURE_KEY!r} in {path}, "
                                 f"found {sorted(sigs) or 'no signatures'}")
-    fn = sigs[SIGNATURE_KEY]
+    return loaded, sigs[SIGNATURE_KEY]
+
+
+def _open_signature(path: Path, name: str, what: str):
+    """Load the SavedModel; return (loaded object, its serving function, input name, output name) of a
+    one-input, one-output serving signature."""
+    loaded, fn = _open(path, name, what)
     inputs = fn.structured_input_signature[1]
     outputs = fn.structured_outputs
     if len(inputs) != 1 or fn.structured_input_signature[0]:
@@ -279,8 +285,17 @@ def _first_line(e: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------- load
 
-class SavedModelRunner:
-    """numpy float32 in (the as-trained layout), numpy out; one `serving_default` call per batch."""
+def _tf_spec(name: str, spec, perm: tuple[int, ...] | None = None) -> TensorSpec:
+    shape = spec.shape.as_list() if spec.shape.rank is not None else [None]
+    if perm is not None:  # the artifact's layout, told back in the as-trained order its callers feed
+        inverse = np.argsort(perm)
+        shape = [shape[i] for i in inverse]
+    return TensorSpec(name, spec.dtype.name if spec.dtype.name != "half" else "float16", tuple(shape))
+
+
+class SavedModelRunner(BaseRunner):
+    """The `serving_default` signature through TensorFlow. Callers feed the as-trained layout: an input
+    the converter transposed (onnx2tf: NCHW -> NHWC) is transposed back here, by details['input_transpose']."""
 
     runtime = "tensorflow"
 
@@ -288,48 +303,37 @@ class SavedModelRunner:
         import tensorflow as tf
 
         self._tf = tf
-        self.artifact = artifact
-        self._loaded, self._fn, self.input_name, self.output_name = _open_signature(Path(artifact.path), artifact.model,
-                                                                      FORMAT)
-        spec = self._fn.structured_input_signature[1][self.input_name]
-        self._feature_shape = spec.shape.as_list()[1:] if spec.shape.rank else None
-        self._static_batch = spec.shape.as_list()[0] if spec.shape.rank else None
-        self._dtype = spec.dtype.as_numpy_dtype
+        self._loaded, self._fn = _open(Path(artifact.path), artifact.label, FORMAT)
+        if self._fn.structured_input_signature[0]:
+            raise ArtifactLoadError(f"saved_model artifact {artifact.label}: expected named inputs in "
+                                    f"{SIGNATURE_KEY}, found positional ones {self._fn.structured_input_signature[0]}")
+        inputs = self._fn.structured_input_signature[1]
+        outputs = self._fn.structured_outputs
+        if not isinstance(outputs, dict):
+            raise ArtifactLoadError(f"saved_model artifact {artifact.label}: expected named outputs in "
+                                    f"{SIGNATURE_KEY}, found {outputs}")
         perm = (artifact.details or {}).get("input_transpose")
-        self._perm = tuple(perm) if perm else None
+        self._perm = tuple(perm) if perm and len(inputs) == 1 else None
+        signature = Signature(tuple(_tf_spec(k, v, self._perm) for k, v in inputs.items()),
+                              tuple(_tf_spec(k, v) for k, v in outputs.items()))
+        batches = {t.shape[0] for t in signature.inputs}
+        static = next(iter(batches)) if len(batches) == 1 else None
+        super().__init__(artifact, signature, static_batches=None if static is None else (static,))
+        self.input_name = signature.input_names[0]
+        self.output_name = signature.output_names[0]
         self.details = {"signature": SIGNATURE_KEY, "input_name": self.input_name,
                         "output_name": self.output_name, "input_transpose": list(self._perm) if self._perm else None,
-                        "batch_strategy": "dynamic batch" if self._static_batch is None
-                        else f"chunks of the static batch {self._static_batch}",
+                        "batch_strategy": "dynamic batch" if static is None else f"chunks of the static batch {static}",
                         "tensorflow": tf.__version__}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._fn is None:
-            raise RuntimeError(f"saved_model runner for {self.artifact.model} is closed")
-        x = np.asarray(x, dtype=np.float32)
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._perm is not None:
-            if x.ndim != len(self._perm):
-                raise ValueError(f"saved_model artifact {self.artifact.model}: expected a rank-{len(self._perm)} "
-                                 f"batch in the as-trained layout, found shape {list(x.shape)}")
-            x = np.ascontiguousarray(np.transpose(x, self._perm))
-        if self._feature_shape is not None and not _shape_fits(self._feature_shape, x.shape[1:]):
-            raise ValueError(f"saved_model artifact {self.artifact.model}: expected inputs of shape "
-                             f"[N, {', '.join(str(d) for d in self._feature_shape)}] (after layout mapping), "
-                             f"found {list(x.shape)}")
-        x = x.astype(self._dtype, copy=False)
-        b = self._static_batch
-        if b is None or x.shape[0] == b:
-            return self._fn(**{self.input_name: self._tf.constant(x)})[self.output_name].numpy()
-        outs = []
-        for i in range(0, x.shape[0], b):
-            chunk = x[i:i + b]
-            n = chunk.shape[0]
-            if n < b:
-                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self._fn(**{self.input_name: self._tf.constant(chunk)})[self.output_name].numpy()[:n])
-        return np.concatenate(outs)
+            feed = {k: np.ascontiguousarray(np.transpose(v, self._perm)) for k, v in feed.items()}
+        out = self._fn(**{k: self._tf.constant(v) for k, v in feed.items()})
+        return {k: out[k].numpy() for k in self.signature.output_names}
 
     def close(self) -> None:
+        super().close()
         self._fn = None
         self._loaded = None
 

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, ExportError, RuntimeUnavailable, pick_runtime, size_of
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, RuntimeUnavailable, pick_runtime,
+                            size_of)
+from parity.signature import Signature, TensorSpec
 
 FORMAT = "tfjs"
 REQUIRES = {"keras": ("saved_model",), "torch": ("saved_model",)}
@@ -378,20 +380,33 @@ atexit.register(shutdown_node)
 
 # ---------------------------------------------------------------------------------------------- the runner
 
-def _b64(x: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode("ascii")
+_WIRE = {"float32": "<f4", "int32": "<i4"}  # the dtypes runner.js sends and receives
+
+
+def _b64(x: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(x, dtype=_WIRE[dtype]).tobytes()).decode("ascii")
 
 
 def _from_b64(d: dict) -> np.ndarray:
-    dtype = {"float32": "<f4", "int32": "<i4"}[d["dtype"]]
-    return np.frombuffer(base64.b64decode(d["b64"]), dtype=dtype).reshape(d["shape"])
+    return np.frombuffer(base64.b64decode(d["b64"]), dtype=_WIRE[d["dtype"]]).reshape(d["shape"])
 
 
-class TfjsRunner:
-    """Callable: float32 numpy batch (any N >= 1) in, numpy out, run by TF.js in the shared Node process."""
+def _js_spec(t: dict, perm=None) -> TensorSpec:
+    shape = [None if d is None or d < 0 else int(d) for d in (t.get("shape") or [None])]
+    if perm is not None and len(perm) == len(shape):
+        shape = [shape[i] for i in np.argsort(perm)]
+    dtype = t.get("dtype") or "float32"
+    if dtype not in _WIRE:
+        raise ArtifactLoadError(f"tfjs: tensor {t.get('name')!r} has dtype {dtype}, which the runner does not feed")
+    return TensorSpec(t["name"], dtype, tuple(shape))
+
+
+class TfjsRunner(BaseRunner):
+    """TF.js in the shared Node process, on the backend the runtime names. TF.js' own report of the
+    backend that loaded and ran the model is checked against the one asked for: a silent fallback
+    would verify the wrong runtime. Callers feed the as-trained layout (details['input_transpose'])."""
 
     def __init__(self, artifact: Artifact, runtime: str):
-        self.artifact = artifact
         self.runtime = runtime
         self.backend = _BACKENDS[runtime]
         self.path = str(Path(artifact.path).resolve())
@@ -401,9 +416,15 @@ class TfjsRunner:
         self._node: NodeProcess | None = None
         self._handle: str | None = None
         self.info: dict = {}
-        self._load()
+        self.ran_on: str | None = None  # the backend TF.js reported for the last prediction
+        self.artifact = artifact
+        res = self._load()
+        perm = self.input_transpose if len(res["inputs"]) == 1 else None
+        signature = Signature(tuple(_js_spec(t, perm) for t in res["inputs"]),
+                              tuple(_js_spec(t) for t in res["outputs"]))
+        super().__init__(artifact, signature)
 
-    def _load(self) -> None:
+    def _load(self) -> dict:
         try:
             node = node_process()
             res = node.request({"cmd": "load", "path": self.path, "backend": self.backend},
@@ -419,38 +440,39 @@ class TfjsRunner:
         self._node, self._handle = node, res["handle"]
         self.info = {k: res.get(k) for k in ("inputs", "outputs", "load_ms", "backend")}
         self.info["pid"] = node.pid
-        self.ran_on: str | None = None  # the backend TF.js reported for the last prediction
+        return res
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 0 or x.shape[0] < 1:
-            raise ValueError(f"tfjs artifact {self.artifact.label}: expected a batch with N >= 1 rows, "
-                             f"got shape {x.shape}")
-        if self._handle is None:
-            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): runner is closed")
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._node is not node_process():   # the shared process died and was restarted: load again
             self._load()
-        if self.input_transpose is not None:
-            x = np.transpose(x, self.input_transpose)
-        msg = {"cmd": "predict", "handle": self._handle,
-               "inputs": [{"shape": list(x.shape), "dtype": "float32", "b64": _b64(x)}]}
+        inputs = []
+        for spec in self.signature.inputs:
+            x = feed[spec.name]
+            if self.input_transpose is not None and len(feed) == 1:
+                x = np.transpose(x, self.input_transpose)
+            inputs.append({"name": spec.name, "shape": list(x.shape), "dtype": spec.dtype, "b64": _b64(x, spec.dtype)})
+        msg = {"cmd": "predict", "handle": self._handle, "inputs": inputs}
         try:
             res = self._node.request(msg, timeout=PREDICT_TIMEOUT_S, what=f"predict on {self.artifact.label}")
         except TimeoutError as e:
             raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): {e}") from e
         if not res.get("ok"):
-            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on input of shape "
-                               f"{x.shape}: {res.get('error')}")
+            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on inputs of shape "
+                               f"{[i['shape'] for i in inputs]}: {res.get('error')}")
         self.ran_on = res.get("backend")
         if self.ran_on != self.backend:  # a silent fallback would verify the wrong runtime
             raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): asked for the {self.backend} "
                                f"backend, but TF.js predicted on {self.ran_on!r}")
-        y = _from_b64(res["outputs"][0])
-        if self.output_transpose is not None:
-            y = np.transpose(y, self.output_transpose)
-        return y
+        out = {}
+        for o in res["outputs"]:
+            y = _from_b64(o)
+            if self.output_transpose is not None:
+                y = np.transpose(y, self.output_transpose)
+            out[o["name"]] = y
+        return out
 
     def close(self) -> None:
+        super().close()
         node, handle = self._node, self._handle
         self._node = self._handle = None
         if node is not None and handle is not None and node.alive:
@@ -458,12 +480,6 @@ class TfjsRunner:
                 node.request({"cmd": "close", "handle": handle}, timeout=10.0, what="close")
             except (TimeoutError, TfjsRunError):
                 pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def load(artifact: Artifact, runtime: str | None = None) -> TfjsRunner:

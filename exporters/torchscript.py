@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, ExportError, check_file,
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
                              example_batch, package_version, pick_runtime, size_of)
+from parity.signature import Signature, TensorSpec
 
 FORMAT = "torchscript"
 REQUIRES = {"keras": ("onnx",), "torch": ()}
@@ -43,21 +44,6 @@ def _one_line(e: BaseException) -> str:
         return type(e).__name__
     line = lines[-1] if "Traceback of TorchScript" in str(e) else lines[0]
     return line[:300] if line.startswith(type(e).__name__) else f"{type(e).__name__}: {line[:300]}"
-
-
-def _run_in_batches(fn, x: np.ndarray, batch: int | None) -> np.ndarray:
-    """Run `fn` on x; for a fixed-batch graph, in chunks of `batch` rows, the last one padded by repeating
-    its final row (inference rows are independent) and the padding dropped from the output."""
-    if batch is None or x.shape[0] == batch:
-        return fn(x)
-    outs = []
-    for start in range(0, x.shape[0], batch):
-        chunk = x[start:start + batch]
-        n = chunk.shape[0]
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        outs.append(fn(np.ascontiguousarray(chunk))[:n])
-    return np.concatenate(outs)
 
 
 def _first_tensor(out):
@@ -110,6 +96,11 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     details["graph_outputs"] = [o.debugName() for o in scripted.graph.outputs()]
     details["input_mapping"] = "the single forward argument, by position"
     details["output_mapping"] = "the forward's return value (first tensor if several)"
+    with torch.no_grad():
+        out = _first_tensor(scripted(torch.from_numpy(example))).numpy()
+    dynamic = batch_sizes is None
+    details["signature"] = Signature((TensorSpec.of("x", example, dynamic_batch=dynamic),),
+                                     (TensorSpec.of("y", out, dynamic_batch=dynamic),)).to_json()
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
                      route=route, batch_sizes=batch_sizes, size_bytes=size_of(path),
                      export_s=time.perf_counter() - t0, details=details)]
@@ -219,29 +210,29 @@ def _max_abs_vs_keras(keras_model, scripted, example: np.ndarray, expected=None)
     return float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
 
 
-class TorchScriptRunner:
+class TorchScriptRunner(BaseRunner):
+    """torch.jit.load on the CPU. TorchScript carries no signature, so the one the exporter recorded
+    (from the example and the traced output) is checked; a graph traced at a fixed batch takes padded
+    chunks of it (BaseRunner)."""
+
     runtime = "torch-jit"
 
-    def __init__(self, module, label: str, batch: int | None = None):
+    def __init__(self, module, artifact: Artifact):
+        recorded = (artifact.details or {}).get("signature")
+        if not recorded:
+            raise ArtifactLoadError(f"torchscript artifact {artifact.label}: records no signature (made by an "
+                                    f"older version of the exporter); expected details['signature']: export again")
+        super().__init__(artifact, Signature.from_json(recorded), static_batches=artifact.batch_sizes or None)
         self._module = module
-        self.label = label
-        self.batch = batch   # None: any batch in one call; else the fixed batch the graph was traced at
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._module is None:
-            raise RuntimeError(f"{self.label}: runner is closed")
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-
-        def run(rows: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return _first_tensor(self._module(torch.from_numpy(rows))).numpy()
-
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim == 0 or x.shape[0] < 1:
-            raise ValueError(f"{self.label}: expected a batch of at least one row, found shape {list(x.shape)}")
-        return _run_in_batches(run, x, self.batch)
+        with torch.no_grad():
+            out = self._module(*(torch.from_numpy(feed[n]) for n in self.signature.input_names))
+        return {self.signature.output_names[0]: _first_tensor(out).numpy()}
 
     def close(self) -> None:
+        super().close()
         self._module = None
 
 
@@ -260,4 +251,4 @@ def load(artifact: Artifact, runtime: str | None = None) -> TorchScriptRunner:
                                 f"({path.stat().st_size} bytes); expected a complete TorchScript archive, the file is "
                                 f"corrupt or truncated: {first_line}") from None
     module.eval()
-    return TorchScriptRunner(module, artifact.label, artifact.batch_sizes[0] if artifact.batch_sizes else None)
+    return TorchScriptRunner(module, artifact)

@@ -11,7 +11,7 @@ import pytest
 from exporters import litert
 from exporters.base import Artifact, ArtifactLoadError, ExportError
 
-from .models import fails_parity, tamper_tflite, SHAPES, first_weight, inputs, keras_model, reference, torch_model
+from .models import SHAPES, fails_parity, first_weight, inputs, keras_model, reference, tamper_tflite, torch_model
 
 ATOL = {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2}
 BATCH_SIZES = [1, 16]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from exporters import onnx as onnx_format
-from exporters.base import Artifact, ArtifactLoadError, ExportError
+from exporters.base import Artifact, ArtifactLoadError, ExportError, RunnerClosed
+from parity.signature import InputMismatch
 
-from .models import fails_parity, SHAPES, inputs, keras_model, reference, torch_model
+from .models import SHAPES, fails_parity, inputs, keras_model, reference, torch_model
 
 ATOL = 1e-5
 
@@ -65,10 +66,15 @@ def test_artifact_declares_dynamic_batch_and_names(exported, framework, kind):
     versions = art.details["versions"]
     assert versions["onnx"] and (versions.get("tf2onnx") if framework == "keras" else versions.get("torch"))
     runner = onnx_format.load(art)
-    assert runner.input_name == art.details["input_name"]
-    assert runner.output_name == art.details["output_names"][0]
-    with pytest.raises(ValueError, match="expects shape"):
+    assert runner.signature.input_names == [art.details["input_name"]]
+    assert runner.signature.output_names == art.details["output_names"]
+    with pytest.raises(InputMismatch, match=f"input '{art.details['input_name']}': expected"):
         runner(np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(InputMismatch, match="missing .* and unknown 'nope'"):
+        runner.infer({"nope": np.zeros((2, *SHAPES[kind]), np.float32)})
+    runner.close()
+    with pytest.raises(RunnerClosed):
+        runner(np.zeros((2, *SHAPES[kind]), np.float32))
 
 
 @pytest.mark.parametrize("framework,kind", CASES)

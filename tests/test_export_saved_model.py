@@ -11,7 +11,7 @@ import pytest
 from exporters import saved_model
 from exporters.base import Artifact, ArtifactLoadError, ExportError
 
-from .models import fails_parity, SHAPES, first_weight, inputs, keras_model, reference, torch_model
+from .models import SHAPES, fails_parity, first_weight, inputs, keras_model, reference, torch_model
 
 ATOL = 1e-5
 CASES = [(f, k) for f in ("keras", "torch") for k in SHAPES]

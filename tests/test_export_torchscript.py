@@ -10,7 +10,7 @@ from exporters import onnx as onnx_format
 from exporters import torchscript
 from exporters.base import ArtifactLoadError, ExportError
 
-from .models import fails_parity, SHAPES, inputs, keras_model, reference, torch_model
+from .models import SHAPES, fails_parity, inputs, keras_model, reference, torch_model
 
 ATOL = 1e-5
 
