@@ -2,7 +2,7 @@
 
 A bundle is a folder:
 
-    manifest.json      model, framework, task, the artifacts of every format (exporters.base.Artifact
+    manifest.json      model, framework, task, the model's signature, the artifacts of every format (exporters.base.Artifact
                        records, paths relative to the bundle), their parity verdicts, the tolerance
                        overrides, and the sha256 of every other file in the folder
     reference.npz      the stored parity inputs (x, kind, labels) and the trained model's outputs on
@@ -43,7 +43,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_bundle(out_dir: Path, *, model: str, framework: str, task: str, reference: Path,
+def write_bundle(out_dir: Path, *, model: str, framework: str, task: str, signature: dict, reference: Path,
                  artifacts: dict[str, list[Artifact]], verdicts: dict[str, str], tolerances: dict,
                  max_batch: int, source: dict) -> dict:
     """Write a bundle into `out_dir` (empty): artifact files are hard-linked where the file system
@@ -62,7 +62,8 @@ def write_bundle(out_dir: Path, *, model: str, framework: str, task: str, refere
     files = {p.relative_to(out_dir).as_posix(): sha256_file(p)
              for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {"schema_version": SCHEMA_VERSION, "kind": "model-bundle", "model": model,
-                "framework": framework, "task": task, "reference": REFERENCE, "formats": formats,
+                "framework": framework, "task": task, "signature": signature, "reference": REFERENCE,
+                "formats": formats,
                 "verdicts": verdicts, "tolerances": tolerances, "max_batch": max_batch, "source": source,
                 "files": files}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -159,7 +160,7 @@ def read_bundle(root: Path, expected_manifest_sha256: str | None = None) -> Bund
     if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("kind") != "model-bundle":
         raise BundleError(f"{path}: expected a model-bundle manifest, schema_version {SCHEMA_VERSION}, found "
                           f"kind {manifest.get('kind')!r}, schema_version {manifest.get('schema_version')!r}")
-    for key in ("model", "framework", "task", "formats", "files", "reference"):
+    for key in ("model", "framework", "task", "signature", "formats", "files", "reference"):
         if key not in manifest:
             raise BundleError(f"{path}: {key}: required key is missing")
     return Bundle(root, manifest)

@@ -258,7 +258,9 @@ def _signatures_of(path: Path, label: str, error=ArtifactLoadError, interp=None)
         out[key] = {"input": in_name, "output": out_name, "input_tensor": ind["name"],
                     "output_tensor": outd["name"],
                     "batch": None if sig_shape[0] == -1 else sig_shape[0],
-                    "feature_shape": sig_shape[1:], "dtype": np.dtype(ind["dtype"]).name}
+                    "feature_shape": sig_shape[1:], "dtype": np.dtype(ind["dtype"]).name,
+                    "output_shape": [int(d) for d in outd["shape_signature"]],
+                    "output_dtype": np.dtype(outd["dtype"]).name}
     return out
 
 
@@ -340,7 +342,8 @@ class LiteRTRunner(BaseRunner):
         self._static = {s["batch"]: k for k, s in sigs.items() if s["batch"] is not None}
         first = sigs[self._dynamic or self._static[max(self._static)]]
         signature = Signature((TensorSpec(first["input"], dtype, (None, *(d if d > 0 else None for d in feature_shape))),),
-                              (TensorSpec(first["output"], "float32", (None,)),))
+                              (TensorSpec(first["output"], first["output_dtype"],
+                                          (None, *(d if d > 0 else None for d in first["output_shape"][1:]))),))
         super().__init__(artifact, signature, static_batches=None if self._dynamic else sorted(self._static))
         self.resize_ok = False
         probe = "not needed"

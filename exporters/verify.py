@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from parity.compare import ParityRecord, Tolerance, compare
+from parity.signature import Signature, describe_mapping
 
 from .base import Artifact, RuntimeUnavailable
 
@@ -31,9 +32,10 @@ def environment_problem(error: BaseException) -> str | None:
 
 
 def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str, np.ndarray], tolerance: Tolerance,
-                   *, task: str, max_batch: int, model: str | None = None
+                   *, task: str, max_batch: int, model: str | None = None, model_signature: Signature | None = None
                    ) -> tuple[ParityRecord, np.ndarray | None, str | None]:
-    """One artifact in one runtime. Returns (record, outputs or None, environment problem or None)."""
+    """One artifact in one runtime. Returns (record, outputs or None, environment problem or None).
+    With the model's signature, the record says how the artifact's inputs and outputs map to it."""
     model = model or artifact.model
     x, y_ref, labels, kinds = reference["x"], reference["y"], reference.get("labels"), reference["kind"]
     t0 = time.perf_counter()
@@ -55,6 +57,7 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
         close = getattr(runner, "close", None)
         if close:
             close()
+    seen = getattr(runner, "signature", None)
     comparison = compare(y_ref, got, tolerance=tolerance, task=task, labels=labels, kinds=kinds)
     rec = ParityRecord.checked(model, artifact.format, artifact.variant, runtime, artifact.path, comparison,
                                elapsed_s=time.perf_counter() - t0,
@@ -62,4 +65,8 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
                                         "feeds": [b - a for a, b in cuts],
                                         "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes,
                                         **({"note": artifact.details["note"]} if artifact.details.get("note") else {})})
+    if seen is not None:
+        rec.details["signature"] = seen.describe()
+        if model_signature is not None:
+            rec.details["mapping"] = describe_mapping(model_signature, seen)
     return rec, got, None

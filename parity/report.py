@@ -199,7 +199,8 @@ class ParityReport:
             size = f", {d['size_bytes'] / 1024:.1f} KiB" if d.get("size_bytes") else ""
             batches = f", batch sizes {d['batch_sizes']}" if d.get("batch_sizes") else ", any batch"
             note = f". Note: {d['note']}" if d.get("note") else ""
-            lines.append(f"- `{r.label}`: {_md(d['route'])}{size}{batches}{_md(note)}")
+            mapping = f". Mapping: {d['mapping']}" if d.get("mapping") else ""
+            lines.append(f"- `{r.label}`: {_md(d['route'])}{size}{batches}{_md(mapping)}{_md(note)}")
         return (["## Artifacts", ""] + lines + [""]) if lines else []
 
     def write_markdown(self, path) -> Path:

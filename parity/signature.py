@@ -177,3 +177,62 @@ def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
     if len(a) >= size:
         return a
     return np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)])
+
+
+def map_tensors(model: tuple[TensorSpec, ...], artifact: tuple[TensorSpec, ...]) -> tuple[dict[str, str], list[str]]:
+    """Match an artifact's tensors to the model's by meaning, not luck: the same name first, then the
+    one tensor of the same per-row shape and dtype family, then what is left in order. Returns
+    {model name: artifact name} and how each pair was matched."""
+    def family(t: TensorSpec) -> str:
+        return "float" if t.dtype.startswith("float") else ("bool" if t.dtype == "bool" else "int")
+
+    def rows(t: TensorSpec) -> tuple:
+        return t.shape[1:]
+
+    pairs: dict[str, str] = {}
+    how: list[str] = []
+    left = [a for a in artifact]
+    for m in model:
+        same = next((a for a in left if a.name == m.name), None)
+        if same is not None:
+            pairs[m.name] = same.name
+            left.remove(same)
+    for m in model:
+        if m.name in pairs:
+            continue
+        alike = [a for a in left if rows(a) == rows(m) and family(a) == family(m)]
+        if len(alike) == 1 and sum(1 for o in model if o.name not in pairs and rows(o) == rows(m)
+                                   and family(o) == family(m)) == 1:
+            pairs[m.name] = alike[0].name
+            left.remove(alike[0])
+            how.append(f"{m.name} -> {alike[0].name} (renamed; the one {family(m)} tensor of per-row shape "
+                       f"{list(rows(m))})")
+    for m in model:
+        if m.name not in pairs and left:
+            a = left.pop(0)
+            pairs[m.name] = a.name
+            how.append(f"{m.name} -> {a.name} (by position)")
+    return pairs, how
+
+
+def describe_mapping(model: Signature, artifact: Signature) -> str:
+    """One line for a report: how the artifact's inputs and outputs relate to the model's (names kept or
+    renamed, dtype casts, shapes that differ)."""
+    parts = []
+    for side, (m_specs, a_specs) in (("in", (model.inputs, artifact.inputs)), ("out", (model.outputs, artifact.outputs))):
+        pairs, _ = map_tensors(m_specs, a_specs)
+        by_name = {a.name: a for a in a_specs}
+        for m in m_specs:
+            a = by_name.get(pairs.get(m.name, ""))
+            if a is None:
+                parts.append(f"{m.name}: no matching {side}put")
+                continue
+            bits = [f"{m.name} {'->' if side == 'in' else '<-'} {a.name}" + ("" if a.name == m.name else " (renamed)")]
+            if a.dtype != m.dtype:
+                bits.append(f"{m.dtype} as {a.dtype}")
+            unknown = a.shape == (None,) and len(m.shape) > 1  # a runtime that does not say (TF.js outputs)
+            if not unknown and (len(a.shape) != len(m.shape) or any(
+                    x is not None and y is not None and x != y for x, y in zip(a.shape[1:], m.shape[1:]))):
+                bits.append(f"shape {list(m.shape[1:])} as {list(a.shape[1:])}")
+            parts.append(", ".join(bits))
+    return "; ".join(parts)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .spec import ModelSpec, Spec
+from parity.signature import Signature, TensorSpec
+
 from .training import build_model, output_kind
 
 # Keras trains its epochs in compiled chunks of this many, reporting progress between chunks
@@ -81,6 +83,12 @@ class KerasAdapter:
             if on_epoch:
                 on_epoch(stop, losses[-1])
         return losses
+
+    def signature(self, model, x: np.ndarray, y: np.ndarray) -> Signature:
+        """The model's own names (Keras inputs, output layers) with the dtypes and shapes of real rows."""
+        ins = [t.name for t in getattr(model, "inputs", None) or []] or ["x"]
+        outs = list(getattr(model, "output_names", None) or []) or ["output"]
+        return Signature((TensorSpec.of(ins[0], x),), (TensorSpec.of(outs[0], y),))
 
     def predict(self, model, x: np.ndarray) -> np.ndarray:
         import tensorflow as tf
@@ -154,6 +162,13 @@ class TorchAdapter:
                 on_epoch(len(losses), losses[-1])
         model.eval()
         return losses
+
+    def signature(self, model, x: np.ndarray, y: np.ndarray) -> Signature:
+        """The forward's argument name (nn.Sequential calls it `input`) with real rows' dtype and shape."""
+        import inspect
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return Signature((TensorSpec.of(params[0].name if params else "x", x),), (TensorSpec.of("output", y),))
 
     def predict(self, model, x: np.ndarray) -> np.ndarray:
         import torch

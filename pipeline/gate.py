@@ -116,6 +116,7 @@ def run_bundle_verify(ctx: Context, bundle: str, fmt: str) -> dict:
     from exporters.bundle import REFERENCE, read_bundle
     from exporters.verify import check_artifact
     from parity.compare import ParityRecord, tolerance_for
+    from parity.signature import Signature
     b = read_bundle(Path(bundle))
     m = b.manifest
     reference_problems = b.file_problems(REFERENCE)
@@ -127,7 +128,8 @@ def run_bundle_verify(ctx: Context, bundle: str, fmt: str) -> dict:
         tol = tolerance_for(artifact.variant, fmt, m.get("tolerances") or {})
         for runtime in module.RUNTIMES:
             rec, _, env = check_artifact(module, artifact, runtime, ref, tol, task=m["task"],
-                                         max_batch=int(m.get("max_batch", 16)), model=m["model"])
+                                         max_batch=int(m.get("max_batch", 16)), model=m["model"],
+                                         model_signature=Signature.from_json(m["signature"]))
             if env:
                 rec.details["cause"] = "environment"
             if problems:

@@ -184,11 +184,14 @@ def run_reference(ctx: Context, spec: str, model: str) -> dict:
     labels = _labels_for(ctx, spec, kind)
     np.savez(ctx.out / "reference.npz", x=x, y=y, kind=kind, y_perturbed=y_perturbed,
              **({"labels": labels} if labels is not None else {}))
-    (ctx.out / "reference.json").write_text(json.dumps({"shape": list(y.shape), "dtype": str(y.dtype)}))
+    signature = fw.signature(model, x, y)
+    (ctx.out / "reference.json").write_text(json.dumps({"shape": list(y.shape), "dtype": str(y.dtype),
+                                                        "signature": signature.to_json()}))
     return {"rows": int(len(x)), "output_shape": list(y.shape[1:]),
             "output_std": float(y.std(axis=0).mean()),
             "perturbed_max_abs": float(np.abs(y_perturbed - y).max()),
-            "summary": f"{len(x)} rows, output std {float(y.std(axis=0).mean()):.3g}"}
+            "signature": signature.to_json(),
+            "summary": f"{len(x)} rows, output std {float(y.std(axis=0).mean()):.3g}; {signature.describe()}"}
 
 
 def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
@@ -349,10 +352,12 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     from exporters.base import read_manifest
     from exporters.verify import check_artifact
     from parity.compare import ParityRecord, tolerance_for
+    from parity.signature import Signature
     spec = load_spec(spec)
     m = spec.model(model)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         ref = {k: f[k] for k in f.files}
+    model_sig = Signature.from_json(ctx.input_facts(f"reference:{m.name}")["signature"])
     variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
     name = f"export:{m.name}:{fmt}"
     facts = ctx.input_facts(name)
@@ -371,7 +376,8 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
             tol = tolerance_for(artifact.variant, fmt, spec.parity.tolerances)
             for runtime in module.RUNTIMES:
                 rec, got, env = check_artifact(module, artifact, runtime, ref, tol, task=spec.data.task,
-                                               max_batch=spec.parity.max_batch, model=m.name)
+                                               max_batch=spec.parity.max_batch, model=m.name,
+                                               model_signature=model_sig)
                 if env:
                     rec.details["cause"] = "environment"
                     ctx.volatile(f"{artifact.label} on {runtime}: {env[:200]}")
@@ -419,7 +425,9 @@ def run_bundle(ctx: Context, spec: str, model: str) -> dict:
             artifacts[fmt] = arts
         for r in json.loads((ctx.input_dir(f"verify:{m.name}:{fmt}") / "records.json").read_text()):
             verdicts[f"{r['label']}@{r.get('runtime') or '-'}"] = r["status"]
+    signature = ctx.input_facts(f"reference:{m.name}")["signature"]
     manifest = write_bundle(ctx.out / "bundle", model=m.name, framework=m.framework, task=spec.data.task,
+                            signature=signature,
                             reference=ctx.input_dir(f"reference:{m.name}") / "reference.npz",
                             artifacts=artifacts, verdicts=verdicts, tolerances=spec.parity.tolerances,
                             max_batch=spec.parity.max_batch, source={"spec": spec.name, "spec_path": str(spec.path)})

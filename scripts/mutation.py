@@ -51,11 +51,32 @@ def equivalents() -> dict[str, str]:
     return known
 
 
+_sources: dict[str, dict[str, str]] = {}
+
+
 def changed_line(name: str) -> str:
-    """The mutated line of a mutant, from `mutmut show`'s diff."""
-    diff = mutmut("show", name)
-    plus = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
-    return plus[0] if plus else "?"
+    """The mutated line of a mutant: its function in mutants/ set beside the original one."""
+    import ast
+    import difflib
+    module, _, fn = name.rpartition(".")
+    if module not in _sources:
+        path = ROOT / "mutants" / (module.replace(".", "/") + ".py")
+        text = path.read_text()
+        lines = text.splitlines()
+        _sources[module] = {n.name: [re.sub(r"__mutmut_\w+", "", ln) for ln in lines[n.lineno - 1:n.end_lineno]]
+                            for n in ast.walk(ast.parse(text))
+                            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    funcs = _sources[module]
+    orig = funcs.get(fn.rpartition("__mutmut_")[0] + "__mutmut_orig", [])
+    mutant = funcs.get(fn, [])
+    changed = [ln[1:].strip() for ln in difflib.ndiff(orig, mutant) if ln.startswith("+ ")]
+    return changed[0] if changed else "?"
+
+
+def function_of(name: str) -> str:
+    """'parity.compare.x_compare__mutmut_12' -> 'parity.compare.compare'; methods as Class.method."""
+    module, _, rest = name.rpartition("__mutmut_")[0].rpartition(".")
+    return f"{module}.{rest.removeprefix('x_').removeprefix('xǁ').replace('ǁ', '.')}"
 
 
 def main() -> None:
@@ -82,14 +103,23 @@ def main() -> None:
     print(f"\n{len(results)} mutants in {elapsed:.0f} s: "
           + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(f"survivors: {len(survivors)} ({sum(n in known for n in survivors)} listed as equivalent)\n")
-    if survivors:
-        print("| mutant | equivalent? | mutated line |")
-        print("|---|---|---|")
-        for name in sorted(survivors):
-            line = changed_line(name).replace("|", "\\|")
-            mark = f"yes: {known[name]}" if name in known else "NO"
-            print(f"| `{name}` | {mark} | `{line[:120]}` |")
     gaps = [n for n in survivors if n not in known]
+    by_function: dict[str, list[str]] = {}
+    for name in sorted(gaps):
+        by_function.setdefault(function_of(name), []).append(name)
+    report = ROOT / "mutants" / "survivors.md"
+    rows = ["| mutant | equivalent? | mutated line |", "|---|---|---|"]
+    for name in sorted(survivors):
+        line = changed_line(name).replace("|", "\\|")
+        rows.append(f"| `{name}` | {'yes: ' + known[name] if name in known else 'NO'} | `{line[:120]}` |")
+    report.write_text("\n".join(rows) + "\n")
+    if by_function:
+        print("| function | surviving mutants | for example |")
+        print("|---|---|---|")
+        for fn, names in sorted(by_function.items(), key=lambda kv: -len(kv[1])):
+            example = changed_line(names[0]).replace("|", "\\|")
+            print(f"| `{fn}` | {len(names)} | `{example[:90]}` |")
+    print(f"\nevery survivor with its mutated line: {report}")
     sys.exit(1 if gaps else 0)
 
 

@@ -19,7 +19,8 @@ def bundle(tmp_path):
     arts = {"onnx": [Artifact("m", "onnx", "fp32", str(src / "onnx" / "model.onnx"), "torch", "r")],
             "saved_model": [Artifact("m", "saved_model", "fp32", str(src / "sm" / "saved"), "torch", "r")]}
     out = tmp_path / "bundle"
-    write_bundle(out, model="m", framework="torch", task="regression", reference=src / "reference.npz",
+    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, 1], "layout": None}], "outputs": []}
+    write_bundle(out, model="m", framework="torch", task="regression", signature=sig, reference=src / "reference.npz",
                  artifacts=arts, verdicts={"m/onnx@onnxruntime-cpu": "passed"}, tolerances={}, max_batch=16,
                  source={"spec": "s"})
     return out

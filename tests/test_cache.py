@@ -97,3 +97,9 @@ def test_an_unwritable_cache_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "cache").write_text("a file, not a folder")
     with pytest.raises(CacheError, match="expected a cache folder this user can write"):
         Cache(tmp_path / "cache").check_writable()
+
+
+def test_a_key_does_not_depend_on_the_order_settings_were_written_in():
+    assert stage_key("train", {"a": 1, "b": 2}, {"x": "1", "y": "2"}, "c") == \
+        stage_key("train", {"b": 2, "a": 1}, {"y": "2", "x": "1"}, "c")
+    assert stage_key("train", {"a": 1}, {}, "c") != stage_key("export", {"a": 1}, {}, "c")

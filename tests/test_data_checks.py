@@ -88,6 +88,7 @@ def assert_usage_error(r, *words):
         assert w in r.stderr, r.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("command", [["validate", "--quick"], ["run", "--no-track"]])
 def test_string_labels_exit_2_from_validate_and_run(tmp_path, command):
     spec = write_spec(tmp_path, np.zeros((20, 2)), np.array(["a", "b"] * 10), task="classification")
@@ -95,17 +96,20 @@ def test_string_labels_exit_2_from_validate_and_run(tmp_path, command):
     assert_usage_error(r, "data.npz: array 'y'", "class ids")
 
 
+@pytest.mark.cli
 def test_validate_names_a_missing_factory_function(tmp_path):
     spec = write_spec(tmp_path, np.zeros((20, 1)), np.zeros(20), factory="my_models:nowhere")
     assert_usage_error(run_cli("validate", "--quick", str(spec), home=tmp_path),
                        "model[0].factory", "a function 'nowhere'")
 
 
+@pytest.mark.cli
 def test_validate_names_a_missing_npz_file(tmp_path):
     spec = write_spec(tmp_path, None, None, path="missing.npz")
     assert_usage_error(run_cli("validate", "--quick", str(spec), home=tmp_path), "data.path", "missing.npz")
 
 
+@pytest.mark.cli
 def test_validate_builds_each_model_and_names_an_input_shape_mismatch(tmp_path):
     spec = write_spec(tmp_path, np.zeros((20, 3)), np.zeros(20), factory="my_models:wide")
     r = run_cli("validate", str(spec), home=tmp_path)
@@ -144,3 +148,10 @@ def test_torch_classifier_with_logits_is_trained_as_logits():
     assert fw.output_kind == "logits"
     assert 0 < losses[-1] < 0.5 < losses[0]  # a real cross-entropy, falling (clamped log gave nonsense)
     assert (fw.predict(model, x).argmax(1) == y).mean() > 0.9
+
+
+def test_one_row_is_data_and_a_scalar_is_not():
+    x, y = checked_arrays(np.zeros((1, 2)), np.zeros(1), "regression", "d.npz")
+    assert x.shape == (1, 2) and y.shape == (1, 1)
+    with pytest.raises(DataError, match="array 'x': expected one row per sample, found shape \\(\\)"):
+        checked_arrays(np.float32(1.0), np.zeros(1), "regression", "d.npz")

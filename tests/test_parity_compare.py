@@ -414,3 +414,56 @@ def test_compare_and_report_import_no_framework(tmp_path, where):
                           text=True, timeout=60, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_non_finite_values_fail_and_leave_the_other_metrics_honest():
+    exp = np.linspace(-1, 1, 40).reshape(10, 4)
+    got = exp.copy()
+    got[2, 1] = np.nan
+    got[7, 3] += 0.5
+    c = compare(exp, got)
+    assert not c.passed and c.metrics["n_nonfinite"] == 1
+    assert c.metrics["max_abs"] == pytest.approx(0.5)             # the finite error, not the NaN's
+    assert c.metrics["mean_abs"] == pytest.approx(0.5 / 39)       # over the 39 finite values
+    assert (c.metrics["worst_index"], c.metrics["worst_output"]) == (7, 3)
+    assert c.metrics["cosine"] < 1.0
+    assert any("non-finite" in f for f in c.failures) and any("max abs error" in f for f in c.failures)
+
+
+def test_a_value_exactly_at_a_bound_passes():
+    exp = np.arange(-4, 4, dtype=np.float64).reshape(8, 1) / 2   # exact in binary
+    tol = tolerance_for("fp32", "onnx", {"fp32": {"atol": 0.25, "rtol": None, "min_cosine": None}})
+    assert compare(exp, exp + 0.25, tolerance=tol).passed
+    assert not compare(exp, exp + 0.375, tolerance=tol).passed
+
+
+def test_empty_outputs_and_task_are_reported():
+    c = compare(np.zeros((3, 0)), np.zeros((3, 0)))
+    assert not c.passed and "no values to compare" in c.failures[0]
+    assert compare(np.ones((3, 2)), np.ones((3, 2)), task="classification").task == "classification"
+
+
+def test_discrimination_judges_the_perturbation_by_the_tolerance_it_is_given():
+    ref = np.linspace(-2, 2, 60).reshape(30, 2)
+    pert = ref * (1 + 1e-3)
+    assert discrimination(ref, pert)["perturbation_caught"] is True            # fp32 default: atol 1e-5
+    loose = tolerance_for("fp32", "onnx", {"fp32": {"atol": 1.0, "rtol": None, "min_cosine": None}})
+    d = discrimination(ref, pert, loose)
+    assert d["perturbation_caught"] is False and not d["discriminative"] and "perturbed model" in d["reason"]
+    assert d["atol"] == 1.0
+
+
+def test_one_row_or_one_class_cannot_discriminate():
+    d = discrimination(np.ones((1, 3)))
+    assert not d["discriminative"] and "only 1 row" in d["reason"]
+    probs = np.tile([[0.1, 0.7, 0.2]], (20, 1)) + np.linspace(0, 0.05, 20)[:, None] * [1, -1, 0]
+    d = discrimination(probs, task="classification")
+    assert d["distinct_top1"] == 1 and not d["discriminative"] and "same top-1 class" in d["reason"]
+
+
+def test_a_checked_record_counts_its_rows_from_the_comparison():
+    c = compare(np.ones((7, 2)), np.ones((7, 2)))
+    rec = ParityRecord.checked("m", "onnx", "fp32", "onnxruntime-cpu", "/a", c)
+    assert rec.n_rows == 7 and rec.passed
+    skipped = ParityRecord.skipped("m", "tfjs", "fp16", "no such variant")
+    assert skipped.skip == "excluded" and skipped.n_rows == 0

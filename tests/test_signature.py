@@ -99,3 +99,19 @@ def test_a_closed_runner_and_a_bare_array_for_several_inputs_are_refused():
             self.signature = SIG
     with pytest.raises(InputMismatch, match="expected a feed of named arrays"):
         Two()(np.zeros((4, 2)))
+
+
+def test_tensors_are_matched_by_name_then_by_shape_and_dtype_then_in_order():
+    from parity.signature import describe_mapping, map_tensors
+    model = (TensorSpec("input_ids", "int64", (None, 8)), TensorSpec("pixels", "float32", (None, 3, 4)))
+    artifact = (TensorSpec("args_1", "float32", (None, 3, 4)), TensorSpec("args_0", "int32", (None, 8)))
+    pairs, how = map_tensors(model, artifact)
+    assert pairs == {"input_ids": "args_0", "pixels": "args_1"}  # not by position: that would swap them
+    assert all("renamed" in h for h in how)
+    same = (TensorSpec("a", "float32", (None, 2)), TensorSpec("b", "float32", (None, 2)))
+    pairs, how = map_tensors(same, (TensorSpec("b", "float32", (None, 2)), TensorSpec("z", "float32", (None, 2))))
+    assert pairs == {"b": "b", "a": "z"} and how == ["a -> z (renamed; the one float tensor of per-row shape [2])"]
+    line = describe_mapping(Signature(model, (TensorSpec("logits", "float32", (None, 2)),)),
+                            Signature(artifact, (TensorSpec("output_0", "float32", (None, 2)),)))
+    assert line == ("input_ids -> args_0 (renamed), int64 as int32; pixels -> args_1 (renamed); "
+                    "logits <- output_0 (renamed)")

@@ -93,6 +93,7 @@ def test_cli_exits_2_without_importing_frameworks(tmp_path):
     assert "model[0].framework" in r.stderr
 
 
+@pytest.mark.cli
 def test_cli_unknown_spec_exit_code(tmp_path):
     r = run_cli("run", "nope", home=tmp_path)
     assert r.returncode == 2

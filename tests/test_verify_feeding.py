@@ -75,3 +75,44 @@ def test_the_parity_set_holds_held_out_rows_random_draws_and_both_extremes():
     random_rows = rows[kinds == 1]
     assert random_rows.min() >= low and random_rows.max() <= high and random_rows.std() > 0.5
     assert (kinds == 2).sum() == 2 and rows[kinds == 2].tolist() == [[low], [high]]
+
+
+def test_the_check_passes_task_labels_kinds_and_tolerance_through_and_names_the_cell():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (40, 5)).astype(np.float32)
+    labels = logits.argmax(1).astype(np.int64)
+    labels[20:] = -1
+    ref = {"x": logits, "y": logits, "kind": np.r_[np.zeros(20), np.ones(20)].astype(np.int8), "labels": labels}
+
+    class Identity(SpyModule):
+        def load(self, artifact, runtime):
+            return lambda x: x[:, ::-1] if runtime == "flipped" else x
+    art = Artifact("net", "litert", "int8", "/a/model.tflite", "torch", "litert-torch", batch_sizes=[1, 16])
+    loose = tolerance_for("int8", "litert")
+    rec, _, _ = check_artifact(Identity(), art, "identity", ref, loose, task="classification", max_batch=16)
+    assert rec.passed and rec.comparison.task == "classification" and "top1_agreement" in rec.comparison.metrics
+    assert (rec.model, rec.format, rec.variant, rec.runtime, rec.artifact) == \
+        ("net", "litert", "int8", "identity", "/a/model.tflite")
+    assert rec.comparison.tolerance == loose and rec.details["batch_sizes"] == [1, 16]
+    bad, _, _ = check_artifact(Identity(), art, "flipped", ref, loose, task="classification", max_batch=16)
+    assert bad.failed and any("top-1 agreement" in f for f in bad.comparison.failures)
+    assert any("accuracy" in f for f in bad.comparison.failures)  # the held-out labels were used
+    assert "(held-out)" in bad.message or "(random)" in bad.message  # the row kinds were used
+
+
+def test_a_runner_that_cannot_load_or_run_is_a_failed_record_not_a_crash():
+    from exporters.base import ArtifactLoadError, RuntimeUnavailable
+
+    class Broken(SpyModule):
+        def __init__(self, error):
+            super().__init__()
+            self.error = error
+
+        def load(self, artifact, runtime):
+            raise self.error
+    art = Artifact("m", "tfjs", "fp32", "/nowhere", "torch", "test")
+    for error, env in ((ArtifactLoadError("truncated"), None), (RuntimeUnavailable("node is missing"), "node is missing"),
+                       (ImportError("no onnxruntime"), "ImportError: no onnxruntime")):
+        rec, got, why = check_artifact(Broken(error), art, "spy", reference(5), tolerance_for("fp32", "tfjs"),
+                                       task="regression", max_batch=16)
+        assert rec.failed and got is None and why == env and type(error).__name__ in rec.error
