@@ -212,6 +212,52 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
     return record
 
 
+def export(model_path: str, *, example: str | None, formats: list[str] | None = None, task: str = "regression",
+           factory: str | None = None, tolerances: dict | None = None, home: Path | None = None,
+           track: bool = True) -> dict:
+    """The front door for a model someone already trained: its file in, every format out, each verified
+    in its own runtime against the model on the example inputs. Writes the spec it implies (under
+    .pipeline/implicit/) and runs it, so caching, MLflow and the reports work as for any spec."""
+    from .spec import FORMATS, PRETRAINED_SUFFIXES
+    home = home or home_dir()
+    path = Path(model_path).resolve()
+    framework = next((fw for fw, suffixes in PRETRAINED_SUFFIXES.items() if path.suffix in suffixes), None)
+    if framework is None:
+        known = ", ".join(f"{s} ({fw})" for fw, suffixes in PRETRAINED_SUFFIXES.items() for s in suffixes)
+        raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}), found suffix "
+                                 f"{path.suffix or 'none'!r}")
+    if not path.is_file():
+        raise spec_mod.SpecError(f"{model_path}: no such model file")
+    if not example:
+        raise spec_mod.SpecError(f"{model_path}: expected --example INPUTS.npz holding an array x of real inputs "
+                                 f"(the rows the parity set is drawn from)")
+    example_path = Path(example).resolve()
+    if not example_path.is_file():
+        raise spec_mod.SpecError(f"--example {example}: no such file")
+    for fmt in formats or ():
+        if fmt not in FORMATS:
+            raise spec_mod.SpecError(f"--formats {fmt}: expected formats among {', '.join(FORMATS)}")
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in path.stem) or "model"
+    lines = ["# written by `python -m pipeline export`: the spec this export implies", "[pipeline]",
+             f'name = "export-{name}"', "", "[data]", 'source = "npz"', f"path = {json.dumps(str(example_path))}",
+             f'task = "{task}"', "", "[[model]]", f'name = "{name}"', f'framework = "{framework}"',
+             f"source = {json.dumps(str(path))}"]
+    if factory:
+        lines.append(f"factory = {json.dumps(factory)}")
+    lines += ["", "[export]", f"formats = {json.dumps(list(formats or FORMATS))}", ""]
+    if tolerances:  # checked like any spec's, when the spec is loaded
+        lines += ["[parity.tolerances]"] + [
+            f'"{key}" = {{ ' + ", ".join(f"{f} = {v!r}" for f, v in fields.items()) + " }"
+            for key, fields in tolerances.items()] + [""]
+    text = "\n".join(lines)
+    import hashlib
+    spec_path = work_dir(home) / "implicit" / f"export-{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.toml"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(text)
+    print(f"export {path.name} ({framework}): spec {spec_path}", flush=True)
+    return run(str(spec_path), home=home, track=track)
+
+
 def validate(spec_ref: str, *, models: bool = True) -> dict:
     """Check a spec without running it: its keys and types, its data (files, arrays, labels) and,
     with `models`, that each factory builds a model that takes the data's inputs (this imports each
@@ -223,7 +269,7 @@ def validate(spec_ref: str, *, models: bool = True) -> dict:
     spec = spec_mod.load(spec_ref)
     arrays = data_mod.load_arrays(spec)
     shape = list(arrays["x_train"].shape[1:])
-    outputs = n_outputs(spec.data.task, arrays["y_train"])
+    outputs = n_outputs(spec.data.task, arrays["y_train"]) if "y_train" in arrays else None
     facts = {"spec": spec, "input_shape": shape, "n_outputs": outputs, "rows": len(arrays["x_train"])}
     if models:
         with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
@@ -287,7 +333,8 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
     for m in spec.models:
         train = by_name.get(f"train:{m.name}")
         info = {"framework": m.framework, "factory": m.factory,
-                "params": {"framework": m.framework, "factory": m.factory, **m.train.__dict__,
+                "params": {"framework": m.framework, "factory": m.factory, **(m.train.__dict__ if m.train else {}),
+                           **({"source": m.source} if m.source else {}),
                            **{f"model.{k}": v for k, v in m.params.items()}, "seed": spec.seed}}
         if train is not None and train.error:
             info["error"] = train.error

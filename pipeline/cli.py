@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("run_a")
     d.add_argument("run_b")
 
+    ex = sub.add_parser("export", help="a model file in (.keras, .h5, .pt, .pth, .pt2), every format out, each verified")
+    ex.add_argument("model", help="the trained model's file")
+    ex.add_argument("--example", metavar="INPUTS.npz", help="real inputs: an array x (and y, to score the model)")
+    ex.add_argument("--formats", help="comma-separated formats (default: all five)")
+    ex.add_argument("--task", choices=("regression", "classification"), default="regression",
+                    help="classification judges artifacts by top-1 agreement too")
+    ex.add_argument("--factory", help="module:function that builds the module, for a torch state dict")
+    ex.add_argument("--tolerance", action="append", default=[], metavar="KEY=FIELD:VALUE[,FIELD:VALUE]",
+                    help="a tolerance override, as [parity.tolerances] in a spec: KEY is a variant (fp32), a "
+                         "format (litert) or both (litert-int8); e.g. fp32=atol:1e-4 (repeatable)")
+    ex.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+
     sub.add_parser("list", help="list the built-in specs")
 
     s = sub.add_parser("show", help="print a run's stages, timings and metrics (default: the latest)")
@@ -99,6 +111,30 @@ def cmd_verify(args) -> int:
     record = api.verify(args.run, track=not args.no_track)
     print_summary(record)
     return exit_code(record)
+
+
+def cmd_export(args) -> int:
+    from . import api
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+    record = api.export(args.model, example=args.example, formats=formats, task=args.task, factory=args.factory,
+                        tolerances=parse_tolerances(args.tolerance), track=not args.no_track)
+    print_summary(record)
+    return exit_code(record)
+
+
+def parse_tolerances(items: list[str]) -> dict[str, dict[str, float]]:
+    """["fp32=atol:1e-4", "litert-int8=atol:0.2,min_top1_agreement:0.9"] -> {"fp32": {"atol": 1e-4}, ...}"""
+    from .spec import SpecError
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, sep, fields = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            out.setdefault(key, {}).update({f: float(v) for f, v in (p.split(":", 1) for p in fields.split(","))})
+        except ValueError:
+            raise SpecError(f"--tolerance {item}: expected KEY=FIELD:VALUE[,FIELD:VALUE], e.g. fp32=atol:1e-4") from None
+    return out
 
 
 def cmd_check(args) -> int:
@@ -247,4 +283,4 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "validate": cmd_validate}

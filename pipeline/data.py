@@ -31,7 +31,8 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
         x = (digits.images / float(opts.get("scale", 16.0))).astype(np.float32)
         y = digits.target.astype(np.int64)
     elif spec.data.source == "npz":
-        x, y = read_npz(Path(opts["path"]))
+        # targets are optional when every model is pretrained: parity needs inputs only
+        x, y = read_npz(Path(opts["path"]), need_y=not all(m.pretrained for m in spec.models))
     else:  # validated by the spec already
         raise DataError(f"unknown data source {spec.data.source!r}")
     where = opts.get("path") or f"data source {spec.data.source!r}"
@@ -39,13 +40,14 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
     return split(x, y, float(opts.get("test_fraction", 0.0)), rng)
 
 
-def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_npz(path: Path, need_y: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y") if k not in f.files]
+            missing = [k for k in (("x", "y") if need_y else ("x",)) if k not in f.files]
             if missing:
-                raise DataError(f"{path}: expected arrays 'x' and 'y', found {sorted(f.files)}")
-            return f["x"], f["y"]
+                raise DataError(f"{path}: expected arrays 'x' and 'y', found {sorted(f.files)}" if need_y else
+                                f"{path}: expected an array 'x' of real inputs, found {sorted(f.files)}")
+            return f["x"], (f["y"] if "y" in f.files else None)
     except FileNotFoundError:
         raise DataError(f"{path}: expected an .npz file with arrays 'x' and 'y', found no such file") from None
     except (OSError, ValueError) as e:
@@ -56,12 +58,16 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def checked_arrays(x: np.ndarray, y: np.ndarray, task: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Inputs as float32 rows; targets in the one shape every framework trains on: regression
     (N, outputs) float32, classification (N,) int64 class ids 0..K-1. Refuses what cannot be brought there."""
-    x, y = np.asarray(x), np.asarray(y)
+    x = np.asarray(x)
     if not _numeric(x):
         raise DataError(f"{where}: array 'x': expected numbers, found dtype {x.dtype}")
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"{where}: array 'x': expected one row per sample, found shape {x.shape}")
     x = (x.reshape(-1, 1) if x.ndim == 1 else x).astype(np.float32)
+    if y is None:  # inputs only (pretrained models): nothing to train or score against
+        check_finite({"x": x}, where)
+        return x, None
+    y = np.asarray(y)
     if y.ndim == 0 or len(y) != len(x):
         raise DataError(f"{where}: array 'y': expected {len(x)} rows (one per row of x), found shape {y.shape}")
     if not _numeric(y):
@@ -107,7 +113,10 @@ def split(x, y, test_fraction, rng):
     n_test = int(round(len(x) * test_fraction))
     order = rng.permutation(len(x)) if n_test else np.arange(len(x))
     test, train = order[:n_test], order[n_test:]
-    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+    out = {"x_train": x[train], "x_test": x[test]}
+    if y is not None:
+        out.update(y_train=y[train], y_test=y[test])
+    return out
 
 
 def parity_inputs(spec: Spec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

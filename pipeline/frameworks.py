@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .spec import ModelSpec, Spec
 from parity.signature import Signature, TensorSpec
 
+from .spec import ModelSpec, Spec
 from .training import build_model, output_kind
 
 # Keras trains its epochs in compiled chunks of this many, reporting progress between chunks
 EPOCH_CHUNKS = 20
+PRETRAINED = "pretrained"  # a pretrained model's file, copied into its train stage's folder under this stem
+
+
+class PretrainedLoadError(ValueError):
+    """A pretrained model file that does not load: says which file and what it was expected to be."""
+    user_error = True
 
 
 def adapter(framework: str) -> "KerasAdapter | TorchAdapter":
@@ -94,10 +101,24 @@ class KerasAdapter:
         import tensorflow as tf
         return np.asarray(model(tf.constant(x, dtype=tf.float32), training=False))
 
+    def load_pretrained(self, spec: Spec, m: ModelSpec, path: Path, input_shape=None, n_outputs=None):
+        import keras
+        try:
+            return keras.models.load_model(str(path), compile=False)
+        except Exception as e:
+            raise PretrainedLoadError(f"model {m.name} (keras): {path}: keras.models.load_model failed "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); expected a model "
+                                      f"saved with model.save(...) as .keras or .h5") from None
+
+    def save_pretrained(self, model, m: ModelSpec, out: Path) -> None:
+        shutil.copy2(m.source, out / (PRETRAINED + Path(m.source).suffix))
+
     def save(self, model, out: Path) -> None:
         model.save_weights(str(out / self.weights_file))
 
     def load(self, spec: Spec, m: ModelSpec, src: Path, input_shape, n_outputs):
+        if m.pretrained:
+            return self.load_pretrained(spec, m, src / (PRETRAINED + Path(m.source).suffix))
         model = self.build(spec, m, input_shape, n_outputs)
         model(np.zeros((1, *input_shape), np.float32))
         model.load_weights(str(src / self.weights_file))
@@ -166,8 +187,11 @@ class TorchAdapter:
     def signature(self, model, x: np.ndarray, y: np.ndarray) -> Signature:
         """The forward's argument name (nn.Sequential calls it `input`) with real rows' dtype and shape."""
         import inspect
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        try:
+            params = [p for p in inspect.signature(model.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):  # a ScriptModule's forward has no Python signature
+            params = []
         return Signature((TensorSpec.of(params[0].name if params else "x", x),), (TensorSpec.of("output", y),))
 
     def predict(self, model, x: np.ndarray) -> np.ndarray:
@@ -176,12 +200,57 @@ class TorchAdapter:
         with torch.no_grad():
             return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
+    def load_pretrained(self, spec: Spec, m: ModelSpec, path: Path, input_shape=None, n_outputs=None):
+        """A TorchScript archive, a torch.export program (.pt2), a pickled nn.Module or a state dict (with
+        the spec's factory to build the module it fits)."""
+        import torch
+        from .training import load_factory
+        if m.factory:
+            load_factory(spec, m)  # puts the spec's folder on sys.path: a pickled module's class lives there
+        where = f"model {m.name} (torch): {path}"
+        try:
+            if path.suffix == ".pt2":
+                module = _graph_module(torch.export.load(str(path)).module())
+            else:
+                try:
+                    module = torch.jit.load(str(path), map_location="cpu")
+                except RuntimeError:  # not a TorchScript archive: a pickle
+                    module = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise PretrainedLoadError(f"{where}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                                      f"expected a TorchScript archive, a torch.export .pt2, a pickled nn.Module "
+                                      f"(its class importable beside the spec) or a state dict") from None
+        if isinstance(module, dict):
+            if not m.factory:
+                raise PretrainedLoadError(f"{where}: holds a state dict ({len(module)} tensors), not a module; "
+                                          f"expected `factory = \"module:function\"` in the spec to build the "
+                                          f"module it fits")
+            state = module
+            module = self.build(spec, m, tuple(input_shape or ()), n_outputs)
+            try:
+                module.load_state_dict(state)
+            except Exception as e:
+                raise PretrainedLoadError(f"{where}: the state dict does not fit the module the factory "
+                                          f"'{m.factory}' builds: {str(e).splitlines()[0][:300]}") from None
+        if not isinstance(module, torch.nn.Module):
+            raise PretrainedLoadError(f"{where}: holds a {type(module).__name__}, expected a torch module")
+        torch.set_num_threads(1)
+        module.eval()
+        if isinstance(module, torch.jit.ScriptModule) and input_shape:
+            module = _script_to_graph(module, tuple(input_shape))
+        return module
+
+    def save_pretrained(self, model, m: ModelSpec, out: Path) -> None:
+        shutil.copy2(m.source, out / (PRETRAINED + Path(m.source).suffix))
+
     def save(self, model, out: Path) -> None:
         import torch
         torch.save(model.state_dict(), out / self.weights_file)
 
     def load(self, spec: Spec, m: ModelSpec, src: Path, input_shape, n_outputs):
         import torch
+        if m.pretrained:
+            return self.load_pretrained(spec, m, src / (PRETRAINED + Path(m.source).suffix), input_shape, n_outputs)
         model = self.build(spec, m, input_shape, n_outputs)
         model.load_state_dict(torch.load(src / self.weights_file, map_location="cpu", weights_only=True))
         model.eval()
@@ -192,11 +261,56 @@ class TorchAdapter:
         import torch
         clone = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(seed)
+        # a converted graph keeps its weights as buffers; integer buffers (counters) are left alone
+        weights = list(clone.parameters()) + [b for b in clone.buffers() if b.is_floating_point()]
         with torch.no_grad():
-            for p in clone.parameters():
+            for p in weights:
                 p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
         return clone
 
     def save_mlflow_model(self, model, path: Path, x_example: np.ndarray, y_example: np.ndarray) -> None:
         from . import tracking
         tracking.save_native_model("torch", model, path, x_example, y_example)
+
+
+def _script_to_graph(module, input_shape: tuple):
+    """A TorchScript module as an eager fx graph (TS2EPConverter, from torch itself): the ONNX and
+    LiteRT converters take torch.export programs, not ScriptModules. Kept as TorchScript where the
+    conversion fails or changes the outputs."""
+    import warnings
+
+    import torch
+    rows = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        from torch._export.converter import TS2EPConverter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = TS2EPConverter(module, (rows,)).convert().module()
+        with torch.no_grad():
+            for n in (1, 3):
+                x = torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(n))
+                if not torch.allclose(graph(x), module(x), atol=1e-6):
+                    return module
+    except Exception:  # noqa: BLE001 - the TorchScript module still serves the routes that take it
+        return module
+    return _graph_module(graph)
+
+
+def _graph_module(graph):
+    """An nn.Module around torch.export's graph module, which refuses .eval()/.train() (it has no
+    training mode): callers switch modes on every module they are given."""
+    import torch
+
+    class ExportedGraph(torch.nn.Module):
+        def __init__(self, g):
+            super().__init__()
+            self.graph_module = g
+
+        def forward(self, x):  # one input, as every pretrained route takes today
+            return self.graph_module(x)
+
+        def train(self, mode: bool = True):
+            self.training = mode  # not passed down: the graph has no training mode
+            return self
+
+    return ExportedGraph(graph)

@@ -70,18 +70,32 @@ class TrainSettings:
     threads: int
 
 
+PRETRAINED_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt", ".pth", ".pt2")}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     framework: str
-    factory: str
+    factory: str | None            # "module:function"; for a pretrained state dict, what builds the module
     params: dict[str, Any]
-    train: TrainSettings
+    train: TrainSettings | None    # None: a pretrained model, not trained here
     accept: tuple[Bound, ...]
     litert_batch_sizes: tuple[int, ...]
+    source: str | None = None      # a pretrained model file (absolute path), used as it is
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source is not None
+
+    def source_digest(self) -> str | None:
+        from .cache import file_digest
+        return file_digest(Path(self.source)) if self.source else None
 
     def factory_source_hash(self) -> str:
         """Hash of the factory's module source, found without importing it (no framework import)."""
+        if not self.factory:
+            return "none"
         module = self.factory.split(":", 1)[0]
         found = importlib.util.find_spec(module)
         origin = Path(found.origin) if found and found.origin else None
@@ -239,19 +253,31 @@ class _Validator:
             if not isinstance(m, dict):
                 self.fail(where, "a table", m)
             self.known_keys(m, where, {"name", "framework", "factory", "params", "train", "accept",
-                                       "litert_batch_sizes"})
+                                       "litert_batch_sizes", "source"})
             mname = self.get(m, "name", where, str)
             if any(x.name == mname for x in models):
                 self.fail(f"{where}.name", "a name unique among the models", mname)
             framework = self.get(m, "framework", where, str, choices=FRAMEWORKS)
-            factory = self.get(m, "factory", where, str)
-            self._check_factory(factory, f"{where}.factory")
+            pretrained = self._source(m, where, framework)
+            factory = self.get(m, "factory", where, str, None if pretrained else ...)
+            if factory is not None:
+                self._check_factory(factory, f"{where}.factory")
             params = self.get(m, "params", where, dict, {})
-            train = self._train({**train_defaults, **self.get(m, "train", where, dict, {})}, f"{where}.train")
+            train_raw = self.get(m, "train", where, (dict, bool), {} if not pretrained else False)
+            if pretrained and train_raw is not False:
+                self.fail(f"{where}.train", "false for a pretrained model (source = ...): it is used as it is, "
+                                            "not trained", train_raw)
+            if train_raw is True:
+                train_raw = {}
+            train = None if train_raw is False else \
+                self._train({**train_defaults, **train_raw}, f"{where}.train")
+            if train is None and not pretrained:
+                self.fail(f"{where}.train", "a table (or true): a model without `source` is trained from its "
+                                            "factory", False)
             accept = self._accept({**accept_defaults, **self.get(m, "accept", where, dict, {})},
                                   f"{where}.accept")
             batches = self._batch_sizes(m, where) if "litert_batch_sizes" in m else litert_batches
-            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches))
+            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches, pretrained))
 
         parity = self._parity(self.table(raw, "parity", "parity", {"held_out_rows", "random_rows",
                                                                   "input_range", "max_batch",
@@ -259,6 +285,20 @@ class _Validator:
         deploy = self.get(raw, "deploy", "", dict, {})
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
                     parity, deploy, raw)
+
+    def _source(self, m: dict, where: str, framework: str) -> str | None:
+        """A pretrained model file beside the spec (or an absolute path), of a kind the framework loads."""
+        rel = self.get(m, "source", where, str, None)
+        if rel is None:
+            return None
+        path = (self.path.parent / rel).resolve()
+        suffixes = PRETRAINED_SUFFIXES[framework]
+        if path.suffix not in suffixes:
+            self.fail(f"{where}.source", f"a {framework} model file ({', '.join(suffixes)})", rel)
+        if not path.is_file():
+            self.fail(f"{where}.source", f"a model file (relative to the spec), found no file at {path}",
+                      show_found=False)
+        return str(path)
 
     def _batch_sizes(self, table: dict, where: str) -> tuple[int, ...]:
         sizes = self.get(table, "litert_batch_sizes", where, list, [1, 16])

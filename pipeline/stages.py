@@ -37,7 +37,9 @@ def build_stages(spec: Spec) -> list[Stage]:
         stages.append(Stage(
             f"train:{m.name}", "train",
             {"framework": m.framework, "factory": m.factory, "factory_source": m.factory_source_hash(),
-             "params": m.params, "train": m.train.__dict__, "accept": [b.__dict__ for b in m.accept],
+             "source": m.source_digest(),
+             "params": m.params, "train": m.train.__dict__ if m.train else None,
+             "accept": [b.__dict__ for b in m.accept],
              "seed": spec.seed, "task": spec.data.task},
             TRAIN_CODE, f"{__name__}:run_train", mref, inputs=("data",), lane=side(m.framework)))
         stages.append(Stage(
@@ -80,9 +82,10 @@ def run_data(ctx: Context, spec: str) -> dict:
     spec = load_spec(spec)
     arrays = data_mod.load_arrays(spec)
     np.savez(ctx.out / "arrays.npz", **arrays)
-    x, y = arrays["x_train"], arrays["y_train"]
+    x, y = arrays["x_train"], arrays.get("y_train")
     return {"n_train": len(x), "n_test": len(arrays["x_test"]), "input_shape": list(x.shape[1:]),
-            "n_outputs": n_outputs(spec.data.task, y), "x_dtype": str(x.dtype), "y_dtype": str(y.dtype),
+            "n_outputs": None if y is None else n_outputs(spec.data.task, y), "x_dtype": str(x.dtype),
+            "y_dtype": None if y is None else str(y.dtype), "targets": y is not None,
             "summary": f"{len(x)} train rows, {len(arrays['x_test'])} test rows, input {tuple(x.shape[1:])}"}
 
 
@@ -120,6 +123,8 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
     arrays = load_arrays(ctx)
     info = ctx.input_facts("data")
     fw = adapter(m.framework)
+    if m.pretrained:
+        return take_pretrained(ctx, spec, m, fw, arrays, info)
     t0 = time.perf_counter()
     model = fw.build(spec, m, tuple(info["input_shape"]), info["n_outputs"])
     probe_model(m, lambda x: fw.predict(model, x), arrays["x_train"][:2], info["n_outputs"])
@@ -146,6 +151,34 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
             "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"}
 
 
+def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, info: dict) -> dict:
+    """A model the user already trained: load its file, check it takes the data's inputs, keep a copy
+    (what later stages load), and score it on the data's targets where there are some."""
+    t0 = time.perf_counter()
+    model = fw.load_pretrained(spec, m, Path(m.source), info["input_shape"], info["n_outputs"])
+    probe_model(m, lambda x: fw.predict(model, x), arrays["x_train"][:2], info["n_outputs"])
+    fw.save_pretrained(model, m, ctx.out)
+    write_history(ctx.out, [])
+    metrics = task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays) if "y_train" in arrays else {}
+    check_acceptance(m, metrics)
+    example = arrays["x_train"][:5]
+    y_example = fw.predict(model, example)
+    try:  # the MLflow copy is a record for people; a module MLflow cannot serialise still exports
+        fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
+        mlflow_note = None
+    except Exception as e:  # noqa: BLE001
+        import shutil
+        shutil.rmtree(ctx.out / "mlflow_model", ignore_errors=True)
+        mlflow_note = f"not saved as an MLflow model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ctx.log(mlflow_note)
+    ctx.memo[("model", m.name)] = model
+    shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    return {"metrics": metrics, "epochs": 0, "pretrained": m.source, "input_shape": info["input_shape"],
+            "n_outputs": int(np.prod(y_example.shape[1:])) if info["n_outputs"] is None else info["n_outputs"],
+            "framework": m.framework, "timings": {"load_s": time.perf_counter() - t0}, "mlflow_model": mlflow_note,
+            "summary": f"{m.framework}: pretrained {Path(m.source).name}, not trained" + (f"; {shown}" if shown else "")}
+
+
 def probe_stages(spec: Spec, input_shape: list[int], n_outputs: int) -> list[Stage]:
     """For `validate`: build each model from its factory and call it on rows shaped like the data."""
     return [Stage(f"probe:{m.name}", "probe", {"model": m.name}, TRAIN_CODE, f"{__name__}:run_probe",
@@ -158,10 +191,10 @@ def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_out
     spec = load_spec(spec)
     m = spec.model(model)
     fw = adapter(m.framework)
-    built = fw.build(spec, m, tuple(input_shape), n_outputs)
+    built = fw.load_pretrained(spec, m, Path(m.source), input_shape, n_outputs) if m.pretrained else \
+        fw.build(spec, m, tuple(input_shape), n_outputs)
     probe_model(m, lambda x: fw.predict(built, x), np.zeros((2, *input_shape), np.float32), n_outputs)
-    return {"summary": f"{m.framework} model takes (batch, {', '.join(map(str, input_shape))}) and gives "
-                       f"{n_outputs} output(s)"}
+    return {"summary": f"{m.framework} model takes (batch, {', '.join(map(str, input_shape))})"}
 
 
 # --------------------------------------------------------------------------- reference
@@ -196,9 +229,9 @@ def run_reference(ctx: Context, spec: str, model: str) -> dict:
 
 def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
     """Held-out labels for the parity rows that are held-out data (classification only)."""
-    if spec.data.task != "classification":
-        return None
     arrays = load_arrays(ctx)
+    if spec.data.task != "classification" or "y_train" not in arrays:
+        return None
     source = arrays["y_test"] if len(arrays["x_test"]) else arrays["y_train"]
     labels = np.full(len(kind), -1, dtype=np.int64)
     n_held = int((kind == 0).sum())

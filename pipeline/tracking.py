@@ -66,9 +66,12 @@ def save_native_model(framework: str, model, path: Path, x_example: np.ndarray, 
     else:
         import mlflow.pytorch
         import torch
+        # MLflow's pt2 format needs torch.export to take the module; a TorchScript module is pickled
+        scripted = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule))
         mlflow.pytorch.save_model(
             model, str(path), signature=signature, input_example=x_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            **({"serialization_format": "pickle"} if scripted else {}))
 
 
 # --------------------------------------------------------------------------- in the parent: the record

@@ -62,7 +62,7 @@ def probe_model(model: ModelSpec, predict, x_rows: np.ndarray, n_outputs: int) -
         raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
                             f"that fails on {len(x_rows)} rows of the data: expected it to take {want}; "
                             f"it raised {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    if out.ndim < 1 or len(out) != len(x_rows) or int(np.prod(out.shape[1:])) != n_outputs:
+    if out.ndim < 1 or len(out) != len(x_rows) or (n_outputs is not None and int(np.prod(out.shape[1:])) != n_outputs):
         raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
                             f"whose outputs for {len(x_rows)} rows have shape {out.shape}; expected "
                             f"({len(x_rows)}, {n_outputs}) for the data's targets")

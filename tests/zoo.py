@@ -1,0 +1,59 @@
+"""Models no one on this project wrote, built from public libraries' own code with random weights
+(nothing is downloaded). BatchNorm statistics get real values, measured on the example inputs, so
+the outputs vary with the input: a random deep net with untouched statistics gives every input the
+same output, and every artifact of it would "pass"."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def keras_mobilenet(out: Path) -> tuple[Path, Path]:
+    """keras.applications.MobileNetV2 at 32x32 (alpha 0.35, 5 classes) as .keras, and NHWC example images."""
+    import keras
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, classes=5, alpha=0.35)
+    x = np.random.default_rng(1).random((48, 32, 32, 3), dtype=np.float32)
+    for layer in model.layers:  # upstream first: each layer's statistics are those of its real input
+        if isinstance(layer, keras.layers.BatchNormalization):
+            h = np.asarray(keras.Model(model.inputs, layer.input)(x))
+            gamma, beta, _, _ = layer.get_weights()
+            axes = tuple(range(h.ndim - 1))
+            layer.set_weights([gamma, beta, h.mean(axes), h.var(axes) + 1e-3])
+    model.save(out / "mobilenet.keras")
+    np.savez(out / "images_nhwc.npz", x=x)
+    return out / "mobilenet.keras", out / "images_nhwc.npz"
+
+
+def torch_resnet_block(out: Path) -> tuple[Path, Path]:
+    """A ResNet-style NCHW block (conv, BatchNorm, ReLU, a skip connection, pooling) saved as TorchScript,
+    and NCHW example images."""
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.head(torch.relu(h + self.body(h)))
+
+    model = Block()
+    x = np.random.default_rng(2).random((48, 3, 16, 16), dtype=np.float32)
+    model.train()
+    with torch.no_grad():  # running statistics from the example images (momentum None: a plain average)
+        for bn in (model.stem[1], model.body[1]):
+            bn.momentum = None
+            bn.reset_running_stats()
+        model(torch.from_numpy(x))
+    model.eval()
+    path = out / "resnet_block.pt"
+    torch.jit.save(torch.jit.trace(model, torch.from_numpy(x[:2])), str(path))
+    np.savez(out / "images_nchw.npz", x=x)
+    return path, out / "images_nchw.npz"
