@@ -391,7 +391,8 @@ class ParityRecord:
     status "skipped": no artifact exists for this cell on purpose; `reason` says why and `skip` says
     which case: "excluded" (the spec excluded the cell) or "not-produced" (the cell cannot be produced:
     no route from this framework to the format, or no such variant for it). An export that was asked
-    for but raised is "failed" with error "export failed: ...", never skipped.
+    for but whose converter raised is "failed" with error "UNSUPPORTED: ..." and details["outcome"]
+    "unsupported" (skipped, not-produced, only where the spec allows that cell), never silently skipped.
     """
     model: str
     format: str

@@ -265,6 +265,8 @@ def _verdict(r: ParityRecord) -> str:
         return f"SKIPPED ({r.reason})"
     if r.status == "passed":
         return "PASS"
+    if r.error is not None and (r.details or {}).get("outcome") == "unsupported":
+        return f"UNSUPPORTED ({_short(r.error.removeprefix('UNSUPPORTED: '))})"
     if r.error is not None:
         return f"FAIL ({_short(r.error)})"
     return "FAIL" + (f" ({_short(_brief(r.comparison.failures[0]))})" if r.comparison is not None and r.comparison.failures else "")
@@ -334,6 +336,8 @@ def print_table(report: ParityReport, file=None, width: int | None = None) -> st
             verdict = f"SKIP {r.reason}"
         elif r.status == "passed":
             verdict = "PASS"
+        elif (r.details or {}).get("outcome") == "unsupported":
+            verdict = r.error
         else:
             verdict = "FAIL " + (r.error if r.error is not None else
                                  (_brief(r.comparison.failures[0]) if r.comparison.failures else ""))

@@ -116,6 +116,10 @@ class ParitySpec:
     input_range: tuple[float, float]
     max_batch: int
     tolerances: dict[str, dict[str, float]]
+    allow_unsupported: tuple[str, ...] = ()  # cells "<model>/<format>[-<variant>]" whose converter may fail
+
+    def allows_unsupported(self, model: str, fmt: str, variant: str) -> bool:
+        return f"{model}/{fmt}" in self.allow_unsupported or f"{model}/{fmt}-{variant}" in self.allow_unsupported
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,8 @@ class _Validator:
 
         parity = self._parity(self.table(raw, "parity", "parity", {"held_out_rows", "random_rows",
                                                                   "input_range", "max_batch",
-                                                                  "tolerances"}, required=False))
+                                                                  "tolerances", "allow_unsupported"},
+                                         required=False), [m.name for m in models], formats)
         deploy = self.get(raw, "deploy", "", dict, {})
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
                     parity, deploy, raw)
@@ -334,7 +339,7 @@ class _Validator:
             bounds.append(Bound(metric, **vals))
         return tuple(bounds)
 
-    def _parity(self, p: dict) -> ParitySpec:
+    def _parity(self, p: dict, model_names: list[str], formats: tuple[str, ...]) -> ParitySpec:
         rng = self.get(p, "input_range", "parity", list, [])
         if rng and (len(rng) != 2 or not all(isinstance(v, (int, float)) for v in rng) or rng[0] >= rng[1]):
             self.fail("parity.input_range", "[low, high] with low < high", rng)
@@ -355,7 +360,20 @@ class _Validator:
             input_range=tuple(float(v) for v in rng) if rng else None,
             max_batch=self.get(p, "max_batch", "parity", int, 16, positive=True),
             tolerances=tolerances,
+            allow_unsupported=self._allowed_cells(p, model_names, formats),
         )
+
+    def _allowed_cells(self, p: dict, model_names: list[str], formats: tuple[str, ...]) -> tuple[str, ...]:
+        cells = self.get(p, "allow_unsupported", "parity", list, [])
+        from parity.compare import VARIANTS
+        known = {f"{m}/{f}" for m in model_names for f in formats}
+        known |= {f"{c}-{v}" for c in list(known) for v in VARIANTS}
+        for cell in cells:
+            if cell not in known:
+                self.fail("parity.allow_unsupported", "cells such as "
+                          f"'{model_names[0]}/{formats[0] if formats else 'onnx'}' or "
+                          f"'{model_names[0]}/litert-int8' (a model and a listed format)", cell)
+        return tuple(cells)
 
     def _check_factory(self, factory: str, key: str) -> None:
         module, sep, func = factory.partition(":")

@@ -396,8 +396,7 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     facts = ctx.input_facts(name)
     records, outputs = [], {}
     if facts.get("error"):
-        records += [ParityRecord.failed_to_load(m.name, fmt, v, None, None, f"export failed: {facts['error']}")
-                    for v in variants]
+        records += [unsupported_record(spec, m, fmt, v, facts["error"]) for v in variants]
     else:
         module = exporters.module(fmt)
         artifacts = read_manifest(ctx.input_dir(name))
@@ -424,6 +423,21 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     return {"checked": len(checked), "failed": len(failed), "skipped": len(records) - len(checked),
             "failures": [r.message for r in failed],
             "summary": f"{len(checked) - len(failed)}/{len(checked)} checks passed"}
+
+
+def unsupported_record(spec: Spec, m: ModelSpec, fmt: str, variant: str, error: str):
+    """A cell whose converter failed: UNSUPPORTED, with the converter's own words and what the user can
+    do. It fails the run unless the spec allows it under [parity] allow_unsupported."""
+    from parity.compare import ParityRecord
+    cell = f"{m.name}/{fmt}" + ("" if variant == "fp32" else f"-{variant}")
+    if spec.parity.allows_unsupported(m.name, fmt, variant):
+        return ParityRecord.skipped(m.name, fmt, variant, f"unsupported here, allowed by the spec: {error[:400]}",
+                                    skip="not-produced", details={"outcome": "unsupported"})
+    return ParityRecord.failed_to_load(
+        m.name, fmt, variant, None, None,
+        f"UNSUPPORTED: the {fmt} converter failed for this {m.framework} model: {error}. What you can do: "
+        f"drop {fmt} from export.formats, or list \"{cell}\" under [parity] allow_unsupported to accept the "
+        f"gap", details={"outcome": "unsupported"})
 
 
 # --------------------------------------------------------------------------- bundle

@@ -136,3 +136,29 @@ def test_unknown_keys_are_refused_in_a_models_own_train_table(tmp_path):
                                      'factory = "pipeline.zoo:linear_torch"\ntrain = { colour = "red" }'))
     with pytest.raises(SpecError, match=r"model\[0\]\.train\.colour: expected one of the known keys"):
         spec_mod.load(str(p))
+
+
+def test_allow_unsupported_names_cells_of_the_spec(tmp_path):
+    ok = write(tmp_path, GOOD + '\n[export]\nformats = ["onnx", "litert"]\n[parity]\nallow_unsupported = ["m/litert-int8", "m/onnx"]\n')
+    p = spec_mod.load(str(ok)).parity
+    assert p.allows_unsupported("m", "litert", "int8") and p.allows_unsupported("m", "onnx", "fp32")
+    assert not p.allows_unsupported("m", "litert", "fp32")
+    bad = write(tmp_path, GOOD + '\n[export]\nformats = ["onnx"]\n[parity]\nallow_unsupported = ["m/tfjs"]\n',
+                name="bad.toml")
+    with pytest.raises(SpecError, match=r"parity.allow_unsupported: expected cells such as .*found 'm/tfjs'"):
+        spec_mod.load(str(bad))
+
+
+def test_a_failed_converter_is_unsupported_with_what_to_do_unless_the_spec_allows_it(tmp_path):
+    from parity.report import ParityReport, print_table
+    from pipeline.stages import unsupported_record
+    text = GOOD + '\n[export]\nformats = ["onnx", "litert"]\n'
+    strict = spec_mod.load(str(write(tmp_path, text)))
+    rec = unsupported_record(strict, strict.model("m"), "litert", "int8", "ValueError: op FFT is not supported")
+    assert rec.failed and rec.details["outcome"] == "unsupported"
+    assert "op FFT is not supported" in rec.error and '"m/litert-int8" under [parity] allow_unsupported' in rec.error
+    assert "drop litert from export.formats" in rec.error
+    assert "UNSUPPORTED" in print_table(ParityReport(records=[rec]))
+    allowing = spec_mod.load(str(write(tmp_path, text + '[parity]\nallow_unsupported = ["m/litert"]\n', "a.toml")))
+    rec = unsupported_record(allowing, allowing.model("m"), "litert", "int8", "ValueError: op FFT is not supported")
+    assert rec.status == "skipped" and rec.skip == "not-produced" and "allowed by the spec" in rec.reason
