@@ -180,8 +180,18 @@ def package_version(dist: str) -> str | None:
         return None
 
 
-def example_batch(example, fmt: str, name: str, framework: str) -> np.ndarray:
-    """The example inputs as a contiguous float32 batch of at least one row."""
+def example_batch(example, fmt: str, name: str, framework: str, *, several: bool = False):
+    """The example inputs as a contiguous float32 batch of at least one row; with `several`, a model of
+    named inputs may give {name: array} (each keeping its dtype). A route that takes one input refuses
+    several with an ExportError, which the run reports as UNSUPPORTED for that cell."""
+    if isinstance(example, Mapping):
+        if not several:
+            raise ExportError(f"{fmt} export of {name} ({framework}): this route takes a model of one input; "
+                              f"this model takes {len(example)} ({', '.join(example)})")
+        example = {k: np.ascontiguousarray(v) for k, v in example.items()}
+        if min(len(v) for v in example.values()) < 1:
+            raise ExportError(f"{fmt} export of {name} ({framework}): expected example rows for every input")
+        return example
     example = np.ascontiguousarray(example, dtype=np.float32)
     if example.ndim < 1 or example.shape[0] < 1:
         raise ExportError(f"{fmt} export of {name} ({framework}): expected an example batch with at least "

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, package_version, pick_runtime,
-                            size_of)
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, package_version,
+                            pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "litert"
@@ -62,7 +62,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = np.asarray(example, dtype=np.float32)
+    example = example_batch(example, FORMAT, name, framework)  # one input (several: UNSUPPORTED for now)
     options = dict(options or {})
     if framework == "keras":
         made = _export_keras(name, out_dir, upstream or {})

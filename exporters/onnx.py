@@ -34,7 +34,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
-    example = example_batch(example, FORMAT, name, framework)
+    example = example_batch(example, FORMAT, name, framework, several=framework == "torch")
     t0 = time.perf_counter()
     if framework == "keras":
         route, details = _export_keras(model, name, example, path)
@@ -87,12 +87,16 @@ def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[st
     was_training = model.training
     model.eval()
     try:
-        x = torch.from_numpy(example)
+        if isinstance(example, dict):  # named inputs, in the order forward takes them
+            order = sorted(example, key=lambda n: arg_names.index(n) if n in arg_names else len(arg_names))
+            args = tuple(torch.from_numpy(example[n]) for n in order)
+        else:
+            args = (torch.from_numpy(example),)
         batch = torch.export.Dim("batch")
         # positional form: works whatever the forward argument is called (nn.Sequential calls it `input`)
-        dynamic_shapes = ({0: batch},)
+        dynamic_shapes = tuple({0: batch} for _ in args)
         try:
-            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False,
+            torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
                               dynamic_shapes=dynamic_shapes, verbose=False)
         except Exception as e:
             raise ExportError(f"onnx export of {name} (torch): torch.onnx.export(dynamo=True) with a dynamic "
@@ -101,7 +105,7 @@ def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[st
         model.train(was_training)
     details = {"converter": "torch.onnx.export(dynamo=True, external_data=False)",
                "forward_args": arg_names,
-               "dynamic_shapes": "batch dimension 0 of the first positional argument",
+               "dynamic_shapes": "batch dimension 0 of every positional argument",
                "versions": {"torch": package_version("torch"), "onnxscript": package_version("onnxscript"),
                             "onnx": package_version("onnx")}}
     return "torch.onnx.export(dynamo=True, dynamic batch)", details
@@ -119,9 +123,8 @@ def _describe(path: Path, name: str, framework: str, route: str) -> tuple[str | 
                           f"valid ONNX model: {type(e).__name__}: {e}") from e
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ExportError(f"onnx export of {name} ({framework}) by {route}: expected one graph input, found "
-                          f"{len(inputs)} ({[i.name for i in inputs]})")
+    if not inputs:
+        raise ExportError(f"onnx export of {name} ({framework}) by {route}: expected a graph input, found none")
 
     def dims(value_info):
         return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
@@ -133,7 +136,7 @@ def _describe(path: Path, name: str, framework: str, route: str) -> tuple[str | 
                           f"input {inputs[0].name!r} of rank 0")
     first = inputs[0].type.tensor_type.shape.dim[0]
     batch_dim: str | int = first.dim_param if first.dim_param else (first.dim_value or "?")
-    io = {"input_name": inputs[0].name, "input_shape": in_dims,
+    io = {"input_name": inputs[0].name, "input_shape": in_dims, "input_names": [i.name for i in inputs],
           "output_names": [o.name for o in proto.graph.output],
           "output_shapes": [dims(o) for o in proto.graph.output],
           "opset": {op.domain or "ai.onnx": op.version for op in proto.opset_import},

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, BaseRunner, ExportError, pick_runtime, size_of
+from exporters.base import Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, pick_runtime, size_of
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
@@ -44,7 +44,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = np.asarray(example, dtype=np.float32)
+    example = example_batch(example, FORMAT, name, framework)  # one input (several: UNSUPPORTED for now)
     if framework == "keras":
         return [_export_keras(model, name, example, out_dir)]
     if framework == "torch":

@@ -60,7 +60,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
-    example = example_batch(example, FORMAT, name, framework)
+    example = example_batch(example, FORMAT, name, framework, several=framework == "torch")
+    names, arrays = _ordered_inputs(model, example)
     t0 = time.perf_counter()
     if framework == "torch":
         source, route, details = model, "torch.jit.trace", {}
@@ -68,7 +69,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         was_training = model.training
         model.eval()
         try:
-            scripted, batch_sizes, more = _trace(source, name, framework, example)
+            scripted, batch_sizes, more = _trace(source, name, framework, arrays)
         finally:
             model.train(was_training)
         if more.get("scripted"):
@@ -81,7 +82,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         if onnx_artifact.batch_sizes:  # a fixed-batch ONNX graph can only be traced at that batch
             reps = -(-onnx_artifact.batch_sizes[0] // example.shape[0])
             example = np.concatenate([example] * reps)[:onnx_artifact.batch_sizes[0]]
-        scripted, batch_sizes, more = _trace(source, name, framework, example)
+            arrays = [example]
+        scripted, batch_sizes, more = _trace(source, name, framework, arrays)
         details.update(more)
         details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example, expected)
     else:
@@ -94,12 +96,12 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         torch.jit.save(scripted, str(path))
     details.setdefault("graph_inputs", [i.debugName() for i in scripted.graph.inputs()][1:])
     details["graph_outputs"] = [o.debugName() for o in scripted.graph.outputs()]
-    details["input_mapping"] = "the single forward argument, by position"
+    details["input_mapping"] = "the forward's arguments, by position" + (f" ({', '.join(names)})" if len(names) > 1 else "")
     details["output_mapping"] = "the forward's return value (first tensor if several)"
     with torch.no_grad():
-        out = _first_tensor(scripted(torch.from_numpy(example))).numpy()
+        out = _first_tensor(scripted(*(torch.from_numpy(a) for a in arrays))).numpy()
     dynamic = batch_sizes is None
-    details["signature"] = Signature((TensorSpec.of("x", example, dynamic_batch=dynamic),),
+    details["signature"] = Signature(tuple(TensorSpec.of(n, a, dynamic_batch=dynamic) for n, a in zip(names, arrays)),
                                      (TensorSpec.of("y", out, dynamic_batch=dynamic),)).to_json()
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
                      route=route, batch_sizes=batch_sizes, size_bytes=size_of(path),
@@ -148,27 +150,41 @@ def _onnx_to_torch(onnx_artifact: Artifact, name: str):
     return module, details
 
 
-def _trace(module, name: str, framework: str, example: np.ndarray):
+def _ordered_inputs(model, example) -> tuple[list[str], list[np.ndarray]]:
+    """Input names and arrays in the order the module's forward takes them (one input: ["x"])."""
+    if not isinstance(example, dict):
+        return ["x"], [example]
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    names = sorted(example, key=lambda n: params.index(n) if n in params else len(params))
+    return names, [example[n] for n in names]
+
+
+def _trace(module, name: str, framework: str, arrays: list[np.ndarray]):
     """Trace (falling back to script if the trace is tied to the example's batch); return the scripted
     module, batch_sizes (None when batches of 1 and n+1 also match the source module) and details."""
     import torch
 
-    x = torch.from_numpy(example)
+    xs = tuple(torch.from_numpy(a) for a in arrays)
+    example = arrays[0]
     details: dict[str, Any] = {}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            traced = torch.jit.trace(module, (x,), _store_inputs=False)
+            traced = torch.jit.trace(module, xs, _store_inputs=False)
         except Exception as e:
             raise ExportError(f"torchscript export of {name} ({framework}): torch.jit.trace failed on an "
-                              f"example of shape {list(example.shape)}: {_one_line(e)}") from e
-        problem = _batch_problem(module, traced, example)
+                              f"example of shape {[list(a.shape) for a in arrays]}: {_one_line(e)}") from e
+        problem = _batch_problem(module, traced, arrays)
         if problem is None:
             return traced, None, details
         details["trace_batch_problem"] = problem
         try:
             scripted = torch.jit.script(module)
-            script_problem = _batch_problem(module, scripted, example)
+            script_problem = _batch_problem(module, scripted, arrays)
         except Exception as e:
             script_problem = f"torch.jit.script failed: {_one_line(e)}"
         if script_problem is None:
@@ -180,22 +196,23 @@ def _trace(module, name: str, framework: str, example: np.ndarray):
         return traced, [int(example.shape[0])], details
 
 
-def _batch_problem(source, traced, example: np.ndarray) -> str | None:
+def _batch_problem(source, traced, arrays: list[np.ndarray]) -> str | None:
     import torch
 
-    n = example.shape[0]
-    for rows in (example[:1], np.concatenate([example, example[:1]])):
-        x = torch.from_numpy(np.ascontiguousarray(rows))
+    n = arrays[0].shape[0]
+    for pick in (slice(0, 1), np.r_[np.arange(n), 0]):
+        xs = tuple(torch.from_numpy(np.ascontiguousarray(a[pick])) for a in arrays)
+        rows = xs[0].shape[0]
         try:
-            got = _first_tensor(traced(x)).numpy()
+            got = _first_tensor(traced(*xs)).numpy()
         except Exception as e:
-            return f"batch {rows.shape[0]} (traced at {n}) fails: {_one_line(e)}"
-        want = _first_tensor(source(x)).numpy()
+            return f"batch {rows} (traced at {n}) fails: {_one_line(e)}"
+        want = _first_tensor(source(*xs)).numpy()
         if got.shape != want.shape:
-            return f"batch {rows.shape[0]} (traced at {n}): shape {list(got.shape)}, expected {list(want.shape)}"
+            return f"batch {rows} (traced at {n}): shape {list(got.shape)}, expected {list(want.shape)}"
         err = float(np.max(np.abs(got - want))) if got.size else 0.0
         if err > BATCH_PROBE_ATOL:
-            return f"batch {rows.shape[0]} (traced at {n}): max abs {err:.3g} from the source module"
+            return f"batch {rows} (traced at {n}): max abs {err:.3g} from the source module"
     return None
 
 

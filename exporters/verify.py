@@ -10,7 +10,8 @@ import time
 import numpy as np
 
 from parity.compare import ParityRecord, Tolerance, compare
-from parity.signature import Signature, describe_mapping
+from parity.feeds import is_multi, n_rows
+from parity.signature import Signature, TensorSpec, describe_mapping, map_tensors
 
 from .base import Artifact, RuntimeUnavailable
 
@@ -44,11 +45,18 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
     except Exception as e:
         return (ParityRecord.failed_to_load(model, artifact.format, artifact.variant, runtime, artifact.path, e),
                 None, environment_problem(e))
-    cuts = feed_cuts(len(x), max_batch)
+    rows = n_rows(x)
+    cuts = feed_cuts(rows, max_batch)
     try:
-        parts = [np.asarray(runner(x[a:b])) for a, b in cuts]
+        if is_multi(x):  # named inputs go to the artifact's tensors matched by meaning, not position
+            pairs, _ = map_tensors(model_signature.inputs if model_signature is not None else
+                                   tuple(TensorSpec.of(k, v) for k, v in x.items()), runner.signature.inputs)
+            parts = [np.asarray(next(iter(runner.infer({pairs[k]: v[a:b] for k, v in x.items()}).values())))
+                     for a, b in cuts]
+        else:
+            parts = [np.asarray(runner(x[a:b])) for a, b in cuts]
         got = np.concatenate(parts)
-        if len(got) == len(x) and got.size == y_ref.size:
+        if len(got) == rows and got.size == y_ref.size:
             got = got.reshape(y_ref.shape)
     except Exception as e:
         return (ParityRecord.failed_to_load(model, artifact.format, artifact.variant, runtime, artifact.path,

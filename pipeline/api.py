@@ -268,9 +268,10 @@ def validate(spec_ref: str, *, models: bool = True) -> dict:
     from .training import n_outputs
     spec = spec_mod.load(spec_ref)
     arrays = data_mod.load_arrays(spec)
-    shape = list(arrays["x_train"].shape[1:])
+    from parity.feeds import n_rows, row_shapes
+    shape = row_shapes(arrays["x_train"])
     outputs = n_outputs(spec.data.task, arrays["y_train"]) if "y_train" in arrays else None
-    facts = {"spec": spec, "input_shape": shape, "n_outputs": outputs, "rows": len(arrays["x_train"])}
+    facts = {"spec": spec, "input_shape": shape, "n_outputs": outputs, "rows": n_rows(arrays["x_train"])}
     if models:
         with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
             try:

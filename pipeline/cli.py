@@ -279,7 +279,8 @@ def cmd_validate(args) -> int:
     facts = api.validate(args.spec, models=not args.quick)
     spec = facts["spec"]
     print(f"{spec.path}: ok ({len(spec.models)} models, formats {', '.join(spec.formats)}; data: "
-          f"{facts['rows']} training rows, input {tuple(facts['input_shape'])}, {facts['n_outputs']} output(s))")
+          f"{facts['rows']} training rows, input {facts['input_shape'] if isinstance(facts['input_shape'], dict) else tuple(facts['input_shape'])}, "
+          f"{facts['n_outputs']} output(s))")
     return EXIT_OK
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.feeds import is_multi, n_rows, take
+
 from .spec import Spec, SpecError
 
 
@@ -32,7 +34,8 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
         y = digits.target.astype(np.int64)
     elif spec.data.source == "npz":
         # targets are optional when every model is pretrained: parity needs inputs only
-        x, y = read_npz(Path(opts["path"]), need_y=not all(m.pretrained for m in spec.models))
+        x, y = read_npz(Path(opts["path"]), need_y=not all(m.pretrained for m in spec.models),
+                        inputs=opts.get("inputs"))
     else:  # validated by the spec already
         raise DataError(f"unknown data source {spec.data.source!r}")
     where = opts.get("path") or f"data source {spec.data.source!r}"
@@ -40,14 +43,17 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
     return split(x, y, float(opts.get("test_fraction", 0.0)), rng)
 
 
-def read_npz(path: Path, need_y: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def read_npz(path: Path, need_y: bool = True, inputs: list[str] | None = None):
+    """(x, y): x one array, or {name: array} for the spec's named inputs; y None where there is none."""
+    names = inputs or ["x"]
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in (("x", "y") if need_y else ("x",)) if k not in f.files]
+            missing = [k for k in names + (["y"] if need_y else []) if k not in f.files]
             if missing:
-                raise DataError(f"{path}: expected arrays 'x' and 'y', found {sorted(f.files)}" if need_y else
-                                f"{path}: expected an array 'x' of real inputs, found {sorted(f.files)}")
-            return f["x"], (f["y"] if "y" in f.files else None)
+                raise DataError(f"{path}: expected arrays {', '.join(map(repr, names + (['y'] if need_y else [])))}"
+                                f", found {sorted(f.files)} (missing {', '.join(map(repr, missing))})")
+            x = {n: f[n] for n in names} if inputs else f["x"]
+            return x, (f["y"] if "y" in f.files else None)
     except FileNotFoundError:
         raise DataError(f"{path}: expected an .npz file with arrays 'x' and 'y', found no such file") from None
     except (OSError, ValueError) as e:
@@ -55,26 +61,54 @@ def read_npz(path: Path, need_y: bool = True) -> tuple[np.ndarray, np.ndarray | 
                         f"({e})") from None
 
 
-def checked_arrays(x: np.ndarray, y: np.ndarray, task: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs as float32 rows; targets in the one shape every framework trains on: regression
-    (N, outputs) float32, classification (N,) int64 class ids 0..K-1. Refuses what cannot be brought there."""
+def checked_arrays(x, y, task: str, where: str):
+    """Inputs as rows (one float32 array, or named inputs each keeping an integer or bool dtype: token ids
+    stay ids); targets in the one shape every framework trains on: regression (N, outputs) float32,
+    classification (N,) int64 class ids 0..K-1. Refuses what cannot be brought there."""
+    if isinstance(x, dict):
+        x = {name: _checked_input(a, name, where) for name, a in x.items()}
+        counts = {name: len(a) for name, a in x.items()}
+        if len(set(counts.values())) != 1:
+            raise DataError(f"{where}: expected every input to have the same number of rows, found "
+                            + ", ".join(f"'{n}' {c}" for n, c in counts.items()))
+        check_finite(x, where)
+    else:
+        x = _float_input(x, where)
+    return x, _checked_targets(y, n_rows(x), task, where)
+
+
+def _checked_input(a, name: str, where: str) -> np.ndarray:
+    a = np.asarray(a)
+    if not _numeric(a):
+        raise DataError(f"{where}: array '{name}': expected numbers, found dtype {a.dtype}")
+    if a.ndim == 0 or len(a) == 0:
+        raise DataError(f"{where}: array '{name}': expected one row per sample, found shape {a.shape}")
+    a = a.reshape(-1, 1) if a.ndim == 1 else a
+    return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+
+def _float_input(x, where: str) -> np.ndarray:
     x = np.asarray(x)
     if not _numeric(x):
         raise DataError(f"{where}: array 'x': expected numbers, found dtype {x.dtype}")
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"{where}: array 'x': expected one row per sample, found shape {x.shape}")
     x = (x.reshape(-1, 1) if x.ndim == 1 else x).astype(np.float32)
+    check_finite({"x": x}, where)
+    return x
+
+
+def _checked_targets(y, rows: int, task: str, where: str):
     if y is None:  # inputs only (pretrained models): nothing to train or score against
-        check_finite({"x": x}, where)
-        return x, None
+        return None
     y = np.asarray(y)
-    if y.ndim == 0 or len(y) != len(x):
-        raise DataError(f"{where}: array 'y': expected {len(x)} rows (one per row of x), found shape {y.shape}")
+    if y.ndim == 0 or len(y) != rows:
+        raise DataError(f"{where}: array 'y': expected {rows} rows (one per row of the inputs), found shape {y.shape}")
     if not _numeric(y):
         what = "class ids 0..K-1 (map labels such as strings to integers first)" if task == "classification" \
             else "numbers"
         raise DataError(f"{where}: array 'y': expected {what}, found dtype {y.dtype}")
-    check_finite({"x": x, "y": y}, where)
+    check_finite({"y": y}, where)
     if task == "classification":
         if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
             raise DataError(f"{where}: array 'y': expected one class id per row, shape ({len(y)},) or "
@@ -88,9 +122,9 @@ def checked_arrays(x: np.ndarray, y: np.ndarray, task: str, where: str) -> tuple
         if (y < 0).any():
             bad = int(np.argmax(y < 0))
             raise DataError(f"{where}: array 'y': expected class ids 0..K-1, found {y[bad]!r} in row {bad}")
-        return x, y.astype(np.int64)
+        return y.astype(np.int64)
     y = y.reshape(-1, 1) if y.ndim == 1 else y.reshape(len(y), -1)
-    return x, y.astype(np.float32)
+    return y.astype(np.float32)
 
 
 def _numeric(a: np.ndarray) -> bool:
@@ -110,30 +144,64 @@ def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
 
 
 def split(x, y, test_fraction, rng):
-    n_test = int(round(len(x) * test_fraction))
-    order = rng.permutation(len(x)) if n_test else np.arange(len(x))
+    rows = n_rows(x)
+    n_test = int(round(rows * test_fraction))
+    order = rng.permutation(rows) if n_test else np.arange(rows)
     test, train = order[:n_test], order[n_test:]
-    out = {"x_train": x[train], "x_test": x[test]}
+    out = {"x_train": take(x, train), "x_test": take(x, test)}
     if y is not None:
         out.update(y_train=y[train], y_test=y[test])
     return out
 
 
-def parity_inputs(spec: Spec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The stored parity set: held-out rows, random draws from the input range, and the range's extremes.
+def parity_inputs(spec: Spec, arrays: dict) -> dict:
+    """The stored parity set: held-out rows, random draws from the inputs' ranges, and the extremes.
 
-    Returns `x` (all rows) and `kind` (0 held-out, 1 random, 2 extreme) so reports can say which is which.
-    Batch-size edge cases (1 and the largest declared batch) are slices of `x` taken at verify time.
+    Returns `x` (all rows; {name: array} for several inputs) and `kind` (0 held-out, 1 random,
+    2 extreme) so reports can say which is which. Batch-size edge cases (1 and the largest declared
+    batch) are slices of `x` taken at verify time.
     """
     p = spec.parity
     rng = np.random.default_rng(spec.seed + 1)
     x_train = arrays["x_train"]
-    held = arrays["x_test"] if len(arrays["x_test"]) else x_train
-    held = held[: p.held_out_rows]
-    low, high = p.input_range or (float(x_train.min()), float(x_train.max()))
-    shape = x_train.shape[1:]
-    rand = rng.uniform(low, high, size=(p.random_rows, *shape)).astype(np.float32)
-    extremes = np.stack([np.full(shape, low), np.full(shape, high)]).astype(np.float32)
-    x = np.concatenate([held, rand, extremes]).astype(np.float32)
-    kind = np.concatenate([np.zeros(len(held)), np.ones(len(rand)), np.full(2, 2)]).astype(np.int8)
+    held = arrays["x_test"] if n_rows(arrays["x_test"]) else x_train
+    held = take(held, slice(0, p.held_out_rows))
+    if is_multi(x_train):
+        drawn = {name: _drawn_rows(x_train[name], p.random_rows, rng) for name in x_train}
+        x = {name: np.concatenate([held[name], *drawn[name]]).astype(x_train[name].dtype) for name in x_train}
+    else:
+        low, high = p.input_range or (float(x_train.min()), float(x_train.max()))
+        shape = x_train.shape[1:]
+        rand = rng.uniform(low, high, size=(p.random_rows, *shape)).astype(np.float32)
+        extremes = np.stack([np.full(shape, low), np.full(shape, high)]).astype(np.float32)
+        x = np.concatenate([held, rand, extremes]).astype(np.float32)
+    n_held = n_rows(held)
+    kind = np.concatenate([np.zeros(n_held), np.ones(p.random_rows), np.full(2, 2)]).astype(np.int8)
     return {"x": x, "kind": kind}
+
+
+def _drawn_rows(a: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Random rows and two extreme rows for one input, in its own kind of values: floats from its range,
+    ids from its range of ids, 0/1 masks as real padding patterns (ones, then zeros)."""
+    shape = a.shape[1:]
+    if a.dtype.kind == "f":
+        lo, hi = float(a.min()), float(a.max())
+        return rng.uniform(lo, hi, size=(n, *shape)).astype(a.dtype), \
+            np.stack([np.full(shape, lo), np.full(shape, hi)]).astype(a.dtype)
+    if _is_padding_mask(a):
+        width = shape[-1]
+        keep = rng.integers(1, width + 1, size=(n, *shape[:-1], 1))
+        rows = (np.arange(width) < keep).astype(a.dtype)
+        first_only = np.zeros(shape, a.dtype)
+        first_only[..., 0] = 1
+        return rows, np.stack([np.ones(shape, a.dtype), first_only])
+    lo, hi = int(a.min()), int(a.max())
+    return rng.integers(lo, hi + 1, size=(n, *shape)).astype(a.dtype), \
+        np.stack([np.full(shape, lo), np.full(shape, hi)]).astype(a.dtype)
+
+
+def _is_padding_mask(a: np.ndarray) -> bool:
+    """0/1 values where every row is ones then zeros along its last axis (an attention mask)."""
+    if a.ndim < 2 or a.size == 0 or not np.isin(a, (0, 1)).all():
+        return False
+    return bool((np.diff(a.astype(np.int8), axis=-1) <= 0).all() and (a[..., 0] == 1).all())

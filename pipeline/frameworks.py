@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.feeds import n_rows
 from parity.signature import Signature, TensorSpec
 
 from .spec import ModelSpec, Spec
@@ -48,17 +49,18 @@ class KerasAdapter:
         import keras
         import tensorflow as tf
         t = m.train
-        xs, ys = tf.constant(x), tf.constant(y)
+        xs, ys = _tf_inputs(x), tf.constant(y)
+        multi = isinstance(xs, dict)
         if t.loss == "mse":
             loss_fn = keras.losses.MeanSquaredError()
         else:
-            self.output_kind = output_kind(np.asarray(model(xs[:8])))
+            self.output_kind = output_kind(np.asarray(model({k: v[:8] for k, v in xs.items()} if multi else xs[:8])))
             loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=self.output_kind == "logits")
         opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
-        n = len(x)
+        n = n_rows(x)
         bs = min(t.batch_size or n, n)
         n_batches = math.ceil(n / bs)
-        model(xs[:1])
+        model({k: v[:1] for k, v in xs.items()} if multi else xs[:1])
         opt.build(model.trainable_variables)
         shuffle = t.shuffle
 
@@ -73,7 +75,8 @@ class KerasAdapter:
                 total = tf.constant(0.0)
                 for b in tf.range(n_batches):
                     idx = order[b * bs: tf.minimum((b + 1) * bs, n)]
-                    xb, yb = tf.gather(xs, idx), tf.gather(ys, idx)
+                    xb = {k: tf.gather(v, idx) for k, v in xs.items()} if multi else tf.gather(xs, idx)
+                    yb = tf.gather(ys, idx)
                     with tf.GradientTape() as tape:
                         loss = loss_fn(yb, model(xb, training=True))
                     grads = tape.gradient(loss, model.trainable_variables)
@@ -91,15 +94,16 @@ class KerasAdapter:
                 on_epoch(stop, losses[-1])
         return losses
 
-    def signature(self, model, x: np.ndarray, y: np.ndarray) -> Signature:
+    def signature(self, model, x, y: np.ndarray) -> Signature:
         """The model's own names (Keras inputs, output layers) with the dtypes and shapes of real rows."""
-        ins = [t.name for t in getattr(model, "inputs", None) or []] or ["x"]
         outs = list(getattr(model, "output_names", None) or []) or ["output"]
+        if isinstance(x, dict):  # a functional model takes a dict keyed by its inputs' names
+            return Signature(tuple(TensorSpec.of(k, v) for k, v in x.items()), (TensorSpec.of(outs[0], y),))
+        ins = [t.name for t in getattr(model, "inputs", None) or []] or ["x"]
         return Signature((TensorSpec.of(ins[0], x),), (TensorSpec.of(outs[0], y),))
 
-    def predict(self, model, x: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-        return np.asarray(model(tf.constant(x, dtype=tf.float32), training=False))
+    def predict(self, model, x) -> np.ndarray:
+        return np.asarray(model(_tf_inputs(x), training=False))
 
     def load_pretrained(self, spec: Spec, m: ModelSpec, path: Path, input_shape=None, n_outputs=None):
         import keras
@@ -120,7 +124,8 @@ class KerasAdapter:
         if m.pretrained:
             return self.load_pretrained(spec, m, src / (PRETRAINED + Path(m.source).suffix))
         model = self.build(spec, m, input_shape, n_outputs)
-        model(np.zeros((1, *input_shape), np.float32))
+        if not isinstance(input_shape, dict):  # a Sequential without an Input layer builds on its first call
+            model(np.zeros((1, *input_shape), np.float32))
         model.load_weights(str(src / self.weights_file))
         return model
 
@@ -152,18 +157,18 @@ class TorchAdapter:
         import torch.nn.functional as F
         t = m.train
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[t.optimizer](model.parameters(), lr=t.lr)
-        xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+        xs, ys = _torch_inputs(model, x), torch.from_numpy(y)
         if t.loss == "mse":
             loss_fn = F.mse_loss
         else:
             with torch.no_grad():
-                self.output_kind = output_kind(model(xs[:8]).numpy())
+                self.output_kind = output_kind(model(*(a[:8] for a in xs)).numpy())
             if self.output_kind == "logits":
                 loss_fn = F.cross_entropy
             else:  # a softmax head, as the Keras digits model has
                 def loss_fn(prob, target):
                     return F.nll_loss(torch.log(prob.clamp_min(1e-12)), target)
-        n = len(x)
+        n = n_rows(x)
         bs = min(t.batch_size or n, n)
         gen = torch.Generator().manual_seed(seed)
         losses = []
@@ -174,7 +179,7 @@ class TorchAdapter:
             for start in range(0, n, bs):
                 idx = order[start:start + bs]
                 opt.zero_grad()
-                loss = loss_fn(model(xs[idx]), ys[idx])
+                loss = loss_fn(model(*(a[idx] for a in xs)), ys[idx])
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
@@ -192,13 +197,16 @@ class TorchAdapter:
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         except (TypeError, ValueError):  # a ScriptModule's forward has no Python signature
             params = []
+        if isinstance(x, dict):
+            names = _forward_order(model, list(x))
+            return Signature(tuple(TensorSpec.of(k, x[k]) for k in names), (TensorSpec.of("output", y),))
         return Signature((TensorSpec.of(params[0].name if params else "x", x),), (TensorSpec.of("output", y),))
 
-    def predict(self, model, x: np.ndarray) -> np.ndarray:
+    def predict(self, model, x) -> np.ndarray:
         import torch
         model.eval()
         with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+            return model(*_torch_inputs(model, x)).numpy()
 
     def load_pretrained(self, spec: Spec, m: ModelSpec, path: Path, input_shape=None, n_outputs=None):
         """A TorchScript archive, a torch.export program (.pt2), a pickled nn.Module or a state dict (with
@@ -268,8 +276,10 @@ class TorchAdapter:
                 p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
         return clone
 
-    def save_mlflow_model(self, model, path: Path, x_example: np.ndarray, y_example: np.ndarray) -> None:
+    def save_mlflow_model(self, model, path: Path, x_example, y_example: np.ndarray) -> None:
         from . import tracking
+        if isinstance(x_example, dict):  # MLflow traces forward with positional examples, in its order
+            x_example = tuple(x_example[k] for k in _forward_order(model, list(x_example)))
         tracking.save_native_model("torch", model, path, x_example, y_example)
 
 
@@ -314,3 +324,30 @@ def _graph_module(graph):
             return self
 
     return ExportedGraph(graph)
+
+
+def _tf_inputs(x):
+    """One float32 tensor, or {name: tensor} keeping each input's dtype (ids stay integers)."""
+    import tensorflow as tf
+    if isinstance(x, dict):
+        return {k: tf.constant(v) for k, v in x.items()}
+    return tf.constant(x, dtype=tf.float32)
+
+
+def _forward_order(model, names: list[str]) -> list[str]:
+    """The data's inputs in the order the module's forward takes them: by parameter name where they
+    match, else as the data lists them."""
+    import inspect
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()]
+    except (TypeError, ValueError):
+        return names
+    return sorted(names, key=lambda n: params.index(n) if n in params else len(params) + names.index(n))
+
+
+def _torch_inputs(model, x) -> tuple:
+    """The positional tensors for forward: one float32 tensor, or each named input in forward's order."""
+    import torch
+    if isinstance(x, dict):
+        return tuple(torch.from_numpy(np.ascontiguousarray(x[k])) for k in _forward_order(model, list(x)))
+    return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),)

@@ -218,7 +218,7 @@ class _Validator:
         seed = self.get(head, "seed", "pipeline", int, 0)
 
         data_raw = self.table(raw, "data", "data", {"source", "task", "n_samples", "slope", "intercept",
-                                                   "noise", "test_fraction", "path", "scale"})
+                                                   "noise", "test_fraction", "path", "scale", "inputs"})
         source = self.get(data_raw, "source", "data", str, choices=DATA_SOURCES)
         task = self.get(data_raw, "task", "data", str, choices=TASKS)
         data_options = {k: v for k, v in data_raw.items() if k not in ("source", "task")}
@@ -228,6 +228,12 @@ class _Validator:
             if not Path(data_options["path"]).is_file():
                 self.fail("data.path", f"an .npz file (relative to the spec), found no file at "
                                        f"{data_options['path']}", show_found=False)
+        if "inputs" in data_raw:  # a model of several named inputs: one npz array each
+            names = self.get(data_raw, "inputs", "data", list)
+            if source != "npz" or not names or len(set(names)) != len(names) or not all(
+                    isinstance(n, str) and n.isidentifier() for n in names):
+                self.fail("data.inputs", "a list of distinct input names (identifiers), with source = \"npz\" "
+                                         "holding one array per name", names)
         for key in ("n_samples",):
             if key in data_raw:
                 self.get(data_raw, key, "data", int, positive=True)

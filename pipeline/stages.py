@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.feeds import is_multi, n_rows, pack, row_shapes, take, unpack
+
 from . import data as data_mod
 from .runner import Context, Stage
 from .spec import ModelSpec, Spec
@@ -81,26 +83,31 @@ def _parity_settings(spec: Spec) -> dict:
 def run_data(ctx: Context, spec: str) -> dict:
     spec = load_spec(spec)
     arrays = data_mod.load_arrays(spec)
-    np.savez(ctx.out / "arrays.npz", **arrays)
+    np.savez(ctx.out / "arrays.npz", **{k: v for name, a in arrays.items() for k, v in pack(name, a).items()})
     x, y = arrays["x_train"], arrays.get("y_train")
-    return {"n_train": len(x), "n_test": len(arrays["x_test"]), "input_shape": list(x.shape[1:]),
-            "n_outputs": None if y is None else n_outputs(spec.data.task, y), "x_dtype": str(x.dtype),
+    shapes = row_shapes(x)
+    return {"n_train": n_rows(x), "n_test": n_rows(arrays["x_test"]), "input_shape": shapes,
+            "n_outputs": None if y is None else n_outputs(spec.data.task, y),
+            "x_dtype": {k: str(v.dtype) for k, v in x.items()} if is_multi(x) else str(x.dtype),
             "y_dtype": None if y is None else str(y.dtype), "targets": y is not None,
-            "summary": f"{len(x)} train rows, {len(arrays['x_test'])} test rows, input {tuple(x.shape[1:])}"}
+            "summary": f"{n_rows(x)} train rows, {n_rows(arrays['x_test'])} test rows, input "
+                       f"{shapes if is_multi(x) else tuple(shapes)}"}
 
 
-def load_arrays(ctx: Context) -> dict[str, np.ndarray]:
+def load_arrays(ctx: Context) -> dict:
     with np.load(ctx.input_dir("data") / "arrays.npz") as f:
-        return {k: f[k] for k in f.files}
+        entries = {k: f[k] for k in f.files}
+    return {name: unpack(entries, name) for name in ("x_train", "x_test", "y_train", "y_test")
+            if name in entries or any(k.startswith(name + ":") for k in entries)}
 
 
 def run_parity_set(ctx: Context, spec: str) -> dict:
     spec = load_spec(spec)
     ps = data_mod.parity_inputs(spec, load_arrays(ctx))
-    np.savez(ctx.out / "parity_inputs.npz", **ps)
-    return {"rows": int(len(ps["x"])), "held_out": int((ps["kind"] == 0).sum()),
+    np.savez(ctx.out / "parity_inputs.npz", **pack("x", ps["x"]), kind=ps["kind"])
+    return {"rows": n_rows(ps["x"]), "held_out": int((ps["kind"] == 0).sum()),
             "random": int((ps["kind"] == 1).sum()), "extremes": int((ps["kind"] == 2).sum()),
-            "summary": f"{len(ps['x'])} parity rows"}
+            "summary": f"{n_rows(ps['x'])} parity rows"}
 
 
 # --------------------------------------------------------------------------- train
@@ -126,8 +133,8 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
     if m.pretrained:
         return take_pretrained(ctx, spec, m, fw, arrays, info)
     t0 = time.perf_counter()
-    model = fw.build(spec, m, tuple(info["input_shape"]), info["n_outputs"])
-    probe_model(m, lambda x: fw.predict(model, x), arrays["x_train"][:2], info["n_outputs"])
+    model = fw.build(spec, m, info["input_shape"], info["n_outputs"])
+    probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     epochs = m.train.epochs
@@ -140,15 +147,30 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
     check_acceptance(m, metrics)  # raises TrainingRejected with the numbers
     fw.save(model, ctx.out)
     write_history(ctx.out, losses)
-    example = arrays["x_train"][:5]
+    example = take(arrays["x_train"], slice(0, 5))
     t0 = time.perf_counter()
-    fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, fw.predict(model, example))
+    mlflow_note = save_mlflow_copy(ctx, fw, model, example, fw.predict(model, example))
     ctx.memo[("model", m.name)] = model
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "final_loss")
     return {"metrics": metrics, "epochs": len(losses), "input_shape": info["input_shape"],
             "n_outputs": info["n_outputs"], "framework": m.framework, "outputs": fw.output_kind,
             "timings": {"build_s": build_s, "fit_s": fit_s, "save_mlflow_model_s": time.perf_counter() - t0},
+            "mlflow_model": mlflow_note,
             "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"}
+
+
+def save_mlflow_copy(ctx: Context, fw, model, example, y_example) -> str | None:
+    """The native model in MLflow's format, for the record. A model MLflow cannot serialise still
+    exports and verifies: the run says so (returned) instead of failing."""
+    try:
+        fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
+        return None
+    except Exception as e:  # noqa: BLE001
+        import shutil
+        shutil.rmtree(ctx.out / "mlflow_model", ignore_errors=True)
+        note = f"not saved as an MLflow model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ctx.log(note)
+        return note
 
 
 def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, info: dict) -> dict:
@@ -156,21 +178,14 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
     (what later stages load), and score it on the data's targets where there are some."""
     t0 = time.perf_counter()
     model = fw.load_pretrained(spec, m, Path(m.source), info["input_shape"], info["n_outputs"])
-    probe_model(m, lambda x: fw.predict(model, x), arrays["x_train"][:2], info["n_outputs"])
+    probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
     fw.save_pretrained(model, m, ctx.out)
     write_history(ctx.out, [])
     metrics = task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays) if "y_train" in arrays else {}
     check_acceptance(m, metrics)
-    example = arrays["x_train"][:5]
+    example = take(arrays["x_train"], slice(0, 5))
     y_example = fw.predict(model, example)
-    try:  # the MLflow copy is a record for people; a module MLflow cannot serialise still exports
-        fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
-        mlflow_note = None
-    except Exception as e:  # noqa: BLE001
-        import shutil
-        shutil.rmtree(ctx.out / "mlflow_model", ignore_errors=True)
-        mlflow_note = f"not saved as an MLflow model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        ctx.log(mlflow_note)
+    mlflow_note = save_mlflow_copy(ctx, fw, model, example, y_example)
     ctx.memo[("model", m.name)] = model
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     return {"metrics": metrics, "epochs": 0, "pretrained": m.source, "input_shape": info["input_shape"],
@@ -192,9 +207,11 @@ def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_out
     m = spec.model(model)
     fw = adapter(m.framework)
     built = fw.load_pretrained(spec, m, Path(m.source), input_shape, n_outputs) if m.pretrained else \
-        fw.build(spec, m, tuple(input_shape), n_outputs)
-    probe_model(m, lambda x: fw.predict(built, x), np.zeros((2, *input_shape), np.float32), n_outputs)
-    return {"summary": f"{m.framework} model takes (batch, {', '.join(map(str, input_shape))})"}
+        fw.build(spec, m, input_shape, n_outputs)
+    rows = {k: np.zeros((2, *v), np.float32) for k, v in input_shape.items()} if isinstance(input_shape, dict) \
+        else np.zeros((2, *input_shape), np.float32)
+    probe_model(m, lambda x: fw.predict(built, x), rows, n_outputs)
+    return {"summary": f"{m.framework} model takes inputs shaped like the data ({input_shape})"}
 
 
 # --------------------------------------------------------------------------- reference
@@ -211,16 +228,16 @@ def run_reference(ctx: Context, spec: str, model: str) -> dict:
     fw = adapter(m.framework)
     model = trained_model(ctx, spec, m)
     with np.load(ctx.input_dir("parity_set") / "parity_inputs.npz") as f:
-        x, kind = f["x"], f["kind"]
+        x, kind = unpack(f, "x"), f["kind"]
     y = fw.predict(model, x)
     y_perturbed = fw.predict(fw.perturbed(model, PERTURBATION, spec.seed), x)
     labels = _labels_for(ctx, spec, kind)
-    np.savez(ctx.out / "reference.npz", x=x, y=y, kind=kind, y_perturbed=y_perturbed,
+    np.savez(ctx.out / "reference.npz", **pack("x", x), y=y, kind=kind, y_perturbed=y_perturbed,
              **({"labels": labels} if labels is not None else {}))
     signature = fw.signature(model, x, y)
     (ctx.out / "reference.json").write_text(json.dumps({"shape": list(y.shape), "dtype": str(y.dtype),
                                                         "signature": signature.to_json()}))
-    return {"rows": int(len(x)), "output_shape": list(y.shape[1:]),
+    return {"rows": n_rows(x), "output_shape": list(y.shape[1:]),
             "output_std": float(y.std(axis=0).mean()),
             "perturbed_max_abs": float(np.abs(y_perturbed - y).max()),
             "signature": signature.to_json(),
@@ -232,7 +249,7 @@ def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
     arrays = load_arrays(ctx)
     if spec.data.task != "classification" or "y_train" not in arrays:
         return None
-    source = arrays["y_test"] if len(arrays["x_test"]) else arrays["y_train"]
+    source = arrays["y_test"] if n_rows(arrays["x_test"]) else arrays["y_train"]
     labels = np.full(len(kind), -1, dtype=np.int64)
     n_held = int((kind == 0).sum())
     labels[:n_held] = source[:n_held]
@@ -308,7 +325,7 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     model_obj = None if requires else trained_model(ctx, spec, m)
     arrays = load_arrays(ctx)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
-        example, expected = f["x"][: spec.parity.max_batch], f["y"][: spec.parity.max_batch]
+        example, expected = take(unpack(f, "x"), slice(0, spec.parity.max_batch)), f["y"][: spec.parity.max_batch]
     upstream, missing = {}, []
     for req in requires:
         src = ctx.input_dir(f"export:{m.name}:{req}")
@@ -320,7 +337,7 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     out_dir.mkdir()
     options = _export_options(spec, m, fmt)
     if fmt == "litert":  # rows for int8 calibration, from the training data
-        options["calibration"] = arrays["x_train"][:256]
+        options["calibration"] = take(arrays["x_train"], slice(0, 256))
     t0 = time.perf_counter()
     try:
         if missing:
@@ -389,7 +406,7 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     spec = load_spec(spec)
     m = spec.model(model)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
-        ref = {k: f[k] for k in f.files}
+        ref = {k: f[k] for k in f.files if not k.startswith("x:")} | {"x": unpack(f, "x")}
     model_sig = Signature.from_json(ctx.input_facts(f"reference:{m.name}")["signature"])
     variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
     name = f"export:{m.name}:{fmt}"

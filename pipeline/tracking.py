@@ -67,7 +67,8 @@ def save_native_model(framework: str, model, path: Path, x_example: np.ndarray, 
         import mlflow.pytorch
         import torch
         # MLflow's pt2 format needs torch.export to take the module; a TorchScript module is pickled
-        scripted = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule))
+        # several positional inputs (a tuple example) are not a pt2 TensorSpec signature either
+        scripted = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)) or isinstance(x_example, tuple)
         mlflow.pytorch.save_model(
             model, str(path), signature=signature, input_example=x_example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

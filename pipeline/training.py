@@ -43,10 +43,17 @@ def load_factory(spec: Spec, model: ModelSpec):
     return getattr(module, func)
 
 
-def build_model(spec: Spec, model: ModelSpec, input_shape: tuple, n_outputs: int):
+def factory_shape(input_shape):
+    """What a factory is given as input_shape: a tuple, or {name: tuple} for a model of several inputs."""
+    if isinstance(input_shape, dict):
+        return {k: tuple(v) for k, v in input_shape.items()}
+    return tuple(input_shape)
+
+
+def build_model(spec: Spec, model: ModelSpec, input_shape, n_outputs: int | None):
     factory = load_factory(spec, model)
     try:
-        return factory(tuple(input_shape), int(n_outputs), **model.params)
+        return factory(factory_shape(input_shape), None if n_outputs is None else int(n_outputs), **model.params)
     except Exception as e:
         raise FactoryError(f"model {model.name}: factory '{model.factory}' raised "
                            f"{type(e).__name__}: {e}") from e
@@ -55,28 +62,31 @@ def build_model(spec: Spec, model: ModelSpec, input_shape: tuple, n_outputs: int
 def probe_model(model: ModelSpec, predict, x_rows: np.ndarray, n_outputs: int) -> None:
     """Call the freshly built model on a few rows of the data, as training will: a model that does
     not take them, or gives the wrong number of outputs, stops here with the shapes named."""
-    want = f"inputs of shape (batch, {', '.join(map(str, x_rows.shape[1:]))})"
+    want = (", ".join(f"{k} of shape (batch, {', '.join(map(str, v.shape[1:]))})" for k, v in x_rows.items())
+            if isinstance(x_rows, dict) else f"inputs of shape (batch, {', '.join(map(str, x_rows.shape[1:]))})")
     try:
         out = np.asarray(predict(x_rows))
     except Exception as e:
         raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
                             f"that fails on {len(x_rows)} rows of the data: expected it to take {want}; "
                             f"it raised {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    if out.ndim < 1 or len(out) != len(x_rows) or (n_outputs is not None and int(np.prod(out.shape[1:])) != n_outputs):
+    rows = len(next(iter(x_rows.values()))) if isinstance(x_rows, dict) else len(x_rows)
+    if out.ndim < 1 or len(out) != rows or (n_outputs is not None and int(np.prod(out.shape[1:])) != n_outputs):
         raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
-                            f"whose outputs for {len(x_rows)} rows have shape {out.shape}; expected "
-                            f"({len(x_rows)}, {n_outputs}) for the data's targets")
+                            f"whose outputs for {rows} rows have shape {out.shape}; expected "
+                            f"({rows}, {n_outputs}) for the data's targets")
 
 
 def task_metrics(task: str, predict, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     """Metrics a person judges the model by, from its predictions (numpy in, numpy out)."""
-    x_eval, y_eval = (arrays["x_test"], arrays["y_test"]) if len(arrays["x_test"]) else \
+    has_test = len(next(iter(arrays["x_test"].values()))) if isinstance(arrays["x_test"], dict) else len(arrays["x_test"])
+    x_eval, y_eval = (arrays["x_test"], arrays["y_test"]) if has_test else \
         (arrays["x_train"], arrays["y_train"])
     pred = np.asarray(predict(x_eval))
     if task == "classification":
         return {"accuracy": float(np.mean(pred.argmax(-1) == y_eval.reshape(-1)))}
     metrics = {"mse": float(np.mean((pred.reshape(y_eval.shape) - y_eval) ** 2))}
-    if x_eval.shape[1:] == (1,) and pred.shape[1:] == (1,):
+    if not isinstance(x_eval, dict) and x_eval.shape[1:] == (1,) and pred.shape[1:] == (1,):
         # one input, one output: the learned line, read off the model itself
         at = np.array([[0.0], [1.0]], dtype=np.float32)
         f0, f1 = np.asarray(predict(at)).reshape(-1)
