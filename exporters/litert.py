@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -62,7 +63,9 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = example_batch(example, FORMAT, name, framework)  # one input (several: UNSUPPORTED for now)
+    # several named inputs: the Keras route converts the SavedModel, which takes them; litert-torch is
+    # one input for now
+    example = example_batch(example, FORMAT, name, framework, several=framework == "keras")
     options = dict(options or {})
     if framework == "keras":
         made = _export_keras(name, out_dir, upstream or {})
@@ -245,12 +248,12 @@ def _signatures_of(path: Path, label: str, error=ArtifactLoadError, interp=None)
     interp = interp or _open_interpreter(path, label, error)
     out = {}
     for key, io_names in interp.get_signature_list().items():
-        if len(io_names["inputs"]) != 1 or len(io_names["outputs"]) != 1:
-            raise error(f"litert artifact {label}: expected one input and one output in signature {key!r}, "
+        if not io_names["inputs"] or not io_names["outputs"]:
+            raise error(f"litert artifact {label}: expected inputs and outputs in signature {key!r}, "
                         f"found inputs {io_names['inputs']} and outputs {io_names['outputs']}")
         runner = interp.get_signature_runner(key)
-        (in_name, ind), = runner.get_input_details().items()
-        (out_name, outd), = runner.get_output_details().items()
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        (in_name, ind), (out_name, outd) = next(iter(ins.items())), next(iter(outs.items()))
         sig_shape = [int(d) for d in ind["shape_signature"]]
         if not sig_shape:
             raise error(f"litert artifact {label}: signature {key!r} input {in_name!r} is a scalar; "
@@ -260,7 +263,9 @@ def _signatures_of(path: Path, label: str, error=ArtifactLoadError, interp=None)
                     "batch": None if sig_shape[0] == -1 else sig_shape[0],
                     "feature_shape": sig_shape[1:], "dtype": np.dtype(ind["dtype"]).name,
                     "output_shape": [int(d) for d in outd["shape_signature"]],
-                    "output_dtype": np.dtype(outd["dtype"]).name}
+                    "output_dtype": np.dtype(outd["dtype"]).name,
+                    "inputs": {n: {"dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape_signature"]]}
+                               for n, d in ins.items()}}
     return out
 
 
@@ -331,19 +336,21 @@ class LiteRTRunner(BaseRunner):
         except Exception as e:  # noqa: BLE001
             raise ArtifactLoadError(f"litert artifact {label}: could not read the signatures of {path}: "
                                     f"{type(e).__name__}: {e}") from e
-        feats = {(tuple(s["feature_shape"]), s["dtype"]) for s in sigs.values()}
+        feats = {json.dumps({n: (d["shape"][1:], d["dtype"]) for n, d in s["inputs"].items()}, sort_keys=True)
+                 for s in sigs.values()}
         if len(feats) != 1:
             raise ArtifactLoadError(f"litert artifact {label}: expected all signatures to take the same "
-                                    f"per-row shape and dtype, found {sorted(feats)}")
-        (feature_shape, dtype), = feats
+                                    f"inputs, per-row shapes and dtypes, found {sorted(feats)}")
         self._interp, self._sigs = interp, sigs
         self._runners = {k: interp.get_signature_runner(k) for k in sigs}
         self._dynamic = next((k for k, s in sigs.items() if s["batch"] is None), None)
         self._static = {s["batch"]: k for k, s in sigs.items() if s["batch"] is not None}
         first = sigs[self._dynamic or self._static[max(self._static)]]
-        signature = Signature((TensorSpec(first["input"], dtype, (None, *(d if d > 0 else None for d in feature_shape))),),
-                              (TensorSpec(first["output"], first["output_dtype"],
-                                          (None, *(d if d > 0 else None for d in first["output_shape"][1:]))),))
+
+        def dims(shape):
+            return (None, *(d if d > 0 else None for d in shape[1:]))
+        signature = Signature(tuple(TensorSpec(n, d["dtype"], dims(d["shape"])) for n, d in first["inputs"].items()),
+                              (TensorSpec(first["output"], first["output_dtype"], dims(first["output_shape"])),))
         super().__init__(artifact, signature, static_batches=None if self._dynamic else sorted(self._static))
         self.resize_ok = False
         probe = "not needed"
@@ -374,11 +381,10 @@ class LiteRTRunner(BaseRunner):
         return f"signature {self._static[max(self._static)]!r} resized to {n_rows}"
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (x,) = feed.values()
-        n = len(x)
+        n = len(next(iter(feed.values())))
         key = self._dynamic or self._static.get(n) or self._static[max(self._static)]
         sig = self._sigs[key]
-        return {self.signature.output_names[0]: self._runners[key](**{sig["input"]: x})[sig["output"]]}
+        return {self.signature.output_names[0]: self._runners[key](**feed)[sig["output"]]}
 
     def close(self) -> None:
         super().close()

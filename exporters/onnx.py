@@ -34,7 +34,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
-    example = example_batch(example, FORMAT, name, framework, several=framework == "torch")
+    example = example_batch(example, FORMAT, name, framework, several=True)
     t0 = time.perf_counter()
     if framework == "keras":
         route, details = _export_keras(model, name, example, path)
@@ -62,10 +62,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
 def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[str, dict[str, Any]]:
     import keras
 
-    if len(getattr(model, "inputs", None) or [None]) != 1:
-        raise ExportError(f"onnx export of {name} (keras): expected a model with one input, found "
-                          f"{len(model.inputs)}")
-    model(example)  # Keras refuses to export a model that has never been called
+    model(example)  # Keras refuses to export a model that has never been called (a dict for several inputs)
     try:
         model.export(str(path), format="onnx", verbose=False)
     except Exception as e:  # the converter's own error, reworded with what was being done

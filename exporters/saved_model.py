@@ -44,7 +44,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = example_batch(example, FORMAT, name, framework)  # one input (several: UNSUPPORTED for now)
+    # several named inputs: Keras' own export takes them; the torch route (onnx2tf) is one input for now
+    example = example_batch(example, FORMAT, name, framework, several=framework == "keras")
     if framework == "keras":
         return [_export_keras(model, name, example, out_dir)]
     if framework == "torch":
@@ -267,13 +268,17 @@ def _spec_json(spec) -> dict[str, Any]:
 
 def _describe_signature(path: Path, name: str) -> dict[str, Any]:
     try:
-        _loaded, fn, input_name, output_name = _open_signature(path, name, "saved_model")
+        _loaded, fn = _open(path, name, "saved_model")
     except ArtifactLoadError as e:
         raise ExportError(f"the SavedModel just written does not load: {e}") from e
-    in_spec = fn.structured_input_signature[1][input_name]
-    out_spec = fn.structured_outputs[output_name]
+    inputs, outputs = fn.structured_input_signature[1], fn.structured_outputs
+    if not inputs or not isinstance(outputs, dict) or not outputs:
+        raise ExportError(f"saved_model artifact {name}: expected named inputs and outputs in {SIGNATURE_KEY}, "
+                          f"found {fn.structured_input_signature} -> {outputs}")
+    input_name, output_name = next(iter(inputs)), next(iter(outputs))
+    in_spec, out_spec = inputs[input_name], outputs[output_name]
     batch = in_spec.shape.as_list()[0] if in_spec.shape.rank else None
-    return {"input_name": input_name, "output_name": output_name,
+    return {"input_name": input_name, "output_name": output_name, "input_names": list(inputs),
             "input_spec": _spec_json(in_spec), "output_spec": _spec_json(out_spec),
             "batch_sizes": None if batch is None else [int(batch)]}
 

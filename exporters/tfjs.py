@@ -165,9 +165,9 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         raise ExportError(f"tfjs artifact {name}: expected a graph-model, the converter wrote {model_json.get('format')!r}")
     sig = model_json.get("signature") or {}
     inputs, outputs = _tensor_specs(sig.get("inputs", {})), _tensor_specs(sig.get("outputs", {}))
-    if len(inputs) != 1 or len(outputs) != 1:
+    if not inputs or len(outputs) != 1:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"tfjs artifact {name}: expected a signature with one input and one output, found inputs "
+        raise ExportError(f"tfjs artifact {name}: expected a signature with inputs and one output, found inputs "
                           f"{[i['key'] for i in inputs]} and outputs {[o['key'] for o in outputs]}")
     if dest.exists():
         shutil.rmtree(dest)
@@ -182,7 +182,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         batch_sizes = list(sm.batch_sizes)
     import tensorflow as tf  # already imported by the converter
     details: dict[str, Any] = {
-        "inputs": {"as-trained input": inputs[0]},
+        "inputs": {i["key"]: i for i in inputs} if len(inputs) > 1 else {"as-trained input": inputs[0]},
         "outputs": {"output": outputs[0]},
         "input_name": inputs[0]["name"],
         "output_name": outputs[0]["name"],

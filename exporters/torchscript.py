@@ -60,8 +60,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
-    example = example_batch(example, FORMAT, name, framework, several=framework == "torch")
-    names, arrays = _ordered_inputs(model, example)
+    example = example_batch(example, FORMAT, name, framework, several=True)
+    names, arrays = _ordered_inputs(model, example) if framework == "torch" else (["x"], [example])
     t0 = time.perf_counter()
     if framework == "torch":
         source, route, details = model, "torch.jit.trace", {}
@@ -79,13 +79,23 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         onnx_artifact = _upstream_onnx(name, upstream)
         source, details = _onnx_to_torch(onnx_artifact, name)
         route = f"keras -> onnx ({onnx_artifact.route}) -> onnx2fx.convert -> torch.jit.trace"
-        if onnx_artifact.batch_sizes:  # a fixed-batch ONNX graph can only be traced at that batch
+        if isinstance(example, dict):  # the graph takes the ONNX inputs by position: match them by meaning
+            from parity.signature import map_tensors
+            onnx_names = details["onnx_input_names"]
+            pairs, _ = map_tensors(tuple(TensorSpec.of(k, v) for k, v in example.items()),
+                                   tuple(TensorSpec.of(n, example[n]) if n in example else
+                                         TensorSpec.of(n, next(iter(example.values()))) for n in onnx_names))
+            by_onnx = {v: k for k, v in pairs.items()}
+            names = [by_onnx.get(n, n) for n in onnx_names]
+            arrays = [example[n] for n in names]
+        elif onnx_artifact.batch_sizes:  # a fixed-batch ONNX graph can only be traced at that batch
             reps = -(-onnx_artifact.batch_sizes[0] // example.shape[0])
             example = np.concatenate([example] * reps)[:onnx_artifact.batch_sizes[0]]
             arrays = [example]
         scripted, batch_sizes, more = _trace(source, name, framework, arrays)
         details.update(more)
-        details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example, expected)
+        if not isinstance(example, dict):
+            details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example, expected)
     else:
         raise ExportError(f"torchscript export of {name}: unknown framework {framework!r}, expected keras "
                           "or torch")
@@ -143,6 +153,7 @@ def _onnx_to_torch(onnx_artifact: Artifact, name: str):
     details = {"converter": "onnx2fx.convert (ONNX -> torch.fx.GraphModule), then torch.jit.trace",
                "onnx_source": onnx_artifact.label,
                "onnx_input_name": [i.name for i in proto.graph.input if i.name not in initializers][0],
+               "onnx_input_names": [i.name for i in proto.graph.input if i.name not in initializers],
                "onnx_output_names": [o.name for o in proto.graph.output],
                "graph_inputs": [n.name for n in module.graph.nodes if n.op == "placeholder"],
                "versions": {"torch": package_version("torch"), "onnx2fx": package_version("onnx2fx"),

@@ -33,6 +33,20 @@ def bag(input_shape, n_outputs, vocab=50, **_):
     return Bag(vocab, n_outputs)
 '''
 
+KERAS_MODELS = '''
+import keras
+from keras import layers, ops
+
+
+def bag(input_shape, n_outputs, vocab=50, **_):
+    """The same model as a Keras functional model of two named integer inputs."""
+    ids = keras.Input(input_shape["input_ids"], dtype="int64", name="input_ids")
+    mask = keras.Input(input_shape["attention_mask"], dtype="int64", name="attention_mask")
+    m = ops.expand_dims(ops.cast(mask, "float32"), -1)
+    pooled = ops.sum(layers.Embedding(vocab, 8)(ids) * m, axis=1) / ops.maximum(ops.sum(m, axis=1), 1.0)
+    return keras.Model({"input_ids": ids, "attention_mask": mask}, layers.Dense(n_outputs)(pooled))
+'''
+
 SPEC = '''
 [pipeline]
 name = "tokens"
@@ -52,10 +66,14 @@ loss = "mse"
 name = "bag"
 framework = "torch"
 factory = "token_models:bag"
+[[model]]
+name = "kbag"
+framework = "keras"
+factory = "keras_token_models:bag"
 [export]
-formats = ["onnx", "torchscript", "litert"]
+formats = ["onnx", "torchscript", "saved_model", "litert", "tfjs"]
 [parity]
-allow_unsupported = ["bag/litert"]
+allow_unsupported = ["bag/saved_model", "bag/litert", "bag/tfjs"]
 '''
 
 
@@ -66,6 +84,7 @@ def token_data(folder: Path, n=200, width=12) -> None:
     y = ((ids * mask).sum(1) / mask.sum(1) / 50.0).astype(np.float32)
     np.savez(folder / "tokens.npz", input_ids=ids, attention_mask=mask, y=y)
     (folder / "token_models.py").write_text(MODELS)
+    (folder / "keras_token_models.py").write_text(KERAS_MODELS)
     (folder / "tokens.toml").write_text(SPEC)
 
 
@@ -91,18 +110,22 @@ def test_a_rows_mismatch_between_inputs_is_refused(tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_two_input_model_is_trained_exported_and_verified_by_name(tmp_path):
+def test_two_input_models_are_trained_exported_and_verified_by_name(tmp_path):
+    """One run, two frameworks: the Keras model goes through every format; the PyTorch one through
+    ONNX and TorchScript, its other cells refused with the reason (allowed by the spec)."""
     token_data(tmp_path)
     r = run_cli("run", str(tmp_path / "tokens.toml"), "--no-track", home=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads(sorted((tmp_path / ".pipeline" / "runs").glob("*.json"))[-1].read_text())
-    assert rec["models"]["bag"]["metrics"]["mse"] < 0.02
+    assert rec["models"]["bag"]["metrics"]["mse"] < 0.02 and rec["models"]["kbag"]["metrics"]["mse"] < 0.02
     parity = json.loads((Path(rec["report_dir"]) / "parity.json").read_text())
     by_label = {x["label"]: x for x in parity["records"]}
-    for label in ("bag/onnx", "bag/torchscript"):
+    keras_cells = [f"kbag/{f}" for f in ("onnx", "torchscript", "saved_model", "litert", "tfjs")]
+    for label in ["bag/onnx", "bag/torchscript"] + keras_cells:
         assert by_label[label]["status"] == "passed", by_label[label]["message"]
         assert "input_ids -> input_ids" in by_label[label]["details"]["mapping"]
         assert "attention_mask -> attention_mask" in by_label[label]["details"]["mapping"]
     litert = by_label["bag/litert"]  # allowed by the spec: reported, not passed off as verified
     assert litert["status"] == "skipped" and "takes a model of one input" in litert["reason"]
-    assert parity["discrimination"]["bag"]["discriminative"]
+    assert by_label["bag/tfjs"]["status"] == "skipped"
+    assert parity["discrimination"]["bag"]["discriminative"] and parity["discrimination"]["kbag"]["discriminative"]
