@@ -35,6 +35,11 @@ class ArtifactLoadError(RuntimeError):
     """An artifact could not be loaded in its runtime (missing, truncated or corrupt)."""
 
 
+class OpNotImplemented(RuntimeError):
+    """The runtime has no kernel for an op the artifact uses (TF.js' CPU backend and a fused tanh, say):
+    the cell is UNSUPPORTED in that runtime, not a numeric disagreement."""
+
+
 class RuntimeUnavailable(ArtifactLoadError):
     """The runtime itself is missing on this machine (a package, an executable): says what to install.
     It says nothing about the artifact, so no verdict built on it is ever reused."""
@@ -219,3 +224,25 @@ def check_file(fmt: str, artifact: Artifact, what: str) -> Path:
         raise ArtifactLoadError(f"{fmt} artifact {artifact.label}: expected {artifact.size_bytes} bytes at {path} "
                                 f"(as exported), found {found}: the file is truncated or was replaced")
     return path
+
+
+def graph_order(names) -> list[str]:
+    """Output names in the graph's order: converters name several outputs `output_N` (onnx2tf, a
+    SavedModel's signature) after the model's order, but hand them around as dicts ordered by name,
+    where output_10 sorts before output_2."""
+    def key(name: str):
+        head, _, tail = name.rpartition("_")
+        return (head, int(tail)) if tail.isdigit() else (name, -1)
+    return sorted(names, key=key)
+
+
+def forward_order(module, names) -> list[str]:
+    """Named inputs in the order a torch module's forward takes them: by parameter name where they
+    match, else as given. Converters take inputs by position (litert-torch names them args_0, ...)."""
+    import inspect
+    names = list(names)
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()]
+    except (TypeError, ValueError):  # a ScriptModule's forward has no Python signature
+        return names
+    return sorted(names, key=lambda n: params.index(n) if n in params else len(params) + names.index(n))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.feeds import unpack
+
 from .base import Artifact
 
 SCHEMA_VERSION = "1"
@@ -112,10 +114,12 @@ class Bundle:
         except (OSError, ValueError) as e:
             raise BundleError(f"{path}: expected the bundle's parity inputs and reference outputs, "
                               f"found an unreadable file ({e})") from None
-        missing = {"x", "y", "kind"} - set(ref)
-        if missing:
-            raise BundleError(f"{path}: expected arrays x, y and kind, found {sorted(ref)}")
-        return ref
+        has_inputs = "x" in ref or any(k.startswith("x:") for k in ref)  # one input, or several as x:<name>
+        if not has_inputs or {"y", "kind"} - set(ref):
+            raise BundleError(f"{path}: expected the inputs (x, or x:<name> for each of several), y and kind, "
+                              f"found {sorted(ref)}")
+        # the inputs as every reader takes them: one array, or {name: array} for several
+        return {k: v for k, v in ref.items() if not k.startswith("x:")} | {"x": unpack(ref, "x")}
 
     def file_problems(self, part: str | None = None) -> dict[str, str]:
         """Files (of one part: an artifact's relative path, or reference.npz; default all) whose bytes

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, package_version,
-                            pick_runtime, size_of)
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, forward_order,
+                            package_version, pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "litert"
@@ -63,9 +63,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # several named inputs: the Keras route converts the SavedModel, which takes them; litert-torch is
-    # one input for now
-    example = example_batch(example, FORMAT, name, framework, several=framework == "keras")
+    example = example_batch(example, FORMAT, name, framework, several=True)
     options = dict(options or {})
     if framework == "keras":
         made = _export_keras(name, out_dir, upstream or {})
@@ -158,9 +156,11 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, options:
     if not batch_sizes or batch_sizes[0] < 1:
         raise ExportError(f"litert artifact {name}: options['batch_sizes'] must be positive integers, "
                           f"found {batch_sizes!r}")
-    if example.ndim < 1 or example.shape[0] < 1:
+    # several named inputs go by the forward's positional order (litert-torch names them args_0, ...)
+    arrays = [example[n] for n in forward_order(model, example)] if isinstance(example, dict) else [example]
+    if arrays[0].ndim < 1 or arrays[0].shape[0] < 1:
         raise ExportError(f"litert artifact {name}: expected an example batch with at least one row, "
-                          f"found shape {list(example.shape)}")
+                          f"found shape {list(arrays[0].shape)}")
 
     import torch
 
@@ -173,7 +173,8 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, options:
                "int8": (quant_recipes.full_dynamic_recipe, "quant_recipes.full_dynamic_recipe()")}
 
     # static sample batches, one per signature, cut from (or tiled over) the real example rows
-    samples = {b: torch.from_numpy(np.ascontiguousarray(example[np.arange(b) % example.shape[0]]))
+    rows = arrays[0].shape[0]
+    samples = {b: tuple(torch.from_numpy(np.ascontiguousarray(a[np.arange(b) % rows])) for a in arrays)
                for b in batch_sizes}
     was_training = model.training
     prev_progress = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
@@ -188,8 +189,8 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, options:
             try:
                 converter = None
                 for b in batch_sizes:
-                    converter = (litert_torch.signature(f"batch_{b}", model, (samples[b],)) if converter is None
-                                 else converter.signature(f"batch_{b}", model, (samples[b],)))
+                    converter = (litert_torch.signature(f"batch_{b}", model, samples[b]) if converter is None
+                                 else converter.signature(f"batch_{b}", model, samples[b]))
                 with contextlib.redirect_stdout(log):   # ai-edge-quantizer prints a size summary
                     edge_model = converter.convert(quant_config=make_recipe() if make_recipe else None)
                 path = out_dir / FILES[variant]
@@ -265,7 +266,9 @@ def _signatures_of(path: Path, label: str, error=ArtifactLoadError, interp=None)
                     "output_shape": [int(d) for d in outd["shape_signature"]],
                     "output_dtype": np.dtype(outd["dtype"]).name,
                     "inputs": {n: {"dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape_signature"]]}
-                               for n, d in ins.items()}}
+                               for n, d in ins.items()},
+                    "outputs": {n: {"dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape_signature"]]}
+                                for n, d in outs.items()}}
     return out
 
 
@@ -296,6 +299,8 @@ def _probe_resize(path: Path, sigs: dict, probe_rows: np.ndarray | None = None) 
     """
     key, sig = max(sigs.items(), key=lambda kv: kv[1]["batch"])
     b = sig["batch"]
+    if len(sig["inputs"]) > 1:
+        return False, f"not probed for a signature of {len(sig['inputs'])} inputs: other batch sizes go in chunks"
     feat = [d if d > 0 else 1 for d in sig["feature_shape"]]
     if probe_rows is not None and list(probe_rows.shape[1:]) == feat:
         rows = probe_rows[np.arange(b + 3) % probe_rows.shape[0]].astype(sig["dtype"])
@@ -350,7 +355,7 @@ class LiteRTRunner(BaseRunner):
         def dims(shape):
             return (None, *(d if d > 0 else None for d in shape[1:]))
         signature = Signature(tuple(TensorSpec(n, d["dtype"], dims(d["shape"])) for n, d in first["inputs"].items()),
-                              (TensorSpec(first["output"], first["output_dtype"], dims(first["output_shape"])),))
+                              tuple(TensorSpec(n, d["dtype"], dims(d["shape"])) for n, d in first["outputs"].items()))
         super().__init__(artifact, signature, static_batches=None if self._dynamic else sorted(self._static))
         self.resize_ok = False
         probe = "not needed"
@@ -383,8 +388,8 @@ class LiteRTRunner(BaseRunner):
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(feed.values())))
         key = self._dynamic or self._static.get(n) or self._static[max(self._static)]
-        sig = self._sigs[key]
-        return {self.signature.output_names[0]: self._runners[key](**feed)[sig["output"]]}
+        out = self._runners[key](**feed)
+        return {name: out[name] for name in self.signature.output_names}
 
     def close(self) -> None:
         super().close()

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, package_version, pick_runtime, size_of)
+                             example_batch, forward_order, package_version, pick_runtime, size_of)
+from parity.feeds import flatten_outputs
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "onnx"
@@ -85,16 +86,20 @@ def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[st
     model.eval()
     try:
         if isinstance(example, dict):  # named inputs, in the order forward takes them
-            order = sorted(example, key=lambda n: arg_names.index(n) if n in arg_names else len(arg_names))
+            order = forward_order(model, example)
             args = tuple(torch.from_numpy(example[n]) for n in order)
         else:
             args = (torch.from_numpy(example),)
         batch = torch.export.Dim("batch")
         # positional form: works whatever the forward argument is called (nn.Sequential calls it `input`)
         dynamic_shapes = tuple({0: batch} for _ in args)
+        # several outputs keep the model's names (dict keys, tuple positions) rather than the graph's node names
+        with torch.no_grad():
+            outputs = flatten_outputs(model(*args), lambda t: t)
+        named = {"output_names": list(outputs)} if len(outputs) > 1 else {}
         try:
             torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=dynamic_shapes, verbose=False)
+                              dynamic_shapes=dynamic_shapes, verbose=False, **named)
         except Exception as e:
             raise ExportError(f"onnx export of {name} (torch): torch.onnx.export(dynamo=True) with a dynamic "
                               f"batch dimension failed: {type(e).__name__}: {str(e).strip()[:2000]}") from e

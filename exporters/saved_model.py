@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, pick_runtime, size_of
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, forward_order,
+                            graph_order, pick_runtime, size_of)
+from parity.feeds import flat_rows
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
@@ -44,8 +46,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # several named inputs: Keras' own export takes them; the torch route (onnx2tf) is one input for now
-    example = example_batch(example, FORMAT, name, framework, several=framework == "keras")
+    example = example_batch(example, FORMAT, name, framework, several=True)
     if framework == "keras":
         return [_export_keras(model, name, example, out_dir)]
     if framework == "torch":
@@ -89,13 +90,16 @@ def _export_keras(model, name: str, example: np.ndarray, out_dir: Path) -> Artif
     )
 
 
-def _torch_outputs(model, example: np.ndarray) -> np.ndarray:
+def _torch_outputs(model, example) -> np.ndarray:
     import torch
+    from parity.feeds import flatten_outputs
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return model(torch.from_numpy(example)).detach().cpu().numpy()
+            args = (torch.from_numpy(example),) if not isinstance(example, dict) else \
+                tuple(torch.from_numpy(example[n]) for n in forward_order(model, example))
+            return flat_rows(flatten_outputs(model(*args), lambda t: t.detach().cpu().numpy()))
     finally:
         model.train(was_training)
 
@@ -180,22 +184,28 @@ def _layout_name(ndim: int, channels_last: bool) -> str:
 
 def _measure_layout(path: Path, sig: dict, example: np.ndarray, ref: np.ndarray, name: str):
     """Feed the example as-is and channels-last; keep the layout that reproduces the torch outputs."""
-    _loaded, fn, input_name, output_name = _open_signature(path, name, "saved_model")
+    _loaded, fn = _open(path, name, "saved_model")
+    input_name = sig["input_name"]
     import tensorflow as tf
 
     want = sig["input_spec"]["shape"][1:]
     candidates: list[tuple[str, tuple[int, ...] | None]] = [("as-trained", None)]
-    if example.ndim >= 3:
+    if not isinstance(example, dict) and example.ndim >= 3:
         candidates.append(("channels-last", (0, *range(2, example.ndim), 1)))
     errors: dict[str, float | str] = {}
     best: tuple[float, tuple[int, ...] | None] | None = None
     for label, perm in candidates:
-        x = example if perm is None else np.ascontiguousarray(np.transpose(example, perm))
-        if not _shape_fits(want, x.shape[1:]):
-            errors[label] = f"shape {list(x.shape)} does not fit the signature {sig['input_spec']['shape']}"
-            continue
+        if isinstance(example, dict):  # several inputs, each to the signature's tensor of its meaning
+            feed = _named_feed(fn, example)
+        else:
+            x = example if perm is None else np.ascontiguousarray(np.transpose(example, perm))
+            if not _shape_fits(want, x.shape[1:]):
+                errors[label] = f"shape {list(x.shape)} does not fit the signature {sig['input_spec']['shape']}"
+                continue
+            feed = {input_name: tf.constant(x)}
         try:
-            y = fn(**{input_name: tf.constant(x)})[output_name].numpy()
+            y = flat_rows(_in_graph_order(fn(**feed)))
+            y = y.reshape(ref.shape) if y.size == ref.size else y
         except Exception as e:  # noqa: BLE001
             errors[label] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
@@ -211,6 +221,21 @@ def _measure_layout(path: Path, sig: dict, example: np.ndarray, ref: np.ndarray,
         raise ExportError(f"saved_model artifact {name}: the onnx2tf SavedModel reproduces the torch model in "
                           f"no input layout (tolerance {tol:.2g}); max abs error per layout: {errors}")
     return best[1], errors
+
+
+def _named_feed(fn, example: dict) -> dict:
+    """The example's named arrays keyed by the signature's inputs (matched by name, then shape and dtype),
+    each cast to the dtype the signature takes (onnx2tf may make int64 ids int32)."""
+    import tensorflow as tf
+    from parity.signature import map_tensors
+    inputs = fn.structured_input_signature[1]
+    theirs = tuple(_tf_spec(k, v) for k, v in inputs.items())
+    pairs, _ = map_tensors(tuple(TensorSpec.of(k, v) for k, v in example.items()), theirs)
+    return {pairs[k]: tf.constant(v, dtype=inputs[pairs[k]].dtype) for k, v in example.items()}
+
+
+def _in_graph_order(outputs: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(outputs[k]) for k in graph_order(outputs)}
 
 
 def _shape_fits(spec: list, shape: tuple) -> bool:
@@ -244,21 +269,6 @@ def _open(path: Path, name: str, what: str):
         raise ArtifactLoadError(f"{what} artifact {name}: expected the signature {SIGNATURE_KEY!r} in {path}, "
                                 f"found {sorted(sigs) or 'no signatures'}")
     return loaded, sigs[SIGNATURE_KEY]
-
-
-def _open_signature(path: Path, name: str, what: str):
-    """Load the SavedModel; return (loaded object, its serving function, input name, output name) of a
-    one-input, one-output serving signature."""
-    loaded, fn = _open(path, name, what)
-    inputs = fn.structured_input_signature[1]
-    outputs = fn.structured_outputs
-    if len(inputs) != 1 or fn.structured_input_signature[0]:
-        raise ArtifactLoadError(f"{what} artifact {name}: expected one named input in {SIGNATURE_KEY}, "
-                                f"found {fn.structured_input_signature}")
-    if not isinstance(outputs, dict) or len(outputs) != 1:
-        raise ArtifactLoadError(f"{what} artifact {name}: expected one output in {SIGNATURE_KEY}, "
-                                f"found {outputs}")
-    return loaded, fn, next(iter(inputs)), next(iter(outputs))
 
 
 def _spec_json(spec) -> dict[str, Any]:
@@ -320,7 +330,7 @@ class SavedModelRunner(BaseRunner):
         perm = (artifact.details or {}).get("input_transpose")
         self._perm = tuple(perm) if perm and len(inputs) == 1 else None
         signature = Signature(tuple(_tf_spec(k, v, self._perm) for k, v in inputs.items()),
-                              tuple(_tf_spec(k, v) for k, v in outputs.items()))
+                              tuple(_tf_spec(k, outputs[k]) for k in graph_order(outputs)))
         batches = {t.shape[0] for t in signature.inputs}
         static = next(iter(batches)) if len(batches) == 1 else None
         super().__init__(artifact, signature, static_batches=None if static is None else (static,))

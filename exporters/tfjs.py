@@ -20,6 +20,7 @@ import collections
 import itertools
 import json
 import os
+import re
 import shutil
 import select
 import subprocess
@@ -32,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, RuntimeUnavailable, pick_runtime,
-                            size_of)
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, OpNotImplemented, RuntimeUnavailable,
+                            graph_order, pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "tfjs"
@@ -58,6 +59,11 @@ _OPTIONS = {"signature_def", "weight_shard_size_bytes"}
 # details of the SavedModel artifact that say how its inputs/outputs are laid out (e.g. "input_transpose":
 # the axes permutation its runner applies to an as-trained batch) are carried over as they are
 _LAYOUT_WORDS = ("transpose", "layout", "perm")
+
+
+# how TF.js' backends say they lack a kernel ("Activation tanh has not been implemented for the CPU
+# backend", "tanh activation not yet supported for FusedConv2D in the wasm backend", "Kernel 'X' not registered")
+_MISSING_KERNEL = re.compile(r"has not been implemented|not yet supported|not registered|is not implemented", re.I)
 
 
 class TfjsRunError(RuntimeError):
@@ -165,9 +171,9 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         raise ExportError(f"tfjs artifact {name}: expected a graph-model, the converter wrote {model_json.get('format')!r}")
     sig = model_json.get("signature") or {}
     inputs, outputs = _tensor_specs(sig.get("inputs", {})), _tensor_specs(sig.get("outputs", {}))
-    if not inputs or len(outputs) != 1:
+    if not inputs or not outputs:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"tfjs artifact {name}: expected a signature with inputs and one output, found inputs "
+        raise ExportError(f"tfjs artifact {name}: expected a signature with inputs and outputs, found inputs "
                           f"{[i['key'] for i in inputs]} and outputs {[o['key'] for o in outputs]}")
     if dest.exists():
         shutil.rmtree(dest)
@@ -183,7 +189,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     import tensorflow as tf  # already imported by the converter
     details: dict[str, Any] = {
         "inputs": {i["key"]: i for i in inputs} if len(inputs) > 1 else {"as-trained input": inputs[0]},
-        "outputs": {"output": outputs[0]},
+        # several outputs: the graph's node names, told by their signature keys (output_0, ...) at run time
+        "outputs": {o["key"]: o for o in outputs} if len(outputs) > 1 else {"output": outputs[0]},
         "input_name": inputs[0]["name"],
         "output_name": outputs[0]["name"],
         "signature_def": signature_def,
@@ -420,8 +427,13 @@ class TfjsRunner(BaseRunner):
         self.artifact = artifact
         res = self._load()
         perm = self.input_transpose if len(res["inputs"]) == 1 else None
+        recorded = d.get("outputs") or {}
+        # several outputs go by their signature keys, in the graph's order, not by node names (Identity_1)
+        self._keys = {o["name"]: k for k, o in recorded.items()} if len(recorded) > 1 else {}
+        outs = [dict(t, name=self._keys.get(t["name"].split(":")[0], t["name"])) for t in res["outputs"]]
+        order = graph_order([t["name"] for t in outs])
         signature = Signature(tuple(_js_spec(t, perm) for t in res["inputs"]),
-                              tuple(_js_spec(t) for t in res["outputs"]))
+                              tuple(_js_spec(t) for t in sorted(outs, key=lambda t: order.index(t["name"]))))
         super().__init__(artifact, signature)
 
     def _load(self) -> dict:
@@ -457,8 +469,10 @@ class TfjsRunner(BaseRunner):
         except TimeoutError as e:
             raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): {e}") from e
         if not res.get("ok"):
-            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on inputs of shape "
-                               f"{[i['shape'] for i in inputs]}: {res.get('error')}")
+            error = str(res.get("error"))
+            kind = OpNotImplemented if _MISSING_KERNEL.search(error) else TfjsRunError
+            raise kind(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on inputs of shape "
+                       f"{[i['shape'] for i in inputs]}: {error}")
         self.ran_on = res.get("backend")
         if self.ran_on != self.backend:  # a silent fallback would verify the wrong runtime
             raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): asked for the {self.backend} "
@@ -468,7 +482,7 @@ class TfjsRunner(BaseRunner):
             y = _from_b64(o)
             if self.output_transpose is not None:
                 y = np.transpose(y, self.output_transpose)
-            out[o["name"]] = y
+            out[self._keys.get(o["name"].split(":")[0], o["name"])] = y
         return out
 
     def close(self) -> None:

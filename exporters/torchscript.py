@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, package_version, pick_runtime, size_of)
+                             example_batch, forward_order, package_version, pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
+from parity.feeds import flat_rows, flatten_outputs
 
 FORMAT = "torchscript"
 REQUIRES = {"keras": ("onnx",), "torch": ()}
@@ -44,6 +45,11 @@ def _one_line(e: BaseException) -> str:
         return type(e).__name__
     line = lines[-1] if "Traceback of TorchScript" in str(e) else lines[0]
     return line[:300] if line.startswith(type(e).__name__) else f"{type(e).__name__}: {line[:300]}"
+
+
+def _outputs(out) -> dict[str, np.ndarray]:
+    """Every tensor a traced module returns, named as the model's outputs are (dict keys, tuple positions)."""
+    return flatten_outputs(out, lambda t: t.detach().cpu().numpy())
 
 
 def _first_tensor(out):
@@ -107,12 +113,14 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     details.setdefault("graph_inputs", [i.debugName() for i in scripted.graph.inputs()][1:])
     details["graph_outputs"] = [o.debugName() for o in scripted.graph.outputs()]
     details["input_mapping"] = "the forward's arguments, by position" + (f" ({', '.join(names)})" if len(names) > 1 else "")
-    details["output_mapping"] = "the forward's return value (first tensor if several)"
-    with torch.no_grad():
-        out = _first_tensor(scripted(*(torch.from_numpy(a) for a in arrays))).numpy()
+    outs = _outputs(_call(scripted, tuple(torch.from_numpy(a) for a in arrays)))
+    details["output_mapping"] = ("the forward's return value" if len(outs) == 1 else
+                                 f"the forward's {len(outs)} outputs, named by key or position ({', '.join(outs)})")
+    if len(outs) == 1:
+        outs = {"y": next(iter(outs.values()))}
     dynamic = batch_sizes is None
     details["signature"] = Signature(tuple(TensorSpec.of(n, a, dynamic_batch=dynamic) for n, a in zip(names, arrays)),
-                                     (TensorSpec.of("y", out, dynamic_batch=dynamic),)).to_json()
+                                     tuple(TensorSpec.of(k, v, dynamic_batch=dynamic) for k, v in outs.items())).to_json()
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
                      route=route, batch_sizes=batch_sizes, size_bytes=size_of(path),
                      export_s=time.perf_counter() - t0, details=details)]
@@ -165,12 +173,7 @@ def _ordered_inputs(model, example) -> tuple[list[str], list[np.ndarray]]:
     """Input names and arrays in the order the module's forward takes them (one input: ["x"])."""
     if not isinstance(example, dict):
         return ["x"], [example]
-    import inspect
-    try:
-        params = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        params = []
-    names = sorted(example, key=lambda n: params.index(n) if n in params else len(params))
+    names = forward_order(model, example)
     return names, [example[n] for n in names]
 
 
@@ -187,8 +190,18 @@ def _trace(module, name: str, framework: str, arrays: list[np.ndarray]):
         try:
             traced = torch.jit.trace(module, xs, _store_inputs=False)
         except Exception as e:
-            raise ExportError(f"torchscript export of {name} ({framework}): torch.jit.trace failed on an "
-                              f"example of shape {[list(a.shape) for a in arrays]}: {_one_line(e)}") from e
+            if not isinstance(_call(module, xs), (dict, list)):
+                raise ExportError(f"torchscript export of {name} ({framework}): torch.jit.trace failed on an "
+                                  f"example of shape {[list(a.shape) for a in arrays]}: {_one_line(e)}") from e
+            # a dict (or list) output: the strict trace refuses it; the non-strict one records it as it is,
+            # which holds because the structure was checked to be the same on every call
+            details["trace_retry"] = f"strict trace refused the output container ({_one_line(e)[:160]}); traced with strict=False"
+            try:
+                traced = torch.jit.trace(module, xs, _store_inputs=False, strict=False)
+            except Exception as e2:
+                raise ExportError(f"torchscript export of {name} ({framework}): torch.jit.trace failed on an "
+                                  f"example of shape {[list(a.shape) for a in arrays]}, strict and with "
+                                  f"strict=False: {_one_line(e2)}") from e2
         problem = _batch_problem(module, traced, arrays)
         if problem is None:
             return traced, None, details
@@ -215,16 +228,22 @@ def _batch_problem(source, traced, arrays: list[np.ndarray]) -> str | None:
         xs = tuple(torch.from_numpy(np.ascontiguousarray(a[pick])) for a in arrays)
         rows = xs[0].shape[0]
         try:
-            got = _first_tensor(traced(*xs)).numpy()
+            got = flat_rows(_outputs(traced(*xs)))
         except Exception as e:
             return f"batch {rows} (traced at {n}) fails: {_one_line(e)}"
-        want = _first_tensor(source(*xs)).numpy()
+        want = flat_rows(_outputs(source(*xs)))
         if got.shape != want.shape:
             return f"batch {rows} (traced at {n}): shape {list(got.shape)}, expected {list(want.shape)}"
         err = float(np.max(np.abs(got - want))) if got.size else 0.0
         if err > BATCH_PROBE_ATOL:
             return f"batch {rows} (traced at {n}): max abs {err:.3g} from the source module"
     return None
+
+
+def _call(module, xs):
+    import torch
+    with torch.no_grad():
+        return module(*xs)
 
 
 def _max_abs_vs_keras(keras_model, scripted, example: np.ndarray, expected=None) -> float:
@@ -256,8 +275,10 @@ class TorchScriptRunner(BaseRunner):
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         with torch.no_grad():
-            out = self._module(*(torch.from_numpy(feed[n]) for n in self.signature.input_names))
-        return {self.signature.output_names[0]: _first_tensor(out).numpy()}
+            out = _outputs(self._module(*(torch.from_numpy(feed[n]) for n in self.signature.input_names)))
+        if len(self.signature.outputs) == 1:
+            return {self.signature.output_names[0]: next(iter(out.values()))}
+        return out
 
     def close(self) -> None:
         super().close()

@@ -10,10 +10,10 @@ import time
 import numpy as np
 
 from parity.compare import ParityRecord, Tolerance, compare
-from parity.feeds import is_multi, n_rows
+from parity.feeds import flat_rows, is_multi, n_rows, split_rows
 from parity.signature import Signature, TensorSpec, describe_mapping, map_tensors
 
-from .base import Artifact, RuntimeUnavailable
+from .base import Artifact, OpNotImplemented, RuntimeUnavailable
 
 
 def feed_cuts(n_rows: int, max_batch: int) -> list[tuple[int, int]]:
@@ -47,32 +47,50 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
                 None, environment_problem(e))
     rows = n_rows(x)
     cuts = feed_cuts(rows, max_batch)
+    model_outputs = model_signature.outputs if model_signature is not None else ()
+    several = len(model_outputs) > 1
     try:
         if is_multi(x):  # named inputs go to the artifact's tensors matched by meaning, not position
             pairs, _ = map_tensors(model_signature.inputs if model_signature is not None else
                                    tuple(TensorSpec.of(k, v) for k, v in x.items()), runner.signature.inputs)
-            parts = [np.asarray(next(iter(runner.infer({pairs[k]: v[a:b] for k, v in x.items()}).values())))
-                     for a, b in cuts]
+            feeds = [{pairs[k]: v[a:b] for k, v in x.items()} for a, b in cuts]
         else:
-            parts = [np.asarray(runner(x[a:b])) for a, b in cuts]
+            feeds = [x[a:b] for a, b in cuts]
+        if several:  # each of the model's outputs from the artifact's tensor matched to it, in the model's order
+            if not is_multi(x):
+                feeds = [{runner.signature.input_names[0]: f} for f in feeds]
+            out_pairs, _ = map_tensors(model_outputs, runner.signature.outputs)
+            parts = [flat_rows({k: result[out_pairs[k]] for k in out_pairs}) for result in map(runner.infer, feeds)]
+        else:
+            parts = [np.asarray(runner(f)) for f in feeds]  # one output: the artifact's first
         got = np.concatenate(parts)
         if len(got) == rows and got.size == y_ref.size:
             got = got.reshape(y_ref.shape)
     except Exception as e:
-        return (ParityRecord.failed_to_load(model, artifact.format, artifact.variant, runtime, artifact.path,
-                                            f"running failed: {type(e).__name__}: {e}"), None, environment_problem(e))
+        rec = ParityRecord.failed_to_load(model, artifact.format, artifact.variant, runtime, artifact.path,
+                                          f"running failed: {type(e).__name__}: {e}")
+        if isinstance(e, OpNotImplemented):  # the runtime lacks a kernel: the caller may report it UNSUPPORTED
+            rec.details.update(outcome="unsupported", runtime_error=str(e))
+        return rec, None, environment_problem(e)
     finally:
         close = getattr(runner, "close", None)
         if close:
             close()
     seen = getattr(runner, "signature", None)
-    comparison = compare(y_ref, got, tolerance=tolerance, task=task, labels=labels, kinds=kinds)
+    # several outputs are compared as one concatenation (top-1 means nothing across them); each is told apart below
+    comparison = compare(y_ref, got, tolerance=tolerance, task="regression" if several else task,
+                         labels=None if several else labels, kinds=kinds)
     rec = ParityRecord.checked(model, artifact.format, artifact.variant, runtime, artifact.path, comparison,
                                elapsed_s=time.perf_counter() - t0,
                                details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
                                         "feeds": [b - a for a, b in cuts],
                                         "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes,
                                         **({"note": artifact.details["note"]} if artifact.details.get("note") else {})})
+    if several and got.shape == y_ref.shape:
+        per_row = {t.name: t.shape[1:] for t in model_outputs}
+        rec.details["outputs_max_abs"] = {
+            k: float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+            for (k, a), b in zip(split_rows(got, per_row).items(), split_rows(y_ref, per_row).values())}
     if seen is not None:
         rec.details["signature"] = seen.describe()
         if model_signature is not None:

@@ -48,3 +48,55 @@ def unpack(entries: Mapping[str, np.ndarray], prefix: str) -> Inputs:
     if not named:
         raise KeyError(f"no '{prefix}' inputs among {sorted(entries)}")
     return named
+
+
+# ------------------------------------------------------------------------------------------- outputs
+# A model's outputs are one array, or several named ones (a dict, a tuple, a Hugging Face ModelOutput).
+# Stored reference outputs are one (rows, ...) array for one output, and for several the row-wise
+# concatenation of each flattened in the model's order; the signature says how to split it again.
+
+def flatten_outputs(value, to_array, *, names: list[str] | None = None, prefix: str = "") -> dict[str, np.ndarray]:
+    """{name: array} of a model's output, in its own order: dict keys (nested ones as `a.b`), tuple
+    positions as `output_N` (or the framework's `names`), one tensor as `output`. None entries are skipped."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        out: dict[str, np.ndarray] = {}
+        for k, v in value.items():
+            out.update(flatten_outputs(v, to_array, prefix=f"{prefix}{k}."))
+        return out
+    if isinstance(value, (tuple, list)):
+        keys = names if names is not None and len(names) == len(value) else [f"output_{i}" for i in range(len(value))]
+        out = {}
+        for k, v in zip(keys, value):
+            out.update(flatten_outputs(v, to_array, prefix=f"{prefix}{k}."))
+        return out
+    return {(prefix[:-1] if prefix else "output"): to_array(value)}
+
+
+def one_or_named(outputs: dict[str, np.ndarray]):
+    """The single array of a one-output model, the dict otherwise."""
+    return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+
+def flat_rows(y: Inputs) -> np.ndarray:
+    """One array of a model's outputs: itself for one output, the row-wise concatenation for several."""
+    if not is_multi(y):
+        return np.asarray(y)
+    return np.concatenate([np.asarray(v).reshape(len(v), -1) for v in y.values()], axis=1)
+
+
+def split_rows(flat: np.ndarray, per_row_shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The inverse of flat_rows, given each output's per-row shape."""
+    out, at = {}, 0
+    for name, shape in per_row_shapes.items():
+        size = int(np.prod(shape)) if shape else 1
+        out[name] = flat[:, at:at + size].reshape(len(flat), *shape)
+        at += size
+    return out
+
+
+def structure(y: Inputs) -> dict[str, tuple]:
+    """Names, per-row shapes and dtypes of a model's outputs, to compare two calls."""
+    named = y if is_multi(y) else {"output": y}
+    return {k: (tuple(np.shape(v)[1:]), str(np.asarray(v).dtype)) for k, v in named.items()}

@@ -218,15 +218,17 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     """The front door for a model someone already trained: its file in, every format out, each verified
     in its own runtime against the model on the example inputs. Writes the spec it implies (under
     .pipeline/implicit/) and runs it, so caching, MLflow and the reports work as for any spec."""
-    from .spec import FORMATS, PRETRAINED_SUFFIXES
+    from .spec import FORMATS, PRETRAINED_SUFFIXES, is_hf_folder
     home = home or home_dir()
     path = Path(model_path).resolve()
-    framework = next((fw for fw, suffixes in PRETRAINED_SUFFIXES.items() if path.suffix in suffixes), None)
+    framework = "torch" if is_hf_folder(path) else \
+        next((fw for fw, suffixes in PRETRAINED_SUFFIXES.items() if path.suffix in suffixes), None)
     if framework is None:
         known = ", ".join(f"{s} ({fw})" for fw, suffixes in PRETRAINED_SUFFIXES.items() for s in suffixes)
-        raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}), found suffix "
-                                 f"{path.suffix or 'none'!r}")
-    if not path.is_file():
+        raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}) or a Hugging Face "
+                                 f"save_pretrained folder (with config.json), found "
+                                 f"{'a folder without config.json' if path.is_dir() else repr(path.suffix or 'no suffix')}")
+    if not path.exists():
         raise spec_mod.SpecError(f"{model_path}: no such model file")
     if not example:
         raise spec_mod.SpecError(f"{model_path}: expected --example INPUTS.npz holding an array x of real inputs "
@@ -238,8 +240,10 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
         if fmt not in FORMATS:
             raise spec_mod.SpecError(f"--formats {fmt}: expected formats among {', '.join(FORMATS)}")
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in path.stem) or "model"
+    inputs = _example_inputs(example_path)
     lines = ["# written by `python -m pipeline export`: the spec this export implies", "[pipeline]",
              f'name = "export-{name}"', "", "[data]", 'source = "npz"', f"path = {json.dumps(str(example_path))}",
+             *([f"inputs = {json.dumps(inputs)}"] if inputs else []),
              f'task = "{task}"', "", "[[model]]", f'name = "{name}"', f'framework = "{framework}"',
              f"source = {json.dumps(str(path))}"]
     if factory:
@@ -256,6 +260,17 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     spec_path.write_text(text)
     print(f"export {path.name} ({framework}): spec {spec_path}", flush=True)
     return run(str(spec_path), home=home, track=track)
+
+
+def _example_inputs(path: Path) -> list[str] | None:
+    """The named inputs of an example npz without an `x` (input_ids, attention_mask, ...); None with one."""
+    import numpy as np
+    try:
+        with np.load(path) as f:
+            names = [k for k in f.files if k != "y"]
+    except Exception as e:  # noqa: BLE001
+        raise spec_mod.SpecError(f"--example {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    return None if "x" in names or not names else names
 
 
 def validate(spec_ref: str, *, models: bool = True) -> dict:

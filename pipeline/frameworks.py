@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.feeds import n_rows
+from exporters.base import forward_order
+from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
 from .spec import ModelSpec, Spec
@@ -97,13 +98,16 @@ class KerasAdapter:
     def signature(self, model, x, y: np.ndarray) -> Signature:
         """The model's own names (Keras inputs, output layers) with the dtypes and shapes of real rows."""
         outs = list(getattr(model, "output_names", None) or []) or ["output"]
+        outputs = _output_specs(y, outs[0])
         if isinstance(x, dict):  # a functional model takes a dict keyed by its inputs' names
-            return Signature(tuple(TensorSpec.of(k, v) for k, v in x.items()), (TensorSpec.of(outs[0], y),))
+            return Signature(tuple(TensorSpec.of(k, v) for k, v in x.items()), outputs)
         ins = [t.name for t in getattr(model, "inputs", None) or []] or ["x"]
-        return Signature((TensorSpec.of(ins[0], x),), (TensorSpec.of(outs[0], y),))
+        return Signature((TensorSpec.of(ins[0], x),), outputs)
 
-    def predict(self, model, x) -> np.ndarray:
-        return np.asarray(model(_tf_inputs(x), training=False))
+    def predict(self, model, x):
+        """One array, or {name: array} for a model of several outputs (a list is named by output_names)."""
+        names = list(getattr(model, "output_names", None) or []) or None
+        return one_or_named(flatten_outputs(model(_tf_inputs(x), training=False), np.asarray, names=names))
 
     def load_pretrained(self, spec: Spec, m: ModelSpec, path: Path, input_shape=None, n_outputs=None):
         import keras
@@ -148,7 +152,8 @@ class TorchAdapter:
 
     def build(self, spec: Spec, m: ModelSpec, input_shape, n_outputs):
         import torch
-        torch.set_num_threads(m.train.threads)
+        if m.train is not None:  # a pretrained model's factory has no [train] table
+            torch.set_num_threads(m.train.threads)
         torch.manual_seed(spec.seed)
         return build_model(spec, m, input_shape, n_outputs)
 
@@ -198,15 +203,16 @@ class TorchAdapter:
         except (TypeError, ValueError):  # a ScriptModule's forward has no Python signature
             params = []
         if isinstance(x, dict):
-            names = _forward_order(model, list(x))
-            return Signature(tuple(TensorSpec.of(k, x[k]) for k in names), (TensorSpec.of("output", y),))
-        return Signature((TensorSpec.of(params[0].name if params else "x", x),), (TensorSpec.of("output", y),))
+            names = forward_order(model, list(x))
+            return Signature(tuple(TensorSpec.of(k, x[k]) for k in names), _output_specs(y, "output"))
+        return Signature((TensorSpec.of(params[0].name if params else "x", x),), _output_specs(y, "output"))
 
-    def predict(self, model, x) -> np.ndarray:
+    def predict(self, model, x):
+        """One array, or {name: array} for a model returning a dict, a tuple or a ModelOutput."""
         import torch
         model.eval()
         with torch.no_grad():
-            return model(*_torch_inputs(model, x)).numpy()
+            return one_or_named(flatten_outputs(model(*_torch_inputs(model, x)), lambda t: t.detach().cpu().numpy()))
 
     def load_pretrained(self, spec: Spec, m: ModelSpec, path: Path, input_shape=None, n_outputs=None):
         """A TorchScript archive, a torch.export program (.pt2), a pickled nn.Module or a state dict (with
@@ -216,6 +222,8 @@ class TorchAdapter:
         if m.factory:
             load_factory(spec, m)  # puts the spec's folder on sys.path: a pickled module's class lives there
         where = f"model {m.name} (torch): {path}"
+        if path.is_dir():
+            return _hugging_face(path, where)
         try:
             if path.suffix == ".pt2":
                 module = _graph_module(torch.export.load(str(path)).module())
@@ -249,7 +257,10 @@ class TorchAdapter:
         return module
 
     def save_pretrained(self, model, m: ModelSpec, out: Path) -> None:
-        shutil.copy2(m.source, out / (PRETRAINED + Path(m.source).suffix))
+        if Path(m.source).is_dir():  # a save_pretrained folder, kept whole
+            shutil.copytree(m.source, out / _kept_name(m))
+        else:
+            shutil.copy2(m.source, out / _kept_name(m))
 
     def save(self, model, out: Path) -> None:
         import torch
@@ -258,7 +269,7 @@ class TorchAdapter:
     def load(self, spec: Spec, m: ModelSpec, src: Path, input_shape, n_outputs):
         import torch
         if m.pretrained:
-            return self.load_pretrained(spec, m, src / (PRETRAINED + Path(m.source).suffix), input_shape, n_outputs)
+            return self.load_pretrained(spec, m, src / _kept_name(m), input_shape, n_outputs)
         model = self.build(spec, m, input_shape, n_outputs)
         model.load_state_dict(torch.load(src / self.weights_file, map_location="cpu", weights_only=True))
         model.eval()
@@ -279,7 +290,7 @@ class TorchAdapter:
     def save_mlflow_model(self, model, path: Path, x_example, y_example: np.ndarray) -> None:
         from . import tracking
         if isinstance(x_example, dict):  # MLflow traces forward with positional examples, in its order
-            x_example = tuple(x_example[k] for k in _forward_order(model, list(x_example)))
+            x_example = tuple(x_example[k] for k in forward_order(model, list(x_example)))
         tracking.save_native_model("torch", model, path, x_example, y_example)
 
 
@@ -326,6 +337,34 @@ def _graph_module(graph):
     return ExportedGraph(graph)
 
 
+def _kept_name(m: ModelSpec) -> str:
+    """The name a pretrained model's copy has in its train stage's folder."""
+    return PRETRAINED if Path(m.source).is_dir() else PRETRAINED + Path(m.source).suffix
+
+
+def _hugging_face(path: Path, where: str):
+    """A transformers model from its save_pretrained folder, in eval mode, returning its ModelOutput (a dict)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise PretrainedLoadError(f"{where}: a Hugging Face folder needs the transformers package: {e}") from None
+    try:
+        module = transformers.AutoModel.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - a bad config, missing weights, an unknown architecture
+        raise PretrainedLoadError(f"{where}: transformers.AutoModel.from_pretrained failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]}); expected a folder written by "
+                                  f"model.save_pretrained(...) (config.json and the weights)") from None
+    import torch
+    torch.set_num_threads(1)
+    return module.eval()
+
+
+def _output_specs(y, single_name: str) -> tuple[TensorSpec, ...]:
+    if isinstance(y, dict):
+        return tuple(TensorSpec.of(k, v) for k, v in y.items())
+    return (TensorSpec.of(single_name, y),)
+
+
 def _tf_inputs(x):
     """One float32 tensor, or {name: tensor} keeping each input's dtype (ids stay integers)."""
     import tensorflow as tf
@@ -334,20 +373,9 @@ def _tf_inputs(x):
     return tf.constant(x, dtype=tf.float32)
 
 
-def _forward_order(model, names: list[str]) -> list[str]:
-    """The data's inputs in the order the module's forward takes them: by parameter name where they
-    match, else as the data lists them."""
-    import inspect
-    try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()]
-    except (TypeError, ValueError):
-        return names
-    return sorted(names, key=lambda n: params.index(n) if n in params else len(params) + names.index(n))
-
-
 def _torch_inputs(model, x) -> tuple:
     """The positional tensors for forward: one float32 tensor, or each named input in forward's order."""
     import torch
     if isinstance(x, dict):
-        return tuple(torch.from_numpy(np.ascontiguousarray(x[k])) for k in _forward_order(model, list(x)))
+        return tuple(torch.from_numpy(np.ascontiguousarray(x[k])) for k in forward_order(model, list(x)))
     return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),)

@@ -73,6 +73,11 @@ class TrainSettings:
 PRETRAINED_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt", ".pth", ".pt2")}
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face `save_pretrained` folder: its config.json beside the weights."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -89,8 +94,12 @@ class ModelSpec:
         return self.source is not None
 
     def source_digest(self) -> str | None:
-        from .cache import file_digest
-        return file_digest(Path(self.source)) if self.source else None
+        from .cache import file_digest, folder_digests
+        if not self.source:
+            return None
+        if Path(self.source).is_dir():  # a save_pretrained folder: every file in it
+            return hashlib.sha256(json.dumps(folder_digests(Path(self.source)), sort_keys=True).encode()).hexdigest()
+        return file_digest(Path(self.source))
 
     def factory_source_hash(self) -> str:
         """Hash of the factory's module source, found without importing it (no framework import)."""
@@ -304,8 +313,11 @@ class _Validator:
             return None
         path = (self.path.parent / rel).resolve()
         suffixes = PRETRAINED_SUFFIXES[framework]
+        if framework == "torch" and is_hf_folder(path):
+            return str(path)
         if path.suffix not in suffixes:
-            self.fail(f"{where}.source", f"a {framework} model file ({', '.join(suffixes)})", rel)
+            hf = ", or a Hugging Face save_pretrained folder (with config.json)" if framework == "torch" else ""
+            self.fail(f"{where}.source", f"a {framework} model file ({', '.join(suffixes)}){hf}", rel)
         if not path.is_file():
             self.fail(f"{where}.source", f"a model file (relative to the spec), found no file at {path}",
                       show_found=False)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.feeds import is_multi, n_rows, pack, row_shapes, take, unpack
+from parity.feeds import flat_rows, is_multi, n_rows, pack, row_shapes, structure, take, unpack
 
 from . import data as data_mod
 from .runner import Context, Stage
 from .spec import ModelSpec, Spec
-from .training import check_acceptance, n_outputs, probe_model, task_metrics, write_history
+from .training import ModelMismatch, check_acceptance, n_outputs, probe_model, task_metrics, write_history
 
 STAGES_CODE = ("pipeline/stages.py",)
 DATA_CODE = STAGES_CODE + ("pipeline/data.py",)
@@ -181,15 +181,16 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
     probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
     fw.save_pretrained(model, m, ctx.out)
     write_history(ctx.out, [])
-    metrics = task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays) if "y_train" in arrays else {}
-    check_acceptance(m, metrics)
     example = take(arrays["x_train"], slice(0, 5))
     y_example = fw.predict(model, example)
+    scored = "y_train" in arrays and not is_multi(y_example)  # a target scores one output
+    metrics = task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays) if scored else {}
+    check_acceptance(m, metrics)
     mlflow_note = save_mlflow_copy(ctx, fw, model, example, y_example)
     ctx.memo[("model", m.name)] = model
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     return {"metrics": metrics, "epochs": 0, "pretrained": m.source, "input_shape": info["input_shape"],
-            "n_outputs": int(np.prod(y_example.shape[1:])) if info["n_outputs"] is None else info["n_outputs"],
+            "n_outputs": int(flat_rows(y_example).shape[1]) if info["n_outputs"] is None else info["n_outputs"],
             "framework": m.framework, "timings": {"load_s": time.perf_counter() - t0}, "mlflow_model": mlflow_note,
             "summary": f"{m.framework}: pretrained {Path(m.source).name}, not trained" + (f"; {shown}" if shown else "")}
 
@@ -230,18 +231,28 @@ def run_reference(ctx: Context, spec: str, model: str) -> dict:
     with np.load(ctx.input_dir("parity_set") / "parity_inputs.npz") as f:
         x, kind = unpack(f, "x"), f["kind"]
     y = fw.predict(model, x)
-    y_perturbed = fw.predict(fw.perturbed(model, PERTURBATION, spec.seed), x)
+    again = fw.predict(model, take(x, slice(0, 2)))
+    if structure(again) != structure(y):  # an exporter traces one call: a shifting structure cannot be exported
+        raise ModelMismatch(f"model {m.name} ({m.framework}): its outputs change structure between calls: "
+                            f"{_shown(structure(y))} on the {n_rows(x)} parity rows, then {_shown(structure(again))} "
+                            f"on 2 of them; expected the same named outputs, per-row shapes and dtypes on every call")
+    signature = fw.signature(model, x, y)
+    y, y_perturbed = flat_rows(y), flat_rows(fw.predict(fw.perturbed(model, PERTURBATION, spec.seed), x))
     labels = _labels_for(ctx, spec, kind)
+    # several outputs are stored as one row-wise concatenation; the signature says how to split it
     np.savez(ctx.out / "reference.npz", **pack("x", x), y=y, kind=kind, y_perturbed=y_perturbed,
              **({"labels": labels} if labels is not None else {}))
-    signature = fw.signature(model, x, y)
     (ctx.out / "reference.json").write_text(json.dumps({"shape": list(y.shape), "dtype": str(y.dtype),
                                                         "signature": signature.to_json()}))
     return {"rows": n_rows(x), "output_shape": list(y.shape[1:]),
             "output_std": float(y.std(axis=0).mean()),
             "perturbed_max_abs": float(np.abs(y_perturbed - y).max()),
             "signature": signature.to_json(),
-            "summary": f"{len(x)} rows, output std {float(y.std(axis=0).mean()):.3g}; {signature.describe()}"}
+            "summary": f"{n_rows(x)} rows, output std {float(y.std(axis=0).mean()):.3g}; {signature.describe()}"}
+
+
+def _shown(outputs: dict) -> str:
+    return "{" + ", ".join(f"{k}: {dtype} {list(shape)}" for k, (shape, dtype) in outputs.items()) + "}"
 
 
 def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
@@ -430,6 +441,9 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
                 if env:
                     rec.details["cause"] = "environment"
                     ctx.volatile(f"{artifact.label} on {runtime}: {env[:200]}")
+                if rec.details.get("outcome") == "unsupported":  # the runtime has no kernel for an op
+                    rec = unsupported_record(spec, m, fmt, artifact.variant, rec.details["runtime_error"],
+                                             runtime=runtime)
                 records.append(rec)
                 if got is not None:
                     outputs[f"{artifact.label}@{runtime}"] = got
@@ -442,19 +456,24 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
             "summary": f"{len(checked) - len(failed)}/{len(checked)} checks passed"}
 
 
-def unsupported_record(spec: Spec, m: ModelSpec, fmt: str, variant: str, error: str):
-    """A cell whose converter failed: UNSUPPORTED, with the converter's own words and what the user can
-    do. It fails the run unless the spec allows it under [parity] allow_unsupported."""
+def unsupported_record(spec: Spec, m: ModelSpec, fmt: str, variant: str, error: str, runtime: str | None = None):
+    """A cell whose converter failed (or, with `runtime`, whose runtime has no kernel for one of its ops):
+    UNSUPPORTED, with the tool's own words and what the user can do. It fails the run unless the spec
+    allows it under [parity] allow_unsupported."""
     from parity.compare import ParityRecord
     cell = f"{m.name}/{fmt}" + ("" if variant == "fp32" else f"-{variant}")
+    details = {"outcome": "unsupported", **({"runtime_error": error} if runtime else {})}
     if spec.parity.allows_unsupported(m.name, fmt, variant):
         return ParityRecord.skipped(m.name, fmt, variant, f"unsupported here, allowed by the spec: {error[:400]}",
-                                    skip="not-produced", details={"outcome": "unsupported"})
+                                    skip="not-produced", details=details, **({"runtime": runtime} if runtime else {}))
+    what = (f"the {runtime} runtime cannot run this {fmt} artifact" if runtime else
+            f"the {fmt} converter failed for this {m.framework} model")
+    change = "change the layer it names (another activation, say), " if runtime else ""
     return ParityRecord.failed_to_load(
-        m.name, fmt, variant, None, None,
-        f"UNSUPPORTED: the {fmt} converter failed for this {m.framework} model: {error}. What you can do: "
+        m.name, fmt, variant, runtime, None,
+        f"UNSUPPORTED: {what}: {error.rstrip('.')}. What you can do: {change}"
         f"drop {fmt} from export.formats, or list \"{cell}\" under [parity] allow_unsupported to accept the "
-        f"gap", details={"outcome": "unsupported"})
+        f"gap", details=details)
 
 
 # --------------------------------------------------------------------------- bundle

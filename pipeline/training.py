@@ -64,15 +64,27 @@ def probe_model(model: ModelSpec, predict, x_rows: np.ndarray, n_outputs: int) -
     not take them, or gives the wrong number of outputs, stops here with the shapes named."""
     want = (", ".join(f"{k} of shape (batch, {', '.join(map(str, v.shape[1:]))})" for k, v in x_rows.items())
             if isinstance(x_rows, dict) else f"inputs of shape (batch, {', '.join(map(str, x_rows.shape[1:]))})")
-    try:
-        out = np.asarray(predict(x_rows))
-    except Exception as e:
-        raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
-                            f"that fails on {len(x_rows)} rows of the data: expected it to take {want}; "
-                            f"it raised {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    made = f"file {model.source!r} holds a model" if model.pretrained else f"factory '{model.factory}' made a model"
     rows = len(next(iter(x_rows.values()))) if isinstance(x_rows, dict) else len(x_rows)
+    try:
+        out = predict(x_rows)
+    except Exception as e:
+        raise ModelMismatch(f"model {model.name} ({model.framework}): {made} "
+                            f"that fails on {rows} rows of the data: expected it to take {want}; "
+                            f"it raised {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    if isinstance(out, dict):  # several named outputs: fine to export and verify, not to train on one target
+        if not model.pretrained:
+            raise ModelMismatch(f"model {model.name} ({model.framework}): {made} of several outputs "
+                                f"({', '.join(out)}); training fits one output to the data's target: return one "
+                                f"tensor, or train it yourself and bring it with source = FILE, train = false")
+        short = {k: np.shape(v) for k, v in out.items() if np.ndim(v) < 1 or len(v) != rows}
+        if short:
+            raise ModelMismatch(f"model {model.name} ({model.framework}): {made} whose outputs for {rows} rows "
+                                f"have shapes {short}; expected every output to have {rows} rows")
+        return
+    out = np.asarray(out)
     if out.ndim < 1 or len(out) != rows or (n_outputs is not None and int(np.prod(out.shape[1:])) != n_outputs):
-        raise ModelMismatch(f"model {model.name} ({model.framework}): factory '{model.factory}' made a model "
+        raise ModelMismatch(f"model {model.name} ({model.framework}): {made} "
                             f"whose outputs for {rows} rows have shape {out.shape}; expected "
                             f"({rows}, {n_outputs}) for the data's targets")
 

@@ -57,3 +57,67 @@ def torch_resnet_block(out: Path) -> tuple[Path, Path]:
     torch.jit.save(torch.jit.trace(model, torch.from_numpy(x[:2])), str(path))
     np.savez(out / "images_nchw.npz", x=x)
     return path, out / "images_nchw.npz"
+
+
+DICT_MODEL = '''
+import torch
+import torch.nn as nn
+
+
+class TwoHeads(nn.Module):
+    """One trunk, two heads returned as a dict: class logits and an embedding."""
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+        self.classes = nn.Linear(16, 3)
+        self.embed = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {"logits": self.classes(h), "embedding": self.embed(h)}
+
+
+def two_heads(input_shape=None, n_outputs=None, **_):
+    return TwoHeads()
+'''
+
+
+DICT_FACTORY = "dict_models:two_heads"  # what `export --factory` is told for torch_dict_model's state dict
+
+
+def torch_dict_model(out: Path) -> tuple[Path, Path]:
+    """A torch model returning a dict of two heads, as a state dict with its factory module beside it
+    (DICT_FACTORY), and example rows."""
+    import importlib
+    import sys
+
+    import torch
+    (out / "dict_models.py").write_text(DICT_MODEL)
+    sys.path.insert(0, str(out))
+    try:
+        module = importlib.import_module("dict_models")
+        torch.manual_seed(0)
+        model = module.two_heads()
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("dict_models", None)
+    torch.save(model.state_dict(), out / "two_heads.pt")
+    np.savez(out / "rows.npz", x=np.random.default_rng(3).standard_normal((40, 6)).astype(np.float32))
+    return out / "two_heads.pt", out / "rows.npz"
+
+
+def hf_encoder(out: Path) -> tuple[Path, Path]:
+    """A transformers DistilBERT encoder from a tiny config (random weights; LayerNorm, not BatchNorm, so
+    the outputs vary with the input as they are), saved with save_pretrained, and token ids with real
+    padding masks."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=32)
+    DistilBertModel(config).eval().save_pretrained(out / "tiny_distilbert")
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1, 100, size=(48, 12)).astype(np.int64)
+    mask = (np.arange(12) < rng.integers(4, 13, size=(48, 1))).astype(np.int64)
+    np.savez(out / "tokens.npz", input_ids=np.where(mask == 1, ids, 0), attention_mask=mask)
+    return out / "tiny_distilbert", out / "tokens.npz"
