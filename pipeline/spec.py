@@ -88,6 +88,7 @@ class ModelSpec:
     accept: tuple[Bound, ...]
     litert_batch_sizes: tuple[int, ...]
     source: str | None = None      # a pretrained model file (absolute path), used as it is
+    signature: dict | None = None  # what the spec states: {"inputs": {name: dtype}, "outputs": [name, ...]}
 
     @property
     def pretrained(self) -> bool:
@@ -272,7 +273,7 @@ class _Validator:
             if not isinstance(m, dict):
                 self.fail(where, "a table", m)
             self.known_keys(m, where, {"name", "framework", "factory", "params", "train", "accept",
-                                       "litert_batch_sizes", "source"})
+                                       "litert_batch_sizes", "source", "signature"})
             mname = self.get(m, "name", where, str)
             if any(x.name == mname for x in models):
                 self.fail(f"{where}.name", "a name unique among the models", mname)
@@ -296,7 +297,8 @@ class _Validator:
             accept = self._accept({**accept_defaults, **self.get(m, "accept", where, dict, {})},
                                   f"{where}.accept")
             batches = self._batch_sizes(m, where) if "litert_batch_sizes" in m else litert_batches
-            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches, pretrained))
+            stated = self._signature(m, where) if "signature" in m else None
+            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches, pretrained, stated))
 
         parity = self._parity(self.table(raw, "parity", "parity", {"held_out_rows", "random_rows",
                                                                   "input_range", "max_batch",
@@ -322,6 +324,22 @@ class _Validator:
             self.fail(f"{where}.source", f"a model file (relative to the spec), found no file at {path}",
                       show_found=False)
         return str(path)
+
+    def _signature(self, m: dict, where: str) -> dict:
+        """`[model.signature]`: the inputs (name -> dtype) and output names the spec says the model has;
+        the reference stage holds the model to them."""
+        from parity.signature import DTYPES
+        table = self.get(m, "signature", where, dict)
+        where = f"{where}.signature"
+        self.known_keys(table, where, {"inputs", "outputs"})
+        inputs = self.get(table, "inputs", where, dict, {})
+        for name, dtype in inputs.items():
+            if dtype not in DTYPES:
+                self.fail(f"{where}.inputs.{name}", f"a dtype among {', '.join(DTYPES)}", dtype)
+        outputs = self.get(table, "outputs", where, list, [])
+        if not all(isinstance(o, str) and o for o in outputs) or len(set(outputs)) != len(outputs):
+            self.fail(f"{where}.outputs", "a list of distinct output names", outputs)
+        return {"inputs": dict(inputs), "outputs": list(outputs)}
 
     def _batch_sizes(self, table: dict, where: str) -> tuple[int, ...]:
         sizes = self.get(table, "litert_batch_sizes", where, list, [1, 16])

@@ -237,6 +237,8 @@ def run_reference(ctx: Context, spec: str, model: str) -> dict:
                             f"{_shown(structure(y))} on the {n_rows(x)} parity rows, then {_shown(structure(again))} "
                             f"on 2 of them; expected the same named outputs, per-row shapes and dtypes on every call")
     signature = fw.signature(model, x, y)
+    if m.signature:
+        check_stated_signature(m, signature)
     y, y_perturbed = flat_rows(y), flat_rows(fw.predict(fw.perturbed(model, PERTURBATION, spec.seed), x))
     labels = _labels_for(ctx, spec, kind)
     # several outputs are stored as one row-wise concatenation; the signature says how to split it
@@ -249,6 +251,26 @@ def run_reference(ctx: Context, spec: str, model: str) -> dict:
             "perturbed_max_abs": float(np.abs(y_perturbed - y).max()),
             "signature": signature.to_json(),
             "summary": f"{n_rows(x)} rows, output std {float(y.std(axis=0).mean()):.3g}; {signature.describe()}"}
+
+
+def check_stated_signature(m: ModelSpec, signature) -> None:
+    """The spec's [model.signature] against the model's own: every stated input there with the stated
+    dtype, and the stated output names the model's (several outputs are named by key or position)."""
+    found_in = {t.name: t.dtype for t in signature.inputs}
+    wrong = [f"input {name!r} {dtype} (the model takes " +
+             (f"{found_in[name]})" if name in found_in else f"no such input; it takes {_listed(found_in)})")
+             for name, dtype in m.signature["inputs"].items() if found_in.get(name) != dtype]
+    stated_out = m.signature["outputs"]
+    if stated_out and stated_out != signature.output_names:
+        wrong.append(f"outputs {stated_out} (the model returns {signature.output_names})")
+    if wrong:
+        raise ModelMismatch(f"model {m.name} ({m.framework}): the spec's [model.signature] contradicts the "
+                            f"model: it states {'; '.join(wrong)}; expected the spec to state what the model "
+                            f"takes and returns, or no signature at all")
+
+
+def _listed(specs: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in specs.items())
 
 
 def _shown(outputs: dict) -> str:

@@ -211,3 +211,47 @@ def test_a_hugging_face_encoder_from_its_folder_every_cell_verified_or_refused(t
     litert = next(x for x in parity["records"] if x["label"] == "distilbert/litert")
     assert "input_ids -> args_0" in litert["details"]["mapping"]  # litert-torch renames by position
     assert parity["discrimination"]["distilbert"]["discriminative"]
+
+
+STATED = """
+[pipeline]
+name = "stated"
+[data]
+source = "npz"
+path = "rows.npz"
+task = "regression"
+[[model]]
+name = "two_heads"
+framework = "torch"
+source = "two_heads.pt"
+factory = "dict_models:two_heads"
+[model.signature]
+inputs = {{ x = "{dtype}" }}
+outputs = {outputs}
+[export]
+formats = ["onnx"]
+"""
+
+
+@pytest.mark.cli
+def test_a_stated_signature_that_contradicts_the_model_is_refused_and_one_that_agrees_runs(tmp_path):
+    torch_dict_model(tmp_path)
+    (tmp_path / "bad.toml").write_text(STATED.format(dtype="int64", outputs='["logits"]'))
+    r = run_cli("run", "bad.toml", "--no-track", home=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "model two_heads (torch): the spec's [model.signature] contradicts the model" in r.stderr
+    assert "input 'x' int64 (the model takes float32)" in r.stderr
+    assert "outputs ['logits'] (the model returns ['logits', 'embedding'])" in r.stderr
+    (tmp_path / "good.toml").write_text(STATED.format(dtype="float32", outputs='["logits", "embedding"]'))
+    ok = run_cli("run", "good.toml", "--no-track", home=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_a_stated_signature_is_validated_with_the_spec(tmp_path):
+    from pipeline.spec import SpecError
+    np.savez(tmp_path / "rows.npz", x=np.zeros((4, 6), np.float32))
+    (tmp_path / "two_heads.pt").write_bytes(b"")
+    (tmp_path / "dict_models.py").write_text("def two_heads(**_):\n    pass\n")
+    (tmp_path / "s.toml").write_text(STATED.format(dtype="complex64", outputs="[]"))
+    with pytest.raises(SpecError, match=r"model\[0\]\.signature\.inputs\.x: expected a dtype among float16"):
+        load(str(tmp_path / "s.toml"))
