@@ -1,0 +1,777 @@
+"""A local server that speaks TensorFlow Serving's gRPC and REST APIs over a TF Serving model repository.
+
+For machines without Docker or `tensorflow_model_server`: a script written against the real server runs
+against this one unchanged (same services, messages, URLs, JSON shapes and status codes).
+
+gRPC (grpc sync server, 8 worker threads): tensorflow.serving.PredictionService/{Predict, Classify, Regress,
+GetModelMetadata} and tensorflow.serving.ModelService/GetModelStatus. MultiInference and
+HandleReloadConfigRequest answer UNIMPLEMENTED.
+
+REST (aiohttp):
+  GET  /v1/models/{m}[/versions/{v}|/labels/{l}]            -> {"model_version_status": [...]}
+  GET  /v1/models/{m}[/versions/{v}|/labels/{l}]/metadata   -> {"model_spec": ..., "metadata": {"signature_def": ...}}
+  POST /v1/models/{m}[/versions/{v}|/labels/{l}]:predict    row {"instances"} -> {"predictions"};
+                                                            columnar {"inputs"} -> {"outputs"}
+  POST ...:classify / ...:regress                           {"examples": [...], "context"?} -> {"results": ...}
+  Errors are {"error": "..."} with TF Serving's HTTP codes: 404 unknown model / version / label or URL,
+  400 bad input or malformed JSON, 413 for a body over `max_request_bytes` (default 64 MiB; TF Serving
+  itself has no such limit, a local server should), 501 for what is not implemented.
+  String tensors take and give {"b64": "..."} for binary data (outputs whose name ends in "_bytes", or that
+  are not UTF-8, are sent as b64), as TF Serving.
+
+Status codes as TF Serving: unknown model/version/label NOT_FOUND; wrong input name, dtype or shape
+INVALID_ARGUMENT (the message names what the signature expects); unknown signature FAILED_PRECONDITION.
+
+Python API: `LocalServer(...)` (a context manager) with the options of `python -m serving`; port 0 picks a
+free port, `rest_api_port=None` disables REST. See serving/models.py for versions, polling and batching.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import numpy as np
+
+from serving.models import (CLASSIFY_METHOD, DEFAULT_SIGNATURE, HTTP_STATUS, PREDICT_METHOD, REGRESS_METHOD,
+                            ConfigError, ModelManager, ModelSettings, RequestError, Servable, Signature,
+                            parse_batching_parameters, parse_model_config_file)
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+_GRPC_MAX_MESSAGE = 2 ** 31 - 1  # as tensorflow_model_server
+
+
+def _tf():
+    import tensorflow as tf
+    return tf
+
+
+# ------------------------------------------------------------------------------------------- core calls
+
+def _spec_parts(spec) -> tuple[str, int | None, str, str]:
+    """ModelSpec -> (name, version or None, label, signature_name)."""
+    version = spec.version.value if spec.HasField("version") else None
+    return spec.name, version, spec.version_label, spec.signature_name
+
+
+def _fill_spec(out_spec, servable: Servable, signature_name: str | None) -> None:
+    out_spec.name = servable.model
+    out_spec.version.value = servable.version
+    if signature_name is not None:
+        out_spec.signature_name = signature_name
+
+
+def _tensor_to_array(name: str, proto, sig: Signature) -> np.ndarray:
+    tf = _tf()
+    spec = sig.inputs.get(name)
+    if spec is not None and proto.dtype != spec.dtype.as_datatype_enum:
+        got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
+        raise RequestError("INVALID_ARGUMENT", f"input {name!r} has dtype {got} but signature {sig.name!r} "
+                           f"expects {sig.describe_input(name)}")
+    if proto.tensor_content and proto.dtype in _ENUM_TO_NP:
+        dims = [d.size for d in proto.tensor_shape.dim]
+        try:
+            return np.frombuffer(proto.tensor_content, dtype=_ENUM_TO_NP[proto.dtype]).reshape(dims)
+        except ValueError as e:
+            raise RequestError("INVALID_ARGUMENT", f"input {name!r}: tensor_content does not hold shape {dims}: "
+                               f"{e}") from None
+    try:
+        return tf.make_ndarray(proto)
+    except Exception as e:  # noqa: BLE001
+        raise RequestError("INVALID_ARGUMENT", f"input {name!r}: cannot read the TensorProto: {e}") from None
+
+
+_FAST_KINDS = "biuf"
+
+
+def _array_to_tensor(arr: np.ndarray, out, make_tensor_proto) -> None:
+    """Fill TensorProto `out` from `arr`: numeric arrays straight into tensor_content (5x cheaper than
+    tf.make_tensor_proto, same bytes as it would write), anything else through tf.make_tensor_proto."""
+    dt = arr.dtype
+    enum = _NP_TO_ENUM.get(dt.str) if dt.kind in _FAST_KINDS else None
+    if enum is None:
+        out.CopyFrom(make_tensor_proto(arr))
+        return
+    out.dtype = enum
+    dims = out.tensor_shape.dim
+    for d in arr.shape:
+        dims.add(size=d)
+    out.tensor_content = np.ascontiguousarray(arr).tobytes()
+
+
+_NP_TO_ENUM: dict[str, int] = {}
+_ENUM_TO_NP: dict[int, np.dtype] = {}
+
+
+def _init_enums() -> None:
+    if _NP_TO_ENUM:
+        return
+    tf = _tf()
+    for t in (tf.float16, tf.float32, tf.float64, tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16,
+              tf.uint32, tf.uint64, tf.bool):
+        _NP_TO_ENUM[np.dtype(t.as_numpy_dtype).str] = t.as_datatype_enum
+        _ENUM_TO_NP[t.as_datatype_enum] = np.dtype(t.as_numpy_dtype)
+
+
+class Core:
+    """What both front ends call: resolve a servable, run a signature, describe models."""
+
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def predict(self, servable: Servable, sig: Signature, arrays: dict[str, np.ndarray],
+                output_filter=()) -> dict[str, np.ndarray]:
+        """Run `sig` of the already-resolved `servable` (resolved once per request: a version switch in
+        between cannot split the request across versions)."""
+        if sig.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
+            raise RequestError("INVALID_ARGUMENT", f"signature {sig.name!r} has method_name {sig.method_name!r}")
+        out = sig.run(arrays)
+        if output_filter:
+            unknown = sorted(set(output_filter) - set(out))
+            if unknown:
+                raise RequestError("INVALID_ARGUMENT", f"output tensor alias(es) {unknown} not found in signature "
+                                   f"{sig.name!r}; outputs: {sorted(out)}")
+            out = {k: out[k] for k in output_filter}
+        return out
+
+    def examples_call(self, name, version, label, signature_name, serialized: list[bytes], method: str):
+        """Classify / Regress: the signature takes serialized tf.Examples under "inputs"."""
+        servable = self.manager.resolve(name, version, label)
+        sig = servable.signature(signature_name)
+        kind = "classification" if method == CLASSIFY_METHOD else "regression"
+        if sig.method_name != method:
+            raise RequestError("INVALID_ARGUMENT", f"Expected {kind} signature method_name to be {method}. "
+                               f"Was: {sig.method_name}")
+        if not serialized:
+            raise RequestError("INVALID_ARGUMENT", "Input is empty: no examples given")
+        key = "inputs" if "inputs" in sig.inputs else (next(iter(sig.inputs)) if len(sig.inputs) == 1 else None)
+        if key is None:
+            raise RequestError("INVALID_ARGUMENT", f"{kind} signature {sig.name!r} must have one string input "
+                               f"'inputs'; it has {sorted(sig.inputs)}")
+        out = sig.run({key: np.array(serialized, dtype=object)})
+        n = len(serialized)
+        if method == CLASSIFY_METHOD:
+            classes, scores = out.get("classes"), out.get("scores")
+            if classes is None and scores is None:
+                raise RequestError("INVALID_ARGUMENT", f"classification signature {sig.name!r} has neither "
+                                   f"'classes' nor 'scores' outputs; outputs: {sorted(out)}")
+            rows = []
+            for i in range(n):
+                c = None if classes is None else np.reshape(classes[i], -1)
+                s = None if scores is None else np.reshape(scores[i], -1).astype(float)
+                k = len(c) if c is not None else len(s)
+                rows.append([(_text(c[j]) if c is not None else "", float(s[j]) if s is not None else 0.0)
+                             for j in range(k)])
+            return servable, sig, rows
+        y = out.get("outputs")
+        if y is None:
+            if len(out) != 1:
+                raise RequestError("INVALID_ARGUMENT", f"regression signature {sig.name!r} has no 'outputs' output")
+            y = next(iter(out.values()))
+        y = np.reshape(y, (n, -1))
+        if y.shape[1] != 1:
+            raise RequestError("INVALID_ARGUMENT", f"regression output must hold one value per example, got "
+                               f"{y.shape[1]}")
+        return servable, sig, [float(v) for v in y[:, 0]]
+
+    def status(self, name, version=None, label=None):
+        return self.manager.get(name).status(version, label)
+
+    def metadata_map(self, name, version=None, label=None):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+        servable = self.manager.resolve(name, version, label)
+        sdm = get_model_metadata_pb2.SignatureDefMap()
+        for k, v in servable.signature_defs.items():
+            if k == "__saved_model_init_op":
+                continue
+            sdm.signature_def[k].CopyFrom(v)
+        return servable, sdm
+
+
+def _text(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _examples_from_input(inp) -> list[bytes]:
+    """tensorflow.serving.Input -> serialized tf.Examples (the context merged into each, as TF Serving)."""
+    which = inp.WhichOneof("kind")
+    if which == "example_list":
+        return [e.SerializeToString() for e in inp.example_list.examples]
+    if which == "example_list_with_context":
+        ctx = inp.example_list_with_context.context
+        out = []
+        for e in inp.example_list_with_context.examples:
+            merged = type(e)()
+            merged.CopyFrom(ctx)
+            merged.MergeFrom(e)
+            out.append(merged.SerializeToString())
+        return out
+    raise RequestError("INVALID_ARGUMENT", "Input is empty: set example_list or example_list_with_context")
+
+
+# ------------------------------------------------------------------------------------------------ gRPC
+
+def _grpc_code(name: str):
+    import grpc
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+
+
+def _make_servicers(core: Core):
+    import grpc
+    from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                         model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+                                         regression_pb2)
+    from tensorflow_serving.apis import model_management_pb2  # noqa: F401 - HandleReloadConfigRequest types
+    tf = _tf()
+    _init_enums()
+    make_tensor_proto = tf.make_tensor_proto
+
+    def guarded(fn):
+        def call(self, request, context):
+            try:
+                return fn(self, request, context)
+            except RequestError as e:
+                context.abort(_grpc_code(e.code), e.message)
+            except Exception as e:  # noqa: BLE001 - an answer, never a dead worker
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        return call
+
+    class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        @guarded
+        def Predict(self, request, context):
+            name, version, label, sig_name = _spec_parts(request.model_spec)
+            servable = core.manager.resolve(name, version, label)
+            sig = servable.signature(sig_name)
+            arrays = {k: _tensor_to_array(k, v, sig) for k, v in request.inputs.items()}
+            out = core.predict(servable, sig, arrays, list(request.output_filter))
+            resp = predict_pb2.PredictResponse()
+            _fill_spec(resp.model_spec, servable, sig.name)
+            for k, v in out.items():
+                _array_to_tensor(v, resp.outputs[k], make_tensor_proto)
+            return resp
+
+        @guarded
+        def Classify(self, request, context):
+            name, version, label, sig_name = _spec_parts(request.model_spec)
+            servable, sig, rows = core.examples_call(name, version, label, sig_name,
+                                                     _examples_from_input(request.input), CLASSIFY_METHOD)
+            resp = classification_pb2.ClassificationResponse()
+            _fill_spec(resp.model_spec, servable, sig.name)
+            for row in rows:
+                c = resp.result.classifications.add()
+                for lab, score in row:
+                    c.classes.add(label=lab, score=score)
+            return resp
+
+        @guarded
+        def Regress(self, request, context):
+            name, version, label, sig_name = _spec_parts(request.model_spec)
+            servable, sig, values = core.examples_call(name, version, label, sig_name,
+                                                       _examples_from_input(request.input), REGRESS_METHOD)
+            resp = regression_pb2.RegressionResponse()
+            _fill_spec(resp.model_spec, servable, sig.name)
+            for v in values:
+                resp.result.regressions.add(value=v)
+            return resp
+
+        @guarded
+        def MultiInference(self, request, context):
+            raise RequestError("UNIMPLEMENTED", "MultiInference is not implemented by this local server")
+
+        @guarded
+        def GetModelMetadata(self, request, context):
+            fields = list(request.metadata_field)
+            if not fields:
+                raise RequestError("INVALID_ARGUMENT", "GetModelMetadataRequest must specify at least one "
+                                   "metadata_field")
+            bad = [f for f in fields if f != "signature_def"]
+            if bad:
+                raise RequestError("INVALID_ARGUMENT", f"Metadata field {bad[0]} is not supported "
+                                   f"(supported: signature_def)")
+            name, version, label, _ = _spec_parts(request.model_spec)
+            servable, sdm = core.metadata_map(name, version, label)
+            resp = get_model_metadata_pb2.GetModelMetadataResponse()
+            _fill_spec(resp.model_spec, servable, None)
+            resp.metadata["signature_def"].Pack(sdm)
+            return resp
+
+    class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        @guarded
+        def GetModelStatus(self, request, context):
+            name, version, label, _ = _spec_parts(request.model_spec)
+            resp = get_model_status_pb2.GetModelStatusResponse()
+            for st in core.status(name, version, label):
+                mvs = resp.model_version_status.add(version=st.version)
+                mvs.state = get_model_status_pb2.ModelVersionStatus.State.Value(st.state)
+                mvs.status.error_code = _error_code_enum(st.error_code)
+                mvs.status.error_message = st.error_message
+            return resp
+
+        @guarded
+        def HandleReloadConfigRequest(self, request, context):
+            raise RequestError("UNIMPLEMENTED", "HandleReloadConfigRequest is not implemented by this local "
+                               "server; restart it with the new --model_config_file")
+
+    return PredictionService(), ModelService(), (prediction_service_pb2_grpc, model_service_pb2_grpc)
+
+
+def _error_code_enum(name: str) -> int:
+    from tensorflow.core.protobuf import error_codes_pb2
+    return error_codes_pb2.Code.Value(name) if name in error_codes_pb2.Code.keys() else error_codes_pb2.UNKNOWN
+
+
+# ------------------------------------------------------------------------------------------------ REST
+
+_URL = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+                  r"(?:(?P<meta>/metadata)|:(?P<verb>[A-Za-z]+))?/?$")
+
+
+class _Json:
+    """JSON <-> numpy, in TF Serving's REST conventions."""
+
+    @staticmethod
+    def to_array(value, sig: Signature, name: str) -> np.ndarray:
+        spec = sig.inputs[name]
+        want = sig.input_np[name]
+        if spec.dtype.name == "string":
+            return np.array(_Json._bytes_tree(value, name), dtype=object)
+        if isinstance(value, dict):
+            raise RequestError("INVALID_ARGUMENT", f"input {name!r}: got a JSON object but signature {sig.name!r} "
+                               f"expects {sig.describe_input(name)}")
+        try:
+            arr = np.asarray(value)
+        except ValueError as e:
+            raise RequestError("INVALID_ARGUMENT", f"input {name!r} is not a rectangular array ({e}); signature "
+                               f"{sig.name!r} expects {sig.describe_input(name)}") from None
+        kind = arr.dtype.kind
+        wkind = np.dtype(want).kind
+        if kind not in "biuf" or (wkind == "b" and kind != "b") or (wkind in "iu" and kind == "f" and
+                                                                   not np.all(np.mod(arr, 1) == 0)):
+            what = {"U": "strings", "O": "mixed or ragged values", "f": "non-integer numbers", "b": "booleans"}
+            raise RequestError("INVALID_ARGUMENT", f"input {name!r} holds {what.get(kind, arr.dtype.name)} but "
+                               f"signature {sig.name!r} expects {sig.describe_input(name)}")
+        if wkind in "iu" and kind in "iu" and arr.size:
+            info = np.iinfo(want)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise RequestError("INVALID_ARGUMENT", f"input {name!r} has values out of range for "
+                                   f"{np.dtype(want).name}")
+        arr = arr.astype(want, copy=False)
+        if not spec.shape.is_compatible_with(arr.shape):
+            raise RequestError("INVALID_ARGUMENT", f"input {name!r} has shape {list(arr.shape)} but signature "
+                               f"{sig.name!r} expects {sig.describe_input(name)}")
+        return arr
+
+    @staticmethod
+    def _bytes_tree(v, name):
+        if isinstance(v, list):
+            return [_Json._bytes_tree(x, name) for x in v]
+        if isinstance(v, dict) and set(v) == {"b64"}:
+            try:
+                return base64.b64decode(v["b64"], validate=True)
+            except Exception:  # noqa: BLE001
+                raise RequestError("INVALID_ARGUMENT", f"input {name!r}: bad base64 in {{\"b64\": ...}}") from None
+        if isinstance(v, str):
+            return v.encode("utf-8")
+        raise RequestError("INVALID_ARGUMENT", f"input {name!r} expects strings (or {{\"b64\": ...}}), got "
+                           f"{type(v).__name__}")
+
+    @staticmethod
+    def from_array(arr: np.ndarray, name: str):
+        if arr.dtype.kind in "OSU":
+            b64 = name.endswith("_bytes")
+            return _Json._strings(arr.tolist(), b64)
+        if arr.dtype.kind == "c":
+            raise RequestError("INVALID_ARGUMENT", f"output {name!r}: complex values have no JSON form")
+        return arr.tolist()
+
+    @staticmethod
+    def _strings(v, b64):
+        if isinstance(v, list):
+            return [_Json._strings(x, b64) for x in v]
+        if isinstance(v, bytes):
+            if not b64:
+                try:
+                    return v.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            return {"b64": base64.b64encode(v).decode("ascii")}
+        return v
+
+    @staticmethod
+    def feature(v):
+        """A JSON value -> tf.train.Feature (ints -> int64_list, numbers -> float_list, strings -> bytes_list)."""
+        tf = _tf()
+        vals = v if isinstance(v, list) else [v]
+        if all(isinstance(x, bool) or isinstance(x, int) for x in vals):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in vals]))
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            return tf.train.Feature(float_list=tf.train.FloatList(value=[float(x) for x in vals]))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=_Json._bytes_tree(vals, "examples")))
+
+    @staticmethod
+    def example(obj: dict, context: dict | None):
+        tf = _tf()
+        if not isinstance(obj, dict):
+            raise RequestError("INVALID_ARGUMENT", "each of 'examples' must be a JSON object of features")
+        feats = {**(context or {}), **obj}
+        return tf.train.Example(features=tf.train.Features(
+            feature={k: _Json.feature(v) for k, v in feats.items()})).SerializeToString()
+
+
+def _json_error(status: int, message: str):
+    from aiohttp import web
+    return web.Response(status=status, text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
+    from aiohttp import web
+
+    def parse_path(path: str):
+        m = _URL.match(path)
+        if not m:
+            raise RequestError("NOT_FOUND", f"Malformed request: {path}")
+        version = m.group("version")
+        if version is not None:
+            if not version.isdigit():
+                raise RequestError("NOT_FOUND", f"Malformed request: version {version!r} is not an integer")
+            version = int(version)
+        return m.group("name"), version, m.group("label"), bool(m.group("meta")), m.group("verb")
+
+    def status_json(name, version, label):
+        return {"model_version_status": [
+            {"version": str(st.version), "state": st.state,
+             "status": {"error_code": st.error_code, "error_message": st.error_message}}
+            for st in core.status(name, version, label)]}
+
+    def metadata_json(name, version, label):
+        from google.protobuf import json_format
+        servable, sdm = core.metadata_map(name, version, label)
+        return {"model_spec": {"name": servable.model, "signature_name": "", "version": str(servable.version)},
+                "metadata": {"signature_def": json_format.MessageToDict(sdm, preserving_proto_field_name=True)}}
+
+    def predict_json(name, version, label, body: dict):
+        sig_name = body.get("signature_name") or DEFAULT_SIGNATURE
+        if not isinstance(sig_name, str):
+            raise RequestError("INVALID_ARGUMENT", "'signature_name' must be a string")
+        servable = core.manager.resolve(name, version, label)
+        sig = servable.signature(sig_name)
+        row = "instances" in body
+        if row == ("inputs" in body):
+            raise RequestError("INVALID_ARGUMENT", "JSON object: there must be exactly one of 'instances' (row "
+                               "format) or 'inputs' (columnar format)")
+        single = len(sig.inputs) == 1
+        if row:
+            inst = body["instances"]
+            if not isinstance(inst, list):
+                raise RequestError("INVALID_ARGUMENT", "'instances' must be a JSON list")
+            if inst and all(isinstance(i, dict) and not set(i) == {"b64"} for i in inst):
+                keys = set(inst[0])
+                if any(set(i) != keys for i in inst):
+                    raise RequestError("INVALID_ARGUMENT", "all 'instances' must name the same inputs")
+                sig.check_names(keys)
+                arrays = {k: _Json.to_array([i[k] for i in inst], sig, k) for k in keys}
+            elif single:
+                (k,) = sig.inputs
+                arrays = {k: _Json.to_array(inst, sig, k)}
+            else:
+                raise RequestError("INVALID_ARGUMENT", f"signature {sig.name!r} has several inputs; each instance "
+                                   f"must be a JSON object naming them: {sig.expected()}")
+        else:
+            inputs = body["inputs"]
+            if isinstance(inputs, dict) and not (single and set(inputs) == {"b64"}):
+                sig.check_names(inputs)
+                arrays = {k: _Json.to_array(v, sig, k) for k, v in inputs.items()}
+            elif single:
+                (k,) = sig.inputs
+                arrays = {k: _Json.to_array(inputs, sig, k)}
+            else:
+                raise RequestError("INVALID_ARGUMENT", f"signature {sig.name!r} has several inputs; 'inputs' must "
+                                   f"be a JSON object naming them: {sig.expected()}")
+        out = core.predict(servable, sig, arrays)
+        enc = {k: _Json.from_array(v, k) for k, v in out.items()}
+        if not row:
+            return {"outputs": next(iter(enc.values())) if len(enc) == 1 else enc}
+        if len(enc) == 1:
+            return {"predictions": next(iter(enc.values()))}
+        n = {len(v) if isinstance(v, list) else -1 for v in enc.values()}
+        if len(n) != 1 or -1 in n:
+            raise RequestError("INVALID_ARGUMENT", "outputs do not share a batch size; use the columnar format "
+                               "('inputs') for this signature")
+        rows = n.pop()
+        return {"predictions": [{k: v[i] for k, v in enc.items()} for i in range(rows)]}
+
+    def examples_json(name, version, label, body: dict, method: str):
+        sig_name = body.get("signature_name") or DEFAULT_SIGNATURE
+        examples = body.get("examples")
+        if not isinstance(examples, list):
+            raise RequestError("INVALID_ARGUMENT", "'examples' must be a JSON list of objects")
+        ctx = body.get("context")
+        if ctx is not None and not isinstance(ctx, dict):
+            raise RequestError("INVALID_ARGUMENT", "'context' must be a JSON object")
+        serialized = [_Json.example(e, ctx) for e in examples]
+        _, _, res = core.examples_call(name, version, label, sig_name, serialized, method)
+        if method == CLASSIFY_METHOD:
+            return {"results": [[[lab, score] for lab, score in row] for row in res]}
+        return {"results": res}
+
+    def answer(fn, *args):
+        try:
+            return 200, fn(*args)
+        except RequestError as e:
+            return e.http_status, {"error": e.message}
+        except Exception as e:  # noqa: BLE001
+            return 500, {"error": f"{type(e).__name__}: {e}"}
+
+    def respond(status: int, obj) -> web.Response:
+        try:
+            text = json.dumps(obj)
+        except (TypeError, ValueError) as e:
+            status, text = 500, json.dumps({"error": f"cannot encode the answer as JSON: {e}"})
+        return web.Response(status=status, text=text, content_type="application/json")
+
+    async def handle_get(request: web.Request):
+        try:
+            name, version, label, meta, verb = parse_path(request.path)
+        except RequestError as e:
+            return _json_error(e.http_status, e.message)
+        if verb:
+            return _json_error(405, f"{verb} needs POST")
+        status, obj = answer(metadata_json if meta else status_json, name, version, label)
+        return respond(status, obj)
+
+    async def handle_post(request: web.Request):
+        try:
+            name, version, label, meta, verb = parse_path(request.path)
+        except RequestError as e:
+            return _json_error(e.http_status, e.message)
+        if meta or verb not in ("predict", "classify", "regress"):
+            return _json_error(404 if not meta else 405, f"Malformed request: POST {request.path} (expected "
+                               f":predict, :classify or :regress)")
+        if request.content_length is not None and request.content_length > max_request_bytes:
+            return _json_error(413, f"request body of {request.content_length} bytes is over the limit of "
+                               f"{max_request_bytes} bytes")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _json_error(413, f"request body is over the limit of {max_request_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _json_error(400, f"JSON Parse error: {e}")
+        if not isinstance(body, dict):
+            return _json_error(400, "JSON Parse error: the request body must be a JSON object")
+        if verb == "predict":
+            status, obj = await run_blocking(answer, predict_json, name, version, label, body)
+        else:
+            method = CLASSIFY_METHOD if verb == "classify" else REGRESS_METHOD
+            status, obj = await run_blocking(answer, examples_json, name, version, label, body, method)
+        return respond(status, obj)
+
+    async def not_found(request: web.Request):
+        return _json_error(404, f"Malformed request: {request.method} {request.path}")
+
+    app = web.Application(client_max_size=max_request_bytes)
+    app.router.add_route("GET", "/v1/models/{tail:.*}", handle_get)
+    app.router.add_route("POST", "/v1/models/{tail:.*}", handle_post)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+# ----------------------------------------------------------------------------------------- LocalServer
+
+class LocalServer:
+    """TF Serving's API on this machine. Options as `tensorflow_model_server`'s flags:
+
+    LocalServer(model_name="m", model_base_path="/models/m", port=0, rest_api_port=0)
+    LocalServer(model_config_file="models.config", enable_batching=True)
+
+    port / rest_api_port: 0 picks a free port (read `.grpc_port` / `.rest_port` after start);
+    rest_api_port=None disables REST. Use as a context manager, or `.start()` / `.stop()`.
+    """
+
+    def __init__(self, model_name: str | None = None, model_base_path: str | None = None, *,
+                 model_config_file: str | None = None, port: int = 0, rest_api_port: int | None = 0,
+                 host: str = "127.0.0.1", enable_batching: bool = False, batching_parameters_file: str | None = None,
+                 file_system_poll_wait_seconds: float = 1.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 grpc_workers: int = 8, rest_in_thread_pool: bool | None = None,
+                 log: Callable[[str], None] | None = None):
+        if model_config_file:
+            if model_name or model_base_path:
+                raise ConfigError("give either --model_config_file or --model_name/--model_base_path, not both")
+            self.settings = parse_model_config_file(model_config_file)
+        elif model_base_path:
+            self.settings = [ModelSettings(name=model_name or "default", base_path=str(model_base_path))]
+        else:
+            raise ConfigError("no model: give --model_base_path (and --model_name) or --model_config_file")
+        if batching_parameters_file and not enable_batching:
+            raise ConfigError("--batching_parameters_file needs --enable_batching")
+        self.batching = parse_batching_parameters(batching_parameters_file) if enable_batching else None
+        self.host = host
+        self._port = port
+        self._rest_port_req = rest_api_port
+        self.poll_wait_s = file_system_poll_wait_seconds
+        self.max_request_bytes = int(max_request_bytes)
+        self.grpc_workers = grpc_workers
+        # REST predict runs on a thread pool (needed for batching and for calls that take long); without
+        # batching a tiny model is answered faster on the event loop itself. None: pool only when batching.
+        self.rest_in_thread_pool = enable_batching if rest_in_thread_pool is None else rest_in_thread_pool
+        self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.grpc_port: int | None = None
+        self.rest_port: int | None = None
+        self.manager: ModelManager | None = None
+        self._grpc = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rest_thread: threading.Thread | None = None
+        self._runner = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._started = False
+
+    # -- lifecycle
+    def start(self) -> "LocalServer":
+        if self._started:
+            return self
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        import grpc
+        self.manager = ModelManager(self.settings, self.batching, self.poll_wait_s, self._log)
+        self.manager.start()
+        core = Core(self.manager)
+        pred, model_svc, (pgrpc, mgrpc) = _make_servicers(core)
+        opts = [("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE),
+                ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE), ("grpc.so_reuseport", 0)]
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=self.grpc_workers,
+                                                            thread_name_prefix="grpc"), options=opts)
+        pgrpc.add_PredictionServiceServicer_to_server(pred, self._grpc)
+        mgrpc.add_ModelServiceServicer_to_server(model_svc, self._grpc)
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(f"{_host_for_url(self.host)}:{self._port}")
+        except RuntimeError as e:
+            raise OSError(f"cannot bind gRPC to {self.host}:{self._port}: {e}") from e
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC to {self.host}:{self._port}")
+        self._grpc.start()
+        self._log(f"Running gRPC ModelServer at {self.host}:{self.grpc_port} ...")
+        if self._rest_port_req is not None:
+            self._start_rest(core)
+            self._log(f"Exporting HTTP/REST API at:{self.host}:{self.rest_port} ...")
+
+    def _start_rest(self, core: Core) -> None:
+        from aiohttp import web
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.bind((self.host, self._rest_port_req))
+        except OSError:
+            sock.close()
+            raise
+        self.rest_port = sock.getsockname()[1]
+        if self.rest_in_thread_pool:
+            self._pool = futures.ThreadPoolExecutor(max_workers=max(8, self.grpc_workers), thread_name_prefix="rest")
+
+        async def run_blocking(fn, *args):
+            if self._pool is None:
+                return fn(*args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+        app = _make_rest_app(core, self.max_request_bytes, run_blocking)
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+
+        def serve():
+            asyncio.set_event_loop(loop)
+            try:
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                loop.run_until_complete(runner.setup())
+                site = web.SockSite(runner, sock, backlog=1024)
+                loop.run_until_complete(site.start())
+                self._runner = runner
+            except BaseException as e:  # noqa: BLE001 - reported to start()
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._rest_thread = threading.Thread(target=serve, name="rest", daemon=True)
+        self._rest_thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+
+    def stop(self) -> None:
+        """Stop both front ends (in-flight calls get a second to finish), the poller and the batchers."""
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            if self._rest_thread is not None and self._rest_thread.is_alive():
+                loop.call_soon_threadsafe(loop.stop)
+                self._rest_thread.join(timeout=10)
+            self._rest_thread = None
+        if self._grpc is not None:
+            self._grpc.stop(grace=1).wait(5)
+            self._grpc = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self.manager is not None:
+            self.manager.stop()
+        self._started = False
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- readiness
+    def wait_until_available(self, model_name: str, version: int | None = None, timeout_s: float = 60.0) -> None:
+        """Poll GetModelStatus over gRPC until the version (default: any) is AVAILABLE; a TimeoutError names
+        the model and the last state seen."""
+        import grpc
+        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+        if self.grpc_port is None:
+            raise RuntimeError("the server is not started")
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        with grpc.insecure_channel(f"{_host_for_url(self.host)}:{self.grpc_port}") as ch:
+            stub = model_service_pb2_grpc.ModelServiceStub(ch)
+            while True:
+                req = get_model_status_pb2.GetModelStatusRequest()
+                req.model_spec.name = model_name
+                if version is not None:
+                    req.model_spec.version.value = version
+                try:
+                    resp = stub.GetModelStatus(req, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    states = [(s.version, get_model_status_pb2.ModelVersionStatus.State.Name(s.state),
+                               s.status.error_message) for s in resp.model_version_status]
+                    if any(st == "AVAILABLE" for _, st, _ in states):
+                        return
+                    last = ", ".join(f"version {v}: {st}" + (f" ({err})" if err else "") for v, st, err in states)
+                except grpc.RpcError as e:
+                    last = f"{e.code().name}: {e.details()}"
+                if time.monotonic() >= deadline:
+                    what = f"model {model_name!r}" + (f" version {version}" if version is not None else "")
+                    raise TimeoutError(f"{what} is not AVAILABLE after {timeout_s:g} s; last state: {last}")
+                time.sleep(0.05)
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
