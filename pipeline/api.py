@@ -431,3 +431,23 @@ def load_record(ref: str | None = None, home: Path | None = None) -> dict:
         if ref in (rec["run_id"], rec.get("mlflow", {}).get("parent_run_id")):
             return rec
     raise LookupError(f"no run '{ref}' (known: {', '.join(p.stem for p in records[-5:])} ...)")
+
+
+def deployment_of(ref: str | None = None, home: Path | None = None) -> Path:
+    """The TF Serving deployment folder of a run (its id, None for the latest) or of a spec (run first,
+    so a cached spec costs nothing)."""
+    if ref is not None and (ref.endswith(".toml") or ref in spec_mod.builtin_specs()):
+        record = run(ref, home=home, track=False)
+        if record["status"] != "passed":
+            raise LookupError(f"{ref}: the run did not pass ({record.get('error')}); nothing to serve")
+    else:
+        record = load_record(ref, home)
+    stage = next((s for s in record["stages"] if s["name"] == "deploy:serving"), None)
+    if stage is None or not stage.get("path"):
+        raise LookupError(f"run {record['run_id']} ({record['spec']}) has no deploy:serving stage: add a "
+                          f"[deploy.serving] table to its spec")
+    folder = Path(stage["path"]) / "deployment"
+    if not (folder / "models.config").is_file():
+        raise LookupError(f"{folder}: expected the deployment written by run {record['run_id']}, found no "
+                          f"models.config (the cache entry was removed?): run the spec again")
+    return folder

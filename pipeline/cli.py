@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against this store")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1")
+
+    sv = sub.add_parser("serve", help="serve a run's TF Serving deployment locally (TF Serving's gRPC and REST API) "
+                                      "until interrupted")
+    sv.add_argument("target", nargs="?", help="a spec (run first; cached runs cost nothing) or a run id "
+                                             "(default: the latest run)")
+    sv.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free one)")
+    sv.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0: any free one)")
+    sv.add_argument("--host", default="127.0.0.1")
 
     v = sub.add_parser("validate", help="check a spec, its data and its model factories without running it")
     v.add_argument("spec")
@@ -219,6 +228,36 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    """`python -m serving` on the deployment's config, in the foreground: the same server the blessing
+    used, with TF Serving's own flags."""
+    import json
+    import os
+    import subprocess
+    from . import api
+    import tempfile
+    from serving.deploy import local_config
+    folder = api.deployment_of(args.target)
+    examples = json.loads((folder / "examples.json").read_text()) if (folder / "examples.json").is_file() else {}
+    config = local_config(folder, Path(tempfile.mkdtemp(prefix="serve-")) / "models.local.config")
+    argv = [sys.executable, "-m", "serving", f"--port={args.port}", f"--rest_api_port={args.rest_api_port}",
+            f"--host={args.host}", f"--model_config_file={config}"]
+    print(f"serving {folder}", flush=True)
+    for model, body in examples.items():
+        port = args.rest_api_port or "<rest port>"
+        print(f"  try: curl -s -X POST -d '{json.dumps(body)}' http://{args.host}:{port}/v1/models/{model}:predict",
+              flush=True)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        return 130
+
+
 def cmd_ui(args) -> int:
     import signal
     import subprocess
@@ -284,4 +323,4 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "serve": cmd_serve, "validate": cmd_validate}

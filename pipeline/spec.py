@@ -70,6 +70,7 @@ class TrainSettings:
     threads: int
 
 
+DEPLOY_TARGETS = ("serving",)  # [deploy.<target>] tables; edge devices come next
 PRETRAINED_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt", ".pth", ".pt2")}
 
 
@@ -305,6 +306,7 @@ class _Validator:
                                                                   "tolerances", "allow_unsupported"},
                                          required=False), [m.name for m in models], formats)
         deploy = self.get(raw, "deploy", "", dict, {})
+        self._deploy_targets(deploy)
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
                     parity, deploy, raw)
 
@@ -324,6 +326,16 @@ class _Validator:
             self.fail(f"{where}.source", f"a model file (relative to the spec), found no file at {path}",
                       show_found=False)
         return str(path)
+
+    def _deploy_targets(self, deploy: dict) -> None:
+        """Each deploy target checks its own table (serving/ knows its keys)."""
+        self.known_keys(deploy, "deploy", set(DEPLOY_TARGETS))
+        if "serving" in deploy:
+            from serving.deploy import TargetError, settings
+            try:
+                settings(deploy["serving"])
+            except TargetError as e:
+                self.fail(e.key, e.expected, e.found)
 
     def _signature(self, m: dict, where: str) -> dict:
         """`[model.signature]`: the inputs (name -> dtype) and output names the spec says the model has;

@@ -51,6 +51,8 @@ def build_stages(spec: Spec) -> list[Stage]:
         stages += export_stages(spec, m)
         stages += verify_stages(spec, m)
         stages.append(bundle_stage(spec, m))
+    if "serving" in spec.deploy:
+        stages.append(serving_stage(spec))
     stages.append(report_stage(spec))
     return stages
 
@@ -541,6 +543,35 @@ def run_bundle(ctx: Context, spec: str, model: str) -> dict:
             "summary": f"{n} artifacts, {len(manifest['files'])} files"}
 
 
+# --------------------------------------------------------------------------- deploy
+
+SERVING_CODE = STAGES_CODE + tuple(f"serving/{f}" for f in ("bless.py", "client.py", "config.py", "container.py",
+                                                           "deploy.py", "models.py", "repository.py", "server.py"))
+
+
+def serving_stage(spec: Spec) -> Stage:
+    """Every model to TF Serving: the deployment folder, a server, and the blessing of each model."""
+    return Stage("deploy:serving", "deploy", {"serving": spec.deploy["serving"]}, SERVING_CODE,
+                 f"{__name__}:run_serving", {"spec": str(spec.path)},
+                 inputs=tuple(f"bundle:{m.name}" for m in spec.models), lane="tensorflow")
+
+
+def run_serving(ctx: Context, spec: str) -> dict:
+    """Deploy the bundles, serve them, replay the parity inputs over gRPC and REST and compare the
+    answers with the reference outputs: records.json (one record per model and transport) for the report."""
+    from exporters.bundle import read_bundle
+    from serving.deploy import deploy_and_bless, dump, settings
+    spec = load_spec(spec)
+    bundles = [read_bundle(ctx.input_dir(f"bundle:{m.name}") / "bundle") for m in spec.models]
+    result = deploy_and_bless(bundles, ctx.out / "deployment", settings(spec.deploy["serving"]), log=ctx.log)
+    dump(result, ctx.out / "blessing.json")
+    records = [r for b in result["blessings"].values() for r in b["records"]]
+    (ctx.out / "records.json").write_text(json.dumps(records, indent=2))
+    return {"blessed": {m: b["blessed"] for m, b in result["blessings"].items()},
+            "docker_build": result["written"]["docker_build"], "docker_run": result["written"]["docker_run"],
+            "ready_s": result["server"]["ready_s"], "summary": result["summary"]}
+
+
 # --------------------------------------------------------------------------- report
 
 REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "pipeline/plots.py")
@@ -551,6 +582,7 @@ def report_stage(spec: Spec) -> Stage:
     verifies = tuple(f"verify:{m.name}:{fmt}" for m in spec.models for fmt in exporters.FORMATS
                      if fmt in spec.formats)
     inputs = verifies + tuple(f"{k}:{m.name}" for m in spec.models for k in ("train", "reference"))
+    inputs += ("deploy:serving",) if "serving" in spec.deploy else ()
     return Stage("report", "report", {"spec": spec.name, "formats": list(spec.formats),
                                       "tolerances": spec.parity.tolerances},
                  REPORT_CODE, f"{__name__}:run_report", {"spec": str(spec.path)}, inputs=inputs)
@@ -579,6 +611,10 @@ def run_report(ctx: Context, spec: str) -> dict:
                 report.add(ParityRecord.from_json(r))
             with np.load(vdir / "outputs.npz") as f:
                 outs.update({k: f[k] for k in f.files})
+        if "serving" in spec.deploy:  # the blessing: the served answers, per transport
+            for r in json.loads((ctx.input_dir("deploy:serving") / "records.json").read_text()):
+                if r["model"] == m.name:
+                    report.add(ParityRecord.from_json(r))
         with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
             y_ref, y_perturbed = f["y"], f["y_perturbed"]
         report.discrimination[m.name] = discrimination(

@@ -218,6 +218,9 @@ class Recorder:
         tags = {"pipeline.train_key": info.get("train_key", ""),
                 "parity.verdict": verdict if run["status"] == "passed" or failed else "failed",
                 "parity.summary": f"{len(rows) - failed} passed, {failed} failed"}
+        served = [r for r in rows if r.get("format") == "tf_serving"]
+        if served:  # blessed for TF Serving: the served answers matched over every transport
+            tags["serving.blessed"] = "true" if all(r["status"] == "passed" for r in served) else "false"
         if run["status"] == "passed" and bundle:
             tags.update({"bundle.run_id": bundle["run_id"], "bundle.sha256": bundle["sha256"],
                          "formats": ",".join(sorted(info.get("exports", {}))), "pipeline.run_id": run["run_id"],

@@ -117,7 +117,9 @@ def write_container(deploy_dir: Path, *, repository_dir: Path, config_path: Path
     run = ["docker", "run", "--rm", "-p", f"{GRPC_PORT}:{GRPC_PORT}", "-p", f"{REST_PORT}:{REST_PORT}", tag]
     commands = deploy_dir / "docker-commands.txt"
     plan = ContainerPlan(deploy_dir, dockerfile, commands, image, tag, build, run, server)
-    commands.write_text("\n".join(plan.commands) + "\n")
+    # the file names the build context as "." so it holds wherever the folder is moved or copied
+    commands.write_text(f"# in this folder ({deploy_dir.name}/):\n" +
+                        "\n".join(shlex.join(a) for a in (build[:-1] + ["."], run)) + "\n")
     problems = check_dockerfile(dockerfile, tf_version=version)
     if problems:
         raise ContainerError(f"{dockerfile}: the Dockerfile written does not check: {'; '.join(problems)}")

@@ -10,7 +10,9 @@ from .conftest import copy_home, run_cli
 
 pytestmark = pytest.mark.e2e
 
-FP32_CELLS = {(m, f) for m in ("keras", "torch") for f in ("saved_model", "torchscript", "onnx", "litert", "tfjs")}
+# every format, and the blessing of the served model (TF Serving's API over gRPC and REST)
+FP32_CELLS = {(m, f) for m in ("keras", "torch")
+              for f in ("saved_model", "torchscript", "onnx", "litert", "tfjs", "tf_serving")}
 
 
 def report_dir(home):

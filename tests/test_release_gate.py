@@ -48,7 +48,7 @@ def test_gate_passes_then_fails_on_tamper_and_promotion_follows_verdict(toy_run,
     assert ok.returncode == 0, ok.stdout + ok.stderr
     suite = ET.parse(tmp_path / "ok" / "junit.xml").getroot()
     cases = suite.findall(".//testcase")
-    assert len(cases) == 16 and not suite.findall(".//failure")
+    assert len(cases) == 20 and not suite.findall(".//failure")  # 16 artifact cells, 4 served (2 models x 2 transports)
     assert "Parity gate" in (tmp_path / "ok" / "summary.md").read_text()
 
     good = run_cli("promote", "toy-keras@candidate", home=home)
