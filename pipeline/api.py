@@ -218,17 +218,28 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     """The front door for a model someone already trained: its file in, every format out, each verified
     in its own runtime against the model on the example inputs. Writes the spec it implies (under
     .pipeline/implicit/) and runs it, so caching, MLflow and the reports work as for any spec."""
+    from . import registry_ref
     from .spec import FORMATS, PRETRAINED_SUFFIXES, is_hf_folder
     home = home or home_dir()
-    path = Path(model_path).resolve()
-    framework = "torch" if is_hf_folder(path) else \
-        next((fw for fw, suffixes in PRETRAINED_SUFFIXES.items() if path.suffix in suffixes), None)
+    if registry_ref.is_ref(model_path):  # a registered version: its framework tag says which loader
+        try:
+            found = registry_ref.resolve(model_path, home / "mlruns" / "mlflow.db")
+        except (LookupError, ValueError) as e:
+            raise spec_mod.SpecError(str(e)) from None
+        framework, path = found.framework, None
+    else:
+        path = Path(model_path).resolve()
+        framework = "torch" if is_hf_folder(path) else \
+            next((fw for fw, suffixes in PRETRAINED_SUFFIXES.items() if path.suffix in suffixes), None)
+    if framework is None and path is None:
+        raise spec_mod.SpecError(f"{model_path}: version {found.version} of {found.name} has no framework tag; "
+                                 f"expected one registered by a pipeline run (or write a spec with framework = ...)")
     if framework is None:
         known = ", ".join(f"{s} ({fw})" for fw, suffixes in PRETRAINED_SUFFIXES.items() for s in suffixes)
         raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}) or a Hugging Face "
                                  f"save_pretrained folder (with config.json), found "
                                  f"{'a folder without config.json' if path.is_dir() else repr(path.suffix or 'no suffix')}")
-    if not path.exists():
+    if path is not None and not path.exists():
         raise spec_mod.SpecError(f"{model_path}: no such model file")
     if not example:
         raise spec_mod.SpecError(f"{model_path}: expected --example INPUTS.npz holding an array x of real inputs "
@@ -239,13 +250,14 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     for fmt in formats or ():
         if fmt not in FORMATS:
             raise spec_mod.SpecError(f"--formats {fmt}: expected formats among {', '.join(FORMATS)}")
-    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in path.stem) or "model"
+    stem = found.name if path is None else path.stem
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem) or "model"
     inputs = _example_inputs(example_path)
     lines = ["# written by `python -m pipeline export`: the spec this export implies", "[pipeline]",
              f'name = "export-{name}"', "", "[data]", 'source = "npz"', f"path = {json.dumps(str(example_path))}",
              *([f"inputs = {json.dumps(inputs)}"] if inputs else []),
              f'task = "{task}"', "", "[[model]]", f'name = "{name}"', f'framework = "{framework}"',
-             f"source = {json.dumps(str(path))}"]
+             f"source = {json.dumps(model_path if path is None else str(path))}"]
     if factory:
         lines.append(f"factory = {json.dumps(factory)}")
     lines += ["", "[export]", f"formats = {json.dumps(list(formats or FORMATS))}", ""]
@@ -258,7 +270,7 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     spec_path = work_dir(home) / "implicit" / f"export-{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.toml"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(text)
-    print(f"export {path.name} ({framework}): spec {spec_path}", flush=True)
+    print(f"export {model_path if path is None else path.name} ({framework}): spec {spec_path}", flush=True)
     return run(str(spec_path), home=home, track=track)
 
 

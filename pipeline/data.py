@@ -167,35 +167,41 @@ def parity_inputs(spec: Spec, arrays: dict) -> dict:
     held = arrays["x_test"] if n_rows(arrays["x_test"]) else x_train
     held = take(held, slice(0, p.held_out_rows))
     if is_multi(x_train):
-        drawn = {name: _drawn_rows(x_train[name], p.random_rows, rng) for name in x_train}
-        x = {name: np.concatenate([held[name], *drawn[name]]).astype(x_train[name].dtype) for name in x_train}
+        x = {}
+        for name, a in x_train.items():
+            stated = p.inputs.get(name, {})
+            dtype = np.dtype(stated.get("dtype") or a.dtype)
+            drawn = _drawn_rows(a.astype(dtype), p.random_rows, rng, stated.get("range"))
+            x[name] = np.concatenate([held[name].astype(dtype), *drawn]).astype(dtype)
     else:
-        low, high = p.input_range or (float(x_train.min()), float(x_train.max()))
+        stated = p.inputs.get("x", {})
+        low, high = stated.get("range") or p.input_range or (float(x_train.min()), float(x_train.max()))
         shape = x_train.shape[1:]
         rand = rng.uniform(low, high, size=(p.random_rows, *shape)).astype(np.float32)
         extremes = np.stack([np.full(shape, low), np.full(shape, high)]).astype(np.float32)
-        x = np.concatenate([held, rand, extremes]).astype(np.float32)
+        x = np.concatenate([held, rand, extremes]).astype(np.dtype(stated.get("dtype") or np.float32))
     n_held = n_rows(held)
     kind = np.concatenate([np.zeros(n_held), np.ones(p.random_rows), np.full(2, 2)]).astype(np.int8)
     return {"x": x, "kind": kind}
 
 
-def _drawn_rows(a: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def _drawn_rows(a: np.ndarray, n: int, rng, stated_range=None) -> tuple[np.ndarray, np.ndarray]:
     """Random rows and two extreme rows for one input, in its own kind of values: floats from its range,
-    ids from its range of ids, 0/1 masks as real padding patterns (ones, then zeros)."""
+    ids from its range of ids, 0/1 masks as real padding patterns (ones, then zeros). A stated range
+    ([parity.inputs.<name>] range) replaces the one the data shows (for ids: the vocabulary, say)."""
     shape = a.shape[1:]
     if a.dtype.kind == "f":
-        lo, hi = float(a.min()), float(a.max())
+        lo, hi = stated_range or (float(a.min()), float(a.max()))
         return rng.uniform(lo, hi, size=(n, *shape)).astype(a.dtype), \
             np.stack([np.full(shape, lo), np.full(shape, hi)]).astype(a.dtype)
-    if _is_padding_mask(a):
+    if _is_padding_mask(a) and stated_range is None:
         width = shape[-1]
         keep = rng.integers(1, width + 1, size=(n, *shape[:-1], 1))
         rows = (np.arange(width) < keep).astype(a.dtype)
         first_only = np.zeros(shape, a.dtype)
         first_only[..., 0] = 1
         return rows, np.stack([np.ones(shape, a.dtype), first_only])
-    lo, hi = int(a.min()), int(a.max())
+    lo, hi = (int(v) for v in stated_range) if stated_range else (int(a.min()), int(a.max()))
     return rng.integers(lo, hi + 1, size=(n, *shape)).astype(a.dtype), \
         np.stack([np.full(shape, lo), np.full(shape, hi)]).astype(a.dtype)
 

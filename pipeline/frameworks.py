@@ -118,15 +118,15 @@ class KerasAdapter:
                                       f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); expected a model "
                                       f"saved with model.save(...) as .keras or .h5") from None
 
-    def save_pretrained(self, model, m: ModelSpec, out: Path) -> None:
-        shutil.copy2(m.source, out / (PRETRAINED + Path(m.source).suffix))
+    def save_pretrained(self, model, m: ModelSpec, out: Path, path: Path) -> None:
+        shutil.copy2(path, out / (PRETRAINED + path.suffix))
 
     def save(self, model, out: Path) -> None:
         model.save_weights(str(out / self.weights_file))
 
     def load(self, spec: Spec, m: ModelSpec, src: Path, input_shape, n_outputs):
         if m.pretrained:
-            return self.load_pretrained(spec, m, src / (PRETRAINED + Path(m.source).suffix))
+            return self.load_pretrained(spec, m, kept_pretrained(src))
         model = self.build(spec, m, input_shape, n_outputs)
         if not isinstance(input_shape, dict):  # a Sequential without an Input layer builds on its first call
             model(np.zeros((1, *input_shape), np.float32))
@@ -256,11 +256,11 @@ class TorchAdapter:
             module = _script_to_graph(module, tuple(input_shape))
         return module
 
-    def save_pretrained(self, model, m: ModelSpec, out: Path) -> None:
-        if Path(m.source).is_dir():  # a save_pretrained folder, kept whole
-            shutil.copytree(m.source, out / _kept_name(m))
+    def save_pretrained(self, model, m: ModelSpec, out: Path, path: Path) -> None:
+        if path.is_dir():  # a save_pretrained folder, kept whole
+            shutil.copytree(path, out / PRETRAINED)
         else:
-            shutil.copy2(m.source, out / _kept_name(m))
+            shutil.copy2(path, out / (PRETRAINED + path.suffix))
 
     def save(self, model, out: Path) -> None:
         import torch
@@ -269,7 +269,7 @@ class TorchAdapter:
     def load(self, spec: Spec, m: ModelSpec, src: Path, input_shape, n_outputs):
         import torch
         if m.pretrained:
-            return self.load_pretrained(spec, m, src / _kept_name(m), input_shape, n_outputs)
+            return self.load_pretrained(spec, m, kept_pretrained(src), input_shape, n_outputs)
         model = self.build(spec, m, input_shape, n_outputs)
         model.load_state_dict(torch.load(src / self.weights_file, map_location="cpu", weights_only=True))
         model.eval()
@@ -337,9 +337,33 @@ def _graph_module(graph):
     return ExportedGraph(graph)
 
 
-def _kept_name(m: ModelSpec) -> str:
-    """The name a pretrained model's copy has in its train stage's folder."""
-    return PRETRAINED if Path(m.source).is_dir() else PRETRAINED + Path(m.source).suffix
+def kept_pretrained(src: Path) -> Path:
+    """The pretrained model's copy in a train stage's folder (a file, or a save_pretrained folder)."""
+    found = sorted(src.glob(PRETRAINED + "*"))
+    if not found:
+        raise PretrainedLoadError(f"{src}: expected the pretrained model's copy ({PRETRAINED}.*), found none")
+    return found[0]
+
+
+def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
+    """A registered version's model file, downloaded into `dest`; checks the version's framework tag
+    agrees with the spec's."""
+    from . import registry_ref
+    from .tracking import tracking_uri
+    home = Path(os.environ.get("PIPELINE_HOME", ".")).resolve()
+    try:
+        ref = registry_ref.resolve(m.source, home / "mlruns" / "mlflow.db")
+    except LookupError as e:
+        raise PretrainedLoadError(f"model {m.name} ({m.framework}): source {e}") from None
+    if ref.framework and ref.framework != m.framework:
+        raise PretrainedLoadError(f"model {m.name}: {m.source} is version {ref.version} of {ref.name}, a "
+                                  f"{ref.framework} model; expected framework = \"{ref.framework}\" in the spec, "
+                                  f"found {m.framework!r}")
+    from .spec import PRETRAINED_SUFFIXES
+    try:
+        return registry_ref.download_model_file(ref, tracking_uri(home), dest, PRETRAINED_SUFFIXES[m.framework])
+    except LookupError as e:
+        raise PretrainedLoadError(f"model {m.name} ({m.framework}): {e}") from None
 
 
 def _hugging_face(path: Path, where: str):

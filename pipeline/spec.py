@@ -99,6 +99,14 @@ class ModelSpec:
         from .cache import file_digest, folder_digests
         if not self.source:
             return None
+        from . import registry_ref
+        if registry_ref.is_ref(self.source):  # the version the reference names now: a moved alias retrains nothing
+            import os                           # but does change what this stage is built from
+            home = Path(os.environ.get("PIPELINE_HOME", ".")).resolve()
+            try:
+                return registry_ref.resolve(self.source, home / "mlruns" / "mlflow.db").digest
+            except LookupError as e:
+                raise SpecError(f"model {self.name}: source {e}") from None
         if Path(self.source).is_dir():  # a save_pretrained folder: every file in it
             return hashlib.sha256(json.dumps(folder_digests(Path(self.source)), sort_keys=True).encode()).hexdigest()
         return file_digest(Path(self.source))
@@ -128,6 +136,7 @@ class ParitySpec:
     max_batch: int
     tolerances: dict[str, dict[str, float]]
     allow_unsupported: tuple[str, ...] = ()  # cells "<model>/<format>[-<variant>]" whose converter may fail
+    inputs: dict = field(default_factory=dict)  # [parity.inputs.<name>]: {"range": (low, high), "dtype": str}
 
     def allows_unsupported(self, model: str, fmt: str, variant: str) -> bool:
         return f"{model}/{fmt}" in self.allow_unsupported or f"{model}/{fmt}-{variant}" in self.allow_unsupported
@@ -303,8 +312,9 @@ class _Validator:
 
         parity = self._parity(self.table(raw, "parity", "parity", {"held_out_rows", "random_rows",
                                                                   "input_range", "max_batch",
-                                                                  "tolerances", "allow_unsupported"},
-                                         required=False), [m.name for m in models], formats)
+                                                                  "tolerances", "allow_unsupported", "inputs"},
+                                         required=False), [m.name for m in models], formats,
+                             data_options.get("inputs") or ["x"])
         deploy = self.get(raw, "deploy", "", dict, {})
         self._deploy_targets(deploy)
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
@@ -315,6 +325,13 @@ class _Validator:
         rel = self.get(m, "source", where, str, None)
         if rel is None:
             return None
+        from . import registry_ref
+        if registry_ref.is_ref(rel):  # a registered version of this home's MLflow registry
+            try:
+                registry_ref.parse(rel)
+            except ValueError:
+                self.fail(f"{where}.source", "models:/NAME@ALIAS or models:/NAME/VERSION", rel)
+            return rel
         path = (self.path.parent / rel).resolve()
         suffixes = PRETRAINED_SUFFIXES[framework]
         if framework == "torch" and is_hf_folder(path):
@@ -387,7 +404,30 @@ class _Validator:
             bounds.append(Bound(metric, **vals))
         return tuple(bounds)
 
-    def _parity(self, p: dict, model_names: list[str], formats: tuple[str, ...]) -> ParitySpec:
+    def _parity_inputs(self, p: dict, input_names: list[str]) -> dict:
+        """[parity.inputs.<name>]: the range (floats uniform in [low, high), integers in [low, high]) and
+        dtype the parity set draws that input in, in place of what the data shows."""
+        from parity.signature import DTYPES
+        table = self.get(p, "inputs", "parity", dict, {})
+        out = {}
+        for name, t in table.items():
+            where = f"parity.inputs.{name}"
+            if name not in input_names:
+                self.fail(where, f"one of the data's inputs ({', '.join(input_names)})", name)
+            self.get(table, name, "parity.inputs", dict)
+            self.known_keys(t, where, {"range", "dtype"})
+            rng = self.get(t, "range", where, list, None)
+            if rng is not None and (len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in rng) or rng[0] >= rng[1]):
+                self.fail(f"{where}.range", "[low, high] with low < high", rng)
+            dtype = self.get(t, "dtype", where, str, None)
+            if dtype is not None and dtype not in DTYPES:
+                self.fail(f"{where}.dtype", f"a dtype among {', '.join(DTYPES)}", dtype)
+            out[name] = {"range": tuple(rng) if rng else None, "dtype": dtype}
+        return out
+
+    def _parity(self, p: dict, model_names: list[str], formats: tuple[str, ...],
+                input_names: list[str]) -> ParitySpec:
         rng = self.get(p, "input_range", "parity", list, [])
         if rng and (len(rng) != 2 or not all(isinstance(v, (int, float)) for v in rng) or rng[0] >= rng[1]):
             self.fail("parity.input_range", "[low, high] with low < high", rng)
@@ -409,6 +449,7 @@ class _Validator:
             max_batch=self.get(p, "max_batch", "parity", int, 16, positive=True),
             tolerances=tolerances,
             allow_unsupported=self._allowed_cells(p, model_names, formats),
+            inputs=self._parity_inputs(p, input_names),
         )
 
     def _allowed_cells(self, p: dict, model_names: list[str], formats: tuple[str, ...]) -> tuple[str, ...]:

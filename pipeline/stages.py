@@ -77,7 +77,7 @@ def _data_file_digest(spec: Spec) -> str | None:
 def _parity_settings(spec: Spec) -> dict:
     p = spec.parity
     return {"held_out_rows": p.held_out_rows, "random_rows": p.random_rows, "input_range": p.input_range,
-            "max_batch": p.max_batch}
+            "max_batch": p.max_batch, **({"inputs": p.inputs} if p.inputs else {})}
 
 
 # --------------------------------------------------------------------------- data
@@ -178,10 +178,20 @@ def save_mlflow_copy(ctx: Context, fw, model, example, y_example) -> str | None:
 def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, info: dict) -> dict:
     """A model the user already trained: load its file, check it takes the data's inputs, keep a copy
     (what later stages load), and score it on the data's targets where there are some."""
+    import shutil
+    import tempfile
+    from . import registry_ref
+    from .frameworks import from_registry
     t0 = time.perf_counter()
-    model = fw.load_pretrained(spec, m, Path(m.source), info["input_shape"], info["n_outputs"])
-    probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
-    fw.save_pretrained(model, m, ctx.out)
+    fetched = Path(tempfile.mkdtemp(prefix="registry-")) if registry_ref.is_ref(m.source) else None
+    try:
+        path = from_registry(spec, m, fetched) if fetched else Path(m.source)
+        model = fw.load_pretrained(spec, m, path, info["input_shape"], info["n_outputs"])
+        probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
+        fw.save_pretrained(model, m, ctx.out, path)
+    finally:
+        if fetched:
+            shutil.rmtree(fetched, ignore_errors=True)
     write_history(ctx.out, [])
     example = take(arrays["x_train"], slice(0, 5))
     y_example = fw.predict(model, example)
@@ -194,7 +204,7 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
     return {"metrics": metrics, "epochs": 0, "pretrained": m.source, "input_shape": info["input_shape"],
             "n_outputs": int(flat_rows(y_example).shape[1]) if info["n_outputs"] is None else info["n_outputs"],
             "framework": m.framework, "timings": {"load_s": time.perf_counter() - t0}, "mlflow_model": mlflow_note,
-            "summary": f"{m.framework}: pretrained {Path(m.source).name}, not trained" + (f"; {shown}" if shown else "")}
+            "summary": f"{m.framework}: pretrained {m.source if registry_ref.is_ref(m.source) else Path(m.source).name}, not trained" + (f"; {shown}" if shown else "")}
 
 
 def probe_stages(spec: Spec, input_shape: list[int], n_outputs: int) -> list[Stage]:

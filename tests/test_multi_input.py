@@ -126,3 +126,29 @@ def test_two_input_models_are_trained_exported_and_verified_by_name(tmp_path):
     assert "input_ids -> args_0" in by_label["bag/litert"]["details"]["mapping"]
     assert "input_ids -> input_ids" in by_label["kbag/onnx"]["details"]["mapping"]
     assert parity["discrimination"]["bag"]["discriminative"] and parity["discrimination"]["kbag"]["discriminative"]
+
+
+def test_a_stated_range_and_dtype_replace_what_the_data_shows(tmp_path):
+    """[parity.inputs.<name>]: ids drawn from the whole vocabulary, not just the ids the data happens to hold."""
+    token_data(tmp_path)
+    spec_file = tmp_path / "tokens.toml"
+    spec_file.write_text(SPEC + '[parity.inputs.input_ids]\nrange = [0, 999]\ndtype = "int32"\n')
+    spec = load(str(spec_file))
+    from pipeline.data import load_arrays
+    ps = parity_inputs(spec, load_arrays(spec))
+    ids, kind = ps["x"]["input_ids"], ps["kind"]
+    assert ids.dtype == np.int32 and ids[kind == 1].max() > 100 and ids.max() <= 999
+    assert ps["x"]["attention_mask"].dtype == np.int64  # the other input as the data has it
+
+
+@pytest.mark.parametrize("table, words", [
+    ("[parity.inputs.tokens]\nrange = [0, 9]\n", "parity.inputs.tokens: expected one of the data's inputs"),
+    ("[parity.inputs.input_ids]\nrange = [9, 0]\n", "parity.inputs.input_ids.range: expected [low, high]"),
+    ("[parity.inputs.input_ids]\ndtype = \"complex\"\n", "parity.inputs.input_ids.dtype: expected a dtype among"),
+])
+def test_a_bad_parity_input_table_names_the_key(tmp_path, table, words):
+    from pipeline.spec import SpecError
+    token_data(tmp_path)
+    (tmp_path / "tokens.toml").write_text(SPEC + table)
+    with pytest.raises(SpecError, match=words.replace("[", r"\[")):
+        load(str(tmp_path / "tokens.toml"))

@@ -112,3 +112,30 @@ def test_export_needs_real_inputs_and_a_known_file(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"x")
     r = run_cli("export", str(tmp_path / "m.onnx"), "--example", "x.npz", home=tmp_path)
     assert r.returncode == 2 and "expected a model file of a known kind" in r.stderr
+
+
+@pytest.mark.e2e
+def test_a_registered_version_is_a_source_by_alias_or_number(toy_run, tmp_path):
+    """models:/NAME@ALIAS and models:/NAME/VERSION from the home's registry: downloaded, exported, verified;
+    an alias that is not there is a usage error listing the ones that are."""
+    from .conftest import copy_home
+    home = copy_home(toy_run[0], tmp_path / "home")
+    np.savez(home / "rows.npz", x=np.linspace(-2, 2, 40, dtype=np.float32).reshape(-1, 1))
+    r = run_cli("export", "models:/toy-keras@candidate", "--example", "rows.npz", "--formats", "onnx,torchscript",
+                "--no-track", home=home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    parity = parity_of(home)
+    assert {x["format"] for x in parity["records"] if x["status"] == "passed"} == {"onnx", "torchscript"}
+    bad = run_cli("export", "models:/toy-torch@nope", "--example", "rows.npz", "--no-track", home=home)
+    assert bad.returncode == 2 and "no alias 'nope' on registered model 'toy-torch' (aliases: candidate" in bad.stderr
+    (home / "reg.toml").write_text(SPEC.format(framework="keras", source="models:/toy-torch/1", extra="")
+                                   .replace('path = "x.npz"', 'path = "rows.npz"'))
+    wrong = run_cli("run", "reg.toml", "--no-track", home=home)
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert "a torch model; expected framework = \"torch\" in the spec, found 'keras'" in wrong.stderr
+
+
+def test_a_registry_source_must_name_a_version_or_an_alias(tmp_path):
+    p = spec_file(tmp_path, source="models:/toy-keras", make=False)
+    with pytest.raises(SpecError, match=r"model\[0\]\.source: expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+        spec_mod.load(str(p))
