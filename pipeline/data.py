@@ -43,17 +43,27 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
     return split(x, y, float(opts.get("test_fraction", 0.0)), rng)
 
 
+def _arrays_at(path: Path):
+    """An open .npz, or {stem: array} of a folder's .npy files (as a context manager either way)."""
+    import contextlib
+    if path.is_dir():
+        return contextlib.nullcontext({p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))})
+    return np.load(path, allow_pickle=False)
+
+
 def read_npz(path: Path, need_y: bool = True, inputs: list[str] | None = None):
-    """(x, y): x one array, or {name: array} for the spec's named inputs; y None where there is none."""
+    """(x, y): x one array, or {name: array} for the spec's named inputs; y None where there is none.
+    `path` is an .npz file, or a folder of .npy files named after the arrays (x.npy or input_ids.npy, y.npy)."""
     names = inputs or ["x"]
     try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in names + (["y"] if need_y else []) if k not in f.files]
+        with _arrays_at(path) as f:
+            files = set(f.keys()) if isinstance(f, dict) else set(f.files)
+            missing = [k for k in names + (["y"] if need_y else []) if k not in files]
             if missing:
                 raise DataError(f"{path}: expected arrays {', '.join(map(repr, names + (['y'] if need_y else [])))}"
-                                f", found {sorted(f.files)} (missing {', '.join(map(repr, missing))})")
+                                f", found {sorted(files)} (missing {', '.join(map(repr, missing))})")
             x = {n: f[n] for n in names} if inputs else f["x"]
-            return x, (f["y"] if "y" in f.files else None)
+            return x, (f["y"] if "y" in files else None)
     except FileNotFoundError:
         raise DataError(f"{path}: expected an .npz file with arrays 'x' and 'y', found no such file") from None
     except (OSError, ValueError) as e:

@@ -245,9 +245,9 @@ class _Validator:
         if source == "npz":
             rel = self.get(data_raw, "path", "data", str)
             data_options["path"] = str((self.path.parent / rel).resolve())
-            if not Path(data_options["path"]).is_file():
-                self.fail("data.path", f"an .npz file (relative to the spec), found no file at "
-                                       f"{data_options['path']}", show_found=False)
+            if not Path(data_options["path"]).is_file() and not Path(data_options["path"]).is_dir():
+                self.fail("data.path", f"an .npz file or a folder of .npy files (relative to the spec), found "
+                                       f"nothing at {data_options['path']}", show_found=False)
         if "inputs" in data_raw:  # a model of several named inputs: one npz array each
             names = self.get(data_raw, "inputs", "data", list)
             if source != "npz" or not names or len(set(names)) != len(names) or not all(

@@ -69,8 +69,10 @@ def side(framework: str) -> str:
 
 
 def _data_file_digest(spec: Spec) -> str | None:
-    from .cache import file_digest
+    from .cache import file_digest, folder_digests
     path = spec.data.options.get("path")
+    if path and Path(path).is_dir():  # a folder of .npy files: every one of them
+        return json.dumps(folder_digests(Path(path)), sort_keys=True)
     return file_digest(Path(path)) if path and Path(path).is_file() else None
 
 

@@ -152,3 +152,16 @@ def test_a_bad_parity_input_table_names_the_key(tmp_path, table, words):
     (tmp_path / "tokens.toml").write_text(SPEC + table)
     with pytest.raises(SpecError, match=words.replace("[", r"\[")):
         load(str(tmp_path / "tokens.toml"))
+
+
+def test_a_folder_of_npy_files_is_data_too(tmp_path):
+    from pipeline.data import load_arrays
+    token_data(tmp_path)
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    with np.load(tmp_path / "tokens.npz") as f:
+        for k in f.files:
+            np.save(folder / f"{k}.npy", f[k])
+    (tmp_path / "tokens.toml").write_text(SPEC.replace('path = "tokens.npz"', 'path = "tokens"'))
+    arrays = load_arrays(load(str(tmp_path / "tokens.toml")))
+    assert arrays["x_train"]["input_ids"].dtype == np.int64 and len(arrays["y_train"]) == 160
