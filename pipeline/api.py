@@ -446,8 +446,12 @@ def load_record(ref: str | None = None, home: Path | None = None) -> dict:
 
 
 def deployment_of(ref: str | None = None, home: Path | None = None) -> Path:
-    """The TF Serving deployment folder of a run (its id, None for the latest) or of a spec (run first,
-    so a cached spec costs nothing)."""
+    """The TF Serving deployment folder of a run (its id, None for the latest), of a spec (run first,
+    so a cached spec costs nothing), or of a registered version (models:/NAME@ALIAS, NAME/VERSION: its
+    registered bundle, checked against the digest kept with the version, deployed afresh)."""
+    from . import registry_ref
+    if ref is not None and (registry_ref.is_ref(ref) or ("@" in ref or "/" in ref) and not ref.endswith(".toml")):
+        return _deployment_of_version(ref.removeprefix(registry_ref.PREFIX), home or home_dir())
     if ref is not None and (ref.endswith(".toml") or ref in spec_mod.builtin_specs()):
         record = run(ref, home=home, track=False)
         if record["status"] != "passed":
@@ -463,3 +467,30 @@ def deployment_of(ref: str | None = None, home: Path | None = None) -> Path:
         raise LookupError(f"{folder}: expected the deployment written by run {record['run_id']}, found no "
                           f"models.config (the cache entry was removed?): run the spec again")
     return folder
+
+
+def _deployment_of_version(ref: str, home: Path) -> Path:
+    import subprocess
+    import sys
+    from exporters.bundle import BundleError, read_bundle
+    from . import tracking
+    version = tracking.resolve_version(home, ref)
+    run_id, sha = version.tags.get("bundle.run_id"), version.tags.get("bundle.sha256")
+    if not run_id or not sha:
+        raise LookupError(f"model version {version.name}/{version.version} carries no registered bundle: run its spec again")
+    out = work_dir(home) / "deployments" / f"{version.name}-{version.version}"
+    if (out / "deployment" / "models.config").is_file():
+        return out / "deployment"
+    bundle_dir = tracking.download_bundle(home, run_id, out / "download")
+    try:
+        read_bundle(bundle_dir, expected_manifest_sha256=sha)
+    except BundleError as e:
+        raise LookupError(f"model version {version.name}/{version.version}: {e}") from None
+    # the deployment is written where TensorFlow may be imported: its own process
+    done = subprocess.run([sys.executable, "-m", "serving.deploy", str(bundle_dir), "--out", str(out / "deployment"),
+                           "--version", str(version.version)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if done.returncode != 0:
+        raise LookupError(f"model version {version.name}/{version.version}: the deployment could not be written: "
+                          f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return out / "deployment"

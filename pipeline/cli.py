@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a run's TF Serving deployment locally (TF Serving's gRPC and REST API) "
                                       "until interrupted")
-    sv.add_argument("target", nargs="?", help="a spec (run first; cached runs cost nothing) or a run id "
-                                             "(default: the latest run)")
+    sv.add_argument("target", nargs="?", help="a spec (run first; cached runs cost nothing), a run id (default: "
+                                             "the latest run), or a registered version (models:/NAME@ALIAS, NAME/VERSION)")
     sv.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free one)")
     sv.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0: any free one)")
     sv.add_argument("--host", default="127.0.0.1")

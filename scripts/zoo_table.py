@@ -29,7 +29,8 @@ ZOO = [("MobileNetV2 0.35, 32x32 (keras.applications)", "keras_mobilenet", ["--t
        ("two heads returned as a dict (torch, state dict + factory)", "torch_dict_model",
         ["--factory", "dict_models:two_heads"]),
        ("DistilBERT, tiny config, input_ids + attention_mask (transformers save_pretrained folder)",
-        "hf_encoder", [])]
+        "hf_encoder", []),
+       ("functional model of two integer inputs, ids + mask (keras, .keras file)", "keras_two_inputs", [])]
 
 
 def export(model: Path, example: Path, home: Path, extra: list[str]) -> dict:

@@ -105,6 +105,28 @@ class ServingClient:
             raw = self._rest("GET", self._path(model, version, label) + "/metadata")["metadata"]["signature_def"]
         return {name: _simplify_signature(sd) for name, sd in raw.get("signature_def", {}).items()}
 
+    def wait_until_available(self, model: str, version: int | None = None, timeout_s: float = 60.0) -> None:
+        """Poll GetModelStatus until the version (default: any) is AVAILABLE, not merely until a port is
+        open; a TimeoutError names the model and the last state seen."""
+        import time
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while True:
+            try:
+                states = self.status(model, version=version)
+                if any(s.state == "AVAILABLE" for s in states):
+                    return
+                last = ", ".join(f"version {s.version}: {s.state}" + (f" ({s.error_message})" if s.error_message else "")
+                                 for s in states)
+            except ServingError as e:
+                last = f"{e.code}: {e.message}"
+            except OSError as e:  # nothing listening yet (REST)
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() >= deadline:
+                what = f"model {model!r}" + (f" version {version}" if version is not None else "")
+                raise TimeoutError(f"{what} is not AVAILABLE after {timeout_s:g} s; last state: {last}")
+            time.sleep(0.05)
+
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()

@@ -15,6 +15,7 @@ the local one, which speaks the same API.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,7 +112,7 @@ def write_deployment(bundles: list[Bundle], out: Path, s: ServingSettings) -> di
         batching = write_batching_parameters(out / "batching.config", max_batch_size=32, batch_timeout_micros=1000,
                                              max_enqueued_batches=100, num_batch_threads=2)
     plan = write_container(out, repository_dir=repo, config_path=out / "models.config", batching_path=batching)
-    return {"repository": "models", "config": "models.config",
+    return {"plan": plan, "repository": "models", "config": "models.config",
             "batching": "batching.config" if batching else None, "dockerfile": plan.dockerfile.name,
             "docker_build": f"docker build -t {plan.tag} .", "docker_run": plan.run_command}
 
@@ -137,34 +138,86 @@ def deploy_and_bless(bundles: list[Bundle], out: Path, s: ServingSettings,
     blessing (the ParityRecords as JSON, blessed = every transport passed)."""
     from .client import ServingClient
     from .container import docker_available
-    from .server import LocalServer
     written = write_deployment(bundles, out, s)
-    if s.docker and docker_available():  # the container path needs an engine; the local server speaks the same API
-        log("a Docker engine answers, but running the container from a stage is not built: blessing on the "
-            "local server (the container's commands are in docker-commands.txt)")
+    plan = written.pop("plan")
+    use_docker = s.docker and docker_available()
+    if s.docker and not use_docker:
+        log("docker = true, but no container engine answers `docker info`: blessing on the local server, "
+            "which speaks the same API (the container's commands are in docker-commands.txt)")
     t0 = time.perf_counter()
-    import tempfile
-    config = local_config(out, Path(tempfile.mkdtemp(prefix="serving-")) / "models.local.config")
-    server = LocalServer(model_config_file=str(config), port=0, rest_api_port=0,
-                         enable_batching=s.batching,
-                         batching_parameters_file=str(out / "batching.config") if s.batching else None,
-                         file_system_poll_wait_seconds=0, log=log)
-    blessings = {}
-    with server:
-        for b in bundles:
-            server.wait_until_available(b.model, version=s.version, timeout_s=s.timeout_s)
-        ready_s = time.perf_counter() - t0
-        from .bless import bless
-        with ServingClient("127.0.0.1", grpc_port=server.grpc_port, rest_port=server.rest_port) as client:
+    with (_container(plan, log) if use_docker else _local_server(out, s, log)) as (kind, grpc_port, rest_port):
+        blessings = {}
+        with ServingClient("127.0.0.1", grpc_port=grpc_port, rest_port=rest_port) as client:
+            for b in bundles:
+                client.wait_until_available(b.model, version=s.version, timeout_s=s.timeout_s)
+            ready_s = time.perf_counter() - t0
+            from .bless import bless
             for b in bundles:
                 records = bless(b, client, version=s.version, transports=s.transports)
                 blessings[b.model] = {"blessed": all(r.passed for r in records),
                                       "records": [r.to_json() for r in records]}
-    return {"written": written, "server": {"kind": "local", "ready_s": ready_s,
-                                           "grpc_port": server.grpc_port, "rest_port": server.rest_port},
+    return {"written": written, "server": {"kind": kind, "ready_s": ready_s,
+                                           "grpc_port": grpc_port, "rest_port": rest_port},
             "settings": {**asdict(s), "transports": list(s.transports)}, "blessings": blessings,
             "summary": ", ".join(f"{m} {'blessed' if v['blessed'] else 'NOT blessed'}" for m, v in blessings.items())}
 
 
+@contextlib.contextmanager
+def _local_server(out: Path, s: ServingSettings, log):
+    """The local server on the deployment, on free ports: ("local", grpc port, rest port)."""
+    import tempfile
+    from .server import LocalServer
+    config = local_config(out, Path(tempfile.mkdtemp(prefix="serving-")) / "models.local.config")
+    with LocalServer(model_config_file=str(config), port=0, rest_api_port=0, enable_batching=s.batching,
+                     batching_parameters_file=str(out / "batching.config") if s.batching else None,
+                     file_system_poll_wait_seconds=0, log=log) as server:
+        yield "local", server.grpc_port, server.rest_port
+
+
+@contextlib.contextmanager
+def _container(plan, log):
+    """The real TF Serving: the image built and run detached with both ports published on free host
+    ports of 127.0.0.1, stopped afterwards: ("docker", grpc port, rest port)."""
+    import subprocess
+    subprocess.run(plan.build_argv, check=True, stdout=subprocess.DEVNULL)
+    run = ["docker", "run", "-d", "--rm", "-p", "127.0.0.1::8500", "-p", "127.0.0.1::8501", plan.tag]
+    container = subprocess.run(run, check=True, capture_output=True, text=True).stdout.strip()
+    log(f"container {container[:12]} from {plan.tag}")
+    try:
+        def host_port(port: int) -> int:
+            out = subprocess.run(["docker", "port", container, str(port)], check=True, capture_output=True,
+                                 text=True).stdout
+            return int(out.split()[0].rsplit(":", 1)[1])
+        yield "docker", host_port(8500), host_port(8501)
+    finally:
+        subprocess.run(["docker", "stop", container], check=False, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+
 def dump(result: dict, path: Path) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.deploy BUNDLE... --out DIR`: the deployment folder of these bundles."""
+    import argparse
+    import sys
+    from exporters.bundle import BundleError, read_bundle
+    from .repository import RepositoryError
+    p = argparse.ArgumentParser(prog="python -m serving.deploy", description=main.__doc__)
+    p.add_argument("bundles", nargs="+", help="bundle folders (with manifest.json)")
+    p.add_argument("--out", required=True, help="the deployment folder to write")
+    p.add_argument("--version", type=int, default=1)
+    args = p.parse_args(argv)
+    try:
+        written = write_deployment([read_bundle(Path(b)) for b in args.bundles], Path(args.out),
+                                   settings({"version": args.version}))
+    except (BundleError, RepositoryError, TargetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in written.items() if k != "plan"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

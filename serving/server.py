@@ -745,32 +745,11 @@ class LocalServer:
     def wait_until_available(self, model_name: str, version: int | None = None, timeout_s: float = 60.0) -> None:
         """Poll GetModelStatus over gRPC until the version (default: any) is AVAILABLE; a TimeoutError names
         the model and the last state seen."""
-        import grpc
-        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+        from .client import ServingClient
         if self.grpc_port is None:
             raise RuntimeError("the server is not started")
-        deadline = time.monotonic() + timeout_s
-        last = "no answer yet"
-        with grpc.insecure_channel(f"{_host_for_url(self.host)}:{self.grpc_port}") as ch:
-            stub = model_service_pb2_grpc.ModelServiceStub(ch)
-            while True:
-                req = get_model_status_pb2.GetModelStatusRequest()
-                req.model_spec.name = model_name
-                if version is not None:
-                    req.model_spec.version.value = version
-                try:
-                    resp = stub.GetModelStatus(req, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    states = [(s.version, get_model_status_pb2.ModelVersionStatus.State.Name(s.state),
-                               s.status.error_message) for s in resp.model_version_status]
-                    if any(st == "AVAILABLE" for _, st, _ in states):
-                        return
-                    last = ", ".join(f"version {v}: {st}" + (f" ({err})" if err else "") for v, st, err in states)
-                except grpc.RpcError as e:
-                    last = f"{e.code().name}: {e.details()}"
-                if time.monotonic() >= deadline:
-                    what = f"model {model_name!r}" + (f" version {version}" if version is not None else "")
-                    raise TimeoutError(f"{what} is not AVAILABLE after {timeout_s:g} s; last state: {last}")
-                time.sleep(0.05)
+        with ServingClient(_host_for_url(self.host), grpc_port=self.grpc_port) as client:
+            client.wait_until_available(model_name, version=version, timeout_s=timeout_s)
 
 
 def _host_for_url(host: str) -> str:

@@ -135,3 +135,47 @@ def test_a_bad_deploy_table_is_refused_when_the_spec_loads(tmp_path):
         spec.write_text(toy.split("[deploy.serving]")[0] + "[deploy.serving]\n" + table + "\n")
         with pytest.raises(SpecError, match=words.replace("[", r"\[").replace("(", r"\(")):
             load(str(spec))
+
+
+def test_docker_asked_without_an_engine_blesses_on_the_local_server_and_says_so(toy_run, tmp_path):
+    from exporters.bundle import read_bundle
+    from serving.deploy import deploy_and_bless, settings
+    home = toy_run[0]
+    bundle = read_bundle(next(Path(s["path"]) for s in latest(home)["stages"] if s["name"] == "bundle:torch") / "bundle")
+    said = []
+    result = deploy_and_bless([bundle], tmp_path / "deployment", settings({"docker": True, "transports": ["rest"]}),
+                              log=said.append)
+    assert result["server"]["kind"] == "local" and result["blessings"]["torch"]["blessed"]
+    assert any("no container engine answers `docker info`" in line for line in said)
+    assert [r["runtime"] for r in result["blessings"]["torch"]["records"]] == ["tf-serving-rest"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("target", ["run", "registered"])
+def test_serve_answers_tf_servings_rest_api_until_interrupted(toy_run, tmp_path, target):
+    import urllib.request
+    from .conftest import copy_home
+    home = copy_home(toy_run[0], tmp_path / "home")
+    ref = latest(home)["run_id"] if target == "run" else "models:/toy-keras@candidate"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", ref, "--port", "0", "--rest_api_port", str(port)],
+                            cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PIPELINE_HOME": str(home), "PYTHONPATH": str(ROOT)})
+    try:
+        lines, deadline = [], time.time() + 90
+        while time.time() < deadline and not any("HTTP/REST API at" in l for l in lines):
+            lines.append(proc.stdout.readline())
+        assert any("try: curl" in l and "/v1/models/keras:predict" in l for l in lines), lines
+        body = json.dumps({"instances": [[0.5]]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/keras:predict", data=body)
+        got = json.loads(urllib.request.urlopen(req, timeout=30).read())["predictions"][0][0]
+        assert abs(got - (0.5 * 2.9931 + 1.9912)) < 1e-3  # the toy Keras model's slope and intercept
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

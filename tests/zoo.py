@@ -121,3 +121,22 @@ def hf_encoder(out: Path) -> tuple[Path, Path]:
     mask = (np.arange(12) < rng.integers(4, 13, size=(48, 1))).astype(np.int64)
     np.savez(out / "tokens.npz", input_ids=np.where(mask == 1, ids, 0), attention_mask=mask)
     return out / "tiny_distilbert", out / "tokens.npz"
+
+
+def keras_two_inputs(out: Path) -> tuple[Path, Path]:
+    """A Keras functional model of two named inputs (integer token ids and a padding mask: embedding,
+    masked mean, dense), saved as .keras, and token rows with real padding."""
+    import keras
+    from keras import layers, ops
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((12,), dtype="int64", name="input_ids")
+    mask = keras.Input((12,), dtype="int64", name="attention_mask")
+    m = ops.expand_dims(ops.cast(mask, "float32"), -1)
+    pooled = ops.sum(layers.Embedding(100, 16)(ids) * m, axis=1) / ops.maximum(ops.sum(m, axis=1), 1.0)
+    model = keras.Model({"input_ids": ids, "attention_mask": mask}, layers.Dense(3)(layers.Dense(16, "relu")(pooled)))
+    model.save(out / "two_inputs.keras")
+    rng = np.random.default_rng(5)
+    mask_rows = (np.arange(12) < rng.integers(3, 13, size=(48, 1))).astype(np.int64)
+    np.savez(out / "keras_tokens.npz", input_ids=rng.integers(0, 100, size=(48, 12)).astype(np.int64) * mask_rows,
+             attention_mask=mask_rows)
+    return out / "two_inputs.keras", out / "keras_tokens.npz"
