@@ -1,0 +1,175 @@
+// Runs the bundle's stored parity inputs through the TF.js graph model on the backend named by the URL
+// (?backend=cpu|wasm|webgl), compares with the stored reference outputs as parity/compare.py does
+// (a value is out of tolerance when beyond atol AND beyond rtol, relative to max(|ref|, rel_floor)),
+// shows the result and sets window.parityResult = {backend, tf_backend, rows, max_abs, passed, error, ...}.
+'use strict';
+(function () {
+  const BACKENDS = ['cpu', 'wasm', 'webgl'];
+  const params = new URLSearchParams(window.location.search);
+  const backend = params.get('backend') || 'cpu';
+  const result = { backend, tf_backend: null, rows: 0, max_abs: null, max_rel: null, n_out_of_tolerance: null,
+                   passed: false, error: null, model: null, tfjs: null, load_ms: null, run_ms: null };
+
+  function show(id, text) { const el = document.getElementById(id); if (el) el.textContent = text; }
+  function fmt(v) { return v === null || v === undefined ? '-' : (typeof v === 'number' ? v.toExponential(3) : String(v)); }
+
+  function render(done) {
+    show('r-model', result.model || '-');
+    show('r-backend', backend);
+    show('r-tf-backend', result.tf_backend || '-');
+    show('r-rows', String(result.rows));
+    show('r-max-abs', fmt(result.max_abs));
+    show('r-max-rel', fmt(result.max_rel));
+    show('r-n-out', result.n_out_of_tolerance === null ? '-' : String(result.n_out_of_tolerance));
+    show('r-ms', result.load_ms === null ? '-' :
+         `${result.load_ms.toFixed(1)} ms / ${result.run_ms === null ? '-' : result.run_ms.toFixed(1) + ' ms'}`);
+    const v = document.getElementById('r-verdict');
+    const verdict = !done ? 'RUNNING' : (result.passed ? 'PASS' : 'FAIL');
+    v.textContent = verdict;
+    v.className = verdict;
+    show('error', result.error ? 'error: ' + result.error : '');
+    show('sub', done ? `TF.js ${result.tfjs || '?'} on ${backend}` : `running on ${backend} ...`);
+  }
+
+  function typed(values, dtype) {
+    const clean = values.map((v) => (v === null ? NaN : v));
+    if (dtype === 'float32') return Float32Array.from(clean);
+    if (dtype === 'int32') return Int32Array.from(clean);
+    throw new Error(`unsupported input dtype ${dtype}`);
+  }
+
+  // the model's tensor whose name is `want` (graph node names may carry a ":0" suffix)
+  function resolve(list, want, what) {
+    const hit = list.find((t) => t.name === want || t.name.split(':')[0] === String(want).split(':')[0]);
+    if (!hit) throw new Error(`the model has no ${what} ${JSON.stringify(want)}; it has ${list.map((t) => t.name).join(', ')}`);
+    return hit.name;
+  }
+
+  async function run() {
+    if (!BACKENDS.includes(backend)) throw new Error(`unknown backend ${JSON.stringify(backend)}: expected one of ${BACKENDS.join(', ')}`);
+    if (typeof tf === 'undefined') throw new Error('tf.min.js did not load: window.tf is undefined');
+    result.tfjs = tf.version && tf.version.tfjs;
+    const resp = await fetch('parity.json');
+    if (!resp.ok) throw new Error(`parity.json: HTTP ${resp.status}`);
+    const parity = await resp.json();
+    result.model = parity.model;
+    render(false);
+    const tol = parity.tolerance || {};
+    show('r-tol', `atol ${tol.atol} / rtol ${tol.rtol} (rel floor ${tol.rel_floor}), ${parity.tolerance_for}`);
+
+    if (backend === 'wasm') {
+      if (!tf.wasm || typeof tf.wasm.setWasmPaths !== 'function') throw new Error('tf-backend-wasm.min.js did not load: tf.wasm is undefined');
+      tf.wasm.setWasmPaths(new URL(parity.wasm_dir || './', window.location.href).href);
+    }
+    const ok = await tf.setBackend(backend);
+    await tf.ready();
+    result.tf_backend = tf.getBackend();
+    if (!ok || result.tf_backend !== backend) {
+      throw new Error(`asked TF.js for the ${backend} backend, it has ${JSON.stringify(result.tf_backend)} active`);
+    }
+
+    if (backend === 'webgl') {  // which GL implementation ran it (headless Chromium: SwiftShader, in software)
+      try {
+        const gl = tf.backend().gpgpu.gl;
+        const dbg = gl.getExtension('WEBGL_debug_renderer_info');
+        result.gl_renderer = String(gl.getParameter(dbg ? dbg.UNMASKED_RENDERER_WEBGL : gl.RENDERER));
+      } catch (_) { result.gl_renderer = null; }
+    }
+    let t0 = performance.now();
+    const model = await tf.loadGraphModel(parity.model_url);
+    result.load_ms = performance.now() - t0;
+
+    const inputs = parity.inputs;
+    const graphInputs = model.inputs.map((t) => ({ name: t.name }));
+    if (inputs.length !== graphInputs.length) {
+      throw new Error(`the model takes ${graphInputs.length} input(s) (${graphInputs.map((t) => t.name).join(', ')}), parity.json has ${inputs.length}`);
+    }
+    const feedNames = inputs.map((inp, i) => (inputs.length === 1 ? graphInputs[0].name : resolve(graphInputs, inp.graph_name, 'input')));
+    const data = inputs.map((inp) => typed(inp.values, inp.dtype));
+    const perRowIn = inputs.map((inp) => inp.shape.slice(1).reduce((a, b) => a * b, 1));
+    const graphOutputs = model.outputs.map((t) => ({ name: t.name }));
+    const outNames = parity.outputs.length > 1
+      ? parity.outputs.map((o) => resolve(graphOutputs, o.graph_name, 'output'))
+      : [graphOutputs[0].name];  // one output: the graph's first, as the Node runner returns it
+    const perm = inputs.length === 1 ? parity.input_transpose : null;
+
+    const rows = parity.rows;
+    const got = [];          // per row, the flattened outputs concatenated in the model's order
+    for (let r = 0; r < rows; r++) got.push([]);
+    t0 = performance.now();
+    for (const [a, b] of parity.feeds) {
+      const created = [];
+      let outs = [];
+      try {
+        const feed = {};
+        inputs.forEach((inp, i) => {
+          const part = data[i].subarray(a * perRowIn[i], b * perRowIn[i]);
+          let t = tf.tensor(part, [b - a, ...inp.shape.slice(1)], inp.dtype);
+          created.push(t);
+          if (perm) { t = tf.transpose(t, perm); created.push(t); }
+          feed[feedNames[i]] = t;
+        });
+        let y;
+        try {
+          y = model.execute(feed, outNames);
+        } catch (e) {
+          if (!/executeAsync/.test(String(e && e.message))) throw e;
+          y = await model.executeAsync(feed, outNames);
+        }
+        outs = Array.isArray(y) ? y : [y];
+        for (const t of outs) {
+          const vals = await t.data();
+          const per = vals.length / (b - a);
+          for (let r = 0; r < b - a; r++) {
+            const row = got[a + r];
+            for (let k = 0; k < per; k++) row.push(vals[r * per + k]);
+          }
+        }
+        if (tf.getBackend() !== backend) throw new Error(`asked for the ${backend} backend, TF.js predicted on ${tf.getBackend()}`);
+      } finally {
+        for (const t of created) t.dispose();
+        for (const t of outs) if (t && typeof t.dispose === 'function') t.dispose();
+      }
+    }
+    result.run_ms = performance.now() - t0;
+    result.tf_backend = tf.getBackend();
+
+    const ref = parity.reference.values.map((v) => (v === null ? NaN : v));
+    const flat = [].concat(...got);
+    if (flat.length !== ref.length) {
+      throw new Error(`the model gave ${flat.length} output values for ${rows} rows, the reference has ${ref.length}`);
+    }
+    result.rows = rows;
+    let maxAbs = 0, maxRel = 0, nOut = 0, nBad = 0;
+    const floor = tol.rel_floor ? tol.rel_floor : Number.MIN_VALUE;
+    for (let i = 0; i < ref.length; i++) {
+      const g = flat[i], e = ref[i];
+      if (!Number.isFinite(g) || !Number.isFinite(e)) { nBad++; continue; }
+      const d = Math.abs(g - e);
+      const rel = d / Math.max(Math.abs(e), floor);
+      if (d > maxAbs) maxAbs = d;
+      if (rel > maxRel) maxRel = rel;
+      let beyond = null;
+      if (tol.atol !== null && tol.atol !== undefined) beyond = d > tol.atol;
+      if (tol.rtol !== null && tol.rtol !== undefined) beyond = (beyond === null ? true : beyond) && rel > tol.rtol;
+      if (beyond) nOut++;
+    }
+    result.max_abs = maxAbs;
+    result.max_rel = maxRel;
+    result.n_out_of_tolerance = nOut;
+    result.n_nonfinite = nBad;
+    result.passed = nOut === 0 && nBad === 0;
+    if (nBad) result.error = `${nBad} non-finite value(s) in the outputs or the reference`;
+    model.dispose();
+  }
+
+  run().catch((e) => {
+    result.passed = false;
+    result.error = String((e && e.message) || e);
+    // the active backend without starting one (tf.getBackend() would initialise the best available)
+    try { if (typeof tf !== 'undefined') result.tf_backend = tf.engine().backendName || result.tf_backend; } catch (_) { /* none */ }
+  }).finally(() => {
+    render(true);
+    window.parityResult = result;
+  });
+})();
