@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0: any free one)")
     sv.add_argument("--host", default="127.0.0.1")
 
+    k = sub.add_parser("keys", help="the key edge packages are signed with")
+    k.add_argument("action", choices=["init", "show"], help="init: write the key pair; show: print the public key")
+
+    dp = sub.add_parser("deploy", help="push a run's models to an edge device (signed package, on-device parity)")
+    dp.add_argument("run", nargs="?", help="pipeline run id (default: the latest)")
+    dp.add_argument("--to", required=True, action="append", help="device name in the devices file (repeatable)")
+    dp.add_argument("--devices", required=True, help="the devices file (TOML)")
+    dp.add_argument("--variants", default="fp32,fp16,int8")
+
     v = sub.add_parser("validate", help="check a spec, its data and its model factories without running it")
     v.add_argument("spec")
     v.add_argument("--quick", action="store_true", help="skip building the models (no framework import)")
@@ -258,6 +267,52 @@ def cmd_serve(args) -> int:
         return 130
 
 
+def cmd_keys(args) -> int:
+    from . import keys
+    if args.action == "init":
+        try:
+            private, public = keys.init()
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"signing key: {private}\npublic key (give it to each device agent): {public}")
+        return EXIT_OK
+    public = keys.private_key_path().with_name(__import__("edge.keys", fromlist=["PUBLIC_NAME"]).PUBLIC_NAME)
+    if not public.is_file():
+        print(f"error: no key yet at {public}: run `python -m pipeline keys init`", file=sys.stderr)
+        return EXIT_USAGE
+    print(public.read_text(), end="")
+    return EXIT_OK
+
+
+def cmd_deploy(args) -> int:
+    """The run's bundles to each device named: signed packages, the device's own parity check, its report."""
+    import json
+    from edge.deploy import TargetError, deploy, settings
+    from exporters.bundle import read_bundle
+    from . import api, keys
+    record = api.load_record(args.run)
+    bundles = [read_bundle(Path(s["path"]) / "bundle") for s in record["stages"] if s["name"].startswith("bundle:")]
+    if not bundles:
+        raise LookupError(f"run {record['run_id']} has no bundles (it failed before its bundle stages?)")
+    try:
+        s = settings({"devices": str(Path(args.devices).resolve()), "targets": args.to,
+                      "variants": args.variants.split(",")})
+        out = api.work_dir(api.home_dir()) / "deploys" / f"{record['run_id']}-{int(time.time())}"
+        result = deploy(bundles, s, out, keys.private_key_path())
+    except TargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    failed = [r for r in result["records"] if r.get("status") != "passed"]
+    for r in result["records"]:
+        lat = (r.get("details") or {}).get("latency") or {}
+        p50 = f"  p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms" if "p50_ms" in lat else ""
+        print(f"{r['runtime']:<16} {r['model']}/{r['variant']:<5} {r['status'].upper()}{p50}")
+    (out / "deploy.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"report: {out / 'deploy.json'}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_ui(args) -> int:
     import signal
     import subprocess
@@ -323,4 +378,4 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "serve": cmd_serve, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate}

@@ -70,7 +70,7 @@ class TrainSettings:
     threads: int
 
 
-DEPLOY_TARGETS = ("serving",)  # [deploy.<target>] tables; edge devices come next
+DEPLOY_TARGETS = ("serving", "edge")  # [deploy.<target>] tables, each checked by its own package
 PRETRAINED_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt", ".pth", ".pt2")}
 
 
@@ -352,6 +352,12 @@ class _Validator:
             try:
                 settings(deploy["serving"])
             except TargetError as e:
+                self.fail(e.key, e.expected, e.found)
+        if "edge" in deploy:
+            from edge.deploy import TargetError as EdgeTargetError, settings as edge_settings
+            try:
+                edge_settings(deploy["edge"], self.path.parent)
+            except EdgeTargetError as e:
                 self.fail(e.key, e.expected, e.found)
 
     def _signature(self, m: dict, where: str) -> dict:

@@ -53,6 +53,8 @@ def build_stages(spec: Spec) -> list[Stage]:
         stages.append(bundle_stage(spec, m))
     if "serving" in spec.deploy:
         stages.append(serving_stage(spec))
+    if "edge" in spec.deploy:
+        stages.append(edge_stage(spec))
     stages.append(report_stage(spec))
     return stages
 
@@ -584,6 +586,43 @@ def run_serving(ctx: Context, spec: str) -> dict:
             "ready_s": result["server"]["ready_s"], "summary": result["summary"]}
 
 
+EDGE_CODE = STAGES_CODE + tuple(f"edge/{f}" for f in ("deploy.py", "devices.py", "transports.py", "package.py",
+                                                     "client.py", "web.py", "web/index.html", "web/page.js"))
+
+
+def edge_stage(spec: Spec) -> Stage:
+    """Every model to the spec's edge devices (signed packages, on-device parity) and into the browser."""
+    from edge.deploy import settings
+    s = settings(spec.deploy["edge"], spec.path.parent)
+    devices = {"file": s.devices, "content": _file_text_digest(s.devices)} if s.devices else None
+    # cached like any stage: a rerun pushes again only when a bundle, the settings or the devices file changed
+    return Stage("deploy:edge", "deploy", {"edge": spec.deploy["edge"], "devices": devices},
+                 EDGE_CODE, f"{__name__}:run_edge", {"spec": str(spec.path)},
+                 inputs=tuple(f"bundle:{m.name}" for m in spec.models))
+
+
+def _file_text_digest(path: str) -> str:
+    from .cache import file_digest
+    return file_digest(Path(path))
+
+
+def run_edge(ctx: Context, spec: str) -> dict:
+    from edge.deploy import deploy, settings
+    from exporters.bundle import read_bundle
+    from .keys import private_key_path
+    spec = load_spec(spec)
+    s = settings(spec.deploy["edge"], spec.path.parent)
+    bundles = [read_bundle(ctx.input_dir(f"bundle:{m.name}") / "bundle") for m in spec.models]
+    result = deploy(bundles, s, ctx.out / "edge", private_key_path() if s.devices else None, log=ctx.log)
+    (ctx.out / "records.json").write_text(json.dumps(result.pop("records"), indent=2, default=str))
+    (ctx.out / "edge.json").write_text(json.dumps(result, indent=2, default=str))
+    passed = {d: all(r.get("passed") for r in models.values()) for d, models in result["devices"].items()}
+    seen = {m: all(r.get("passed") for r in rs) for m, rs in result["browser"].items()}
+    return {"devices": passed, "browser": seen,
+            "summary": ", ".join([f"edge:{d} {'passed' if ok else 'FAILED'}" for d, ok in passed.items()] +
+                                 [f"browser {m} {'passed' if ok else 'FAILED'}" for m, ok in seen.items()])}
+
+
 # --------------------------------------------------------------------------- report
 
 REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "pipeline/plots.py")
@@ -594,7 +633,7 @@ def report_stage(spec: Spec) -> Stage:
     verifies = tuple(f"verify:{m.name}:{fmt}" for m in spec.models for fmt in exporters.FORMATS
                      if fmt in spec.formats)
     inputs = verifies + tuple(f"{k}:{m.name}" for m in spec.models for k in ("train", "reference"))
-    inputs += ("deploy:serving",) if "serving" in spec.deploy else ()
+    inputs += tuple(f"deploy:{t}" for t in ("serving", "edge") if t in spec.deploy)
     return Stage("report", "report", {"spec": spec.name, "formats": list(spec.formats),
                                       "tolerances": spec.parity.tolerances},
                  REPORT_CODE, f"{__name__}:run_report", {"spec": str(spec.path)}, inputs=inputs)
@@ -623,10 +662,11 @@ def run_report(ctx: Context, spec: str) -> dict:
                 report.add(ParityRecord.from_json(r))
             with np.load(vdir / "outputs.npz") as f:
                 outs.update({k: f[k] for k in f.files})
-        if "serving" in spec.deploy:  # the blessing: the served answers, per transport
-            for r in json.loads((ctx.input_dir("deploy:serving") / "records.json").read_text()):
-                if r["model"] == m.name:
-                    report.add(ParityRecord.from_json(r))
+        for target in ("serving", "edge"):  # the served answers (blessing), the devices' and the browser's
+            if target in spec.deploy:
+                for r in json.loads((ctx.input_dir(f"deploy:{target}") / "records.json").read_text()):
+                    if r["model"] == m.name:
+                        report.add(ParityRecord.from_json(r))
         with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
             y_ref, y_perturbed = f["y"], f["y_perturbed"]
         report.discrimination[m.name] = discrimination(
@@ -636,6 +676,11 @@ def run_report(ctx: Context, spec: str) -> dict:
         history = json.loads((ctx.input_dir(f"train:{m.name}") / "history.json").read_text())
         plots.append(plot_training_curve(history, ctx.out / f"training_{m.name}.png",
                                          title=f"{spec.name} / {m.name} ({m.framework}): training loss"))
+    if "edge" in spec.deploy:
+        import shutil
+        for shot in sorted((ctx.input_dir("deploy:edge") / "edge" / "screenshots").glob("*.png")):
+            shutil.copy2(shot, ctx.out / f"browser_{shot.name}")
+            plots.append(str(ctx.out / f"browser_{shot.name}"))
     report.write_json(ctx.out / "parity.json")
     report.write_markdown(ctx.out / "parity.md")
     report.write_junit(ctx.out / "junit.xml")

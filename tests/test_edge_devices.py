@@ -385,3 +385,52 @@ def test_devices_file_level_mistakes_and_a_good_file(tmp_path):
     assert b.host == "10.77.0.6" and b.ssh_port == 22 and b.agent_url == "http://127.0.0.1:8751"
     assert b.ssh_key == tmp_path / "keys" / "id" and b.python == "python3"
     assert "s3cret" not in repr(devices["a"])
+
+
+def test_a_spec_with_edge_targets_deploys_to_both_devices_and_proves_tfjs_in_the_browser(hosts, edge, toy_run, tmp_path):
+    """`run` with [deploy.edge]: every model packaged, signed with the home's key, pushed to both devices,
+    checked there, and its TF.js web bundle run in headless Chromium; all of it in the run's report."""
+    from pipeline.keys import keys_dir
+    from .conftest import copy_home, run_cli
+    if not shutil.which("chromium"):
+        pytest.skip("no chromium on PATH (scripts/setup.sh --test installs it)")
+    home = copy_home(toy_run[0], tmp_path / "home")
+    keys_dir(home).mkdir(parents=True)
+    for pem in (edge["tmp"] / "keys").iterdir():  # the key the devices were given
+        shutil.copy2(pem, keys_dir(home) / pem.name)
+    devices = _device_file(tmp_path, hosts)
+    spec = tmp_path / "edge.toml"
+    spec.write_text((ROOT / "pipeline" / "specs" / "toy.toml").read_text() +
+                    f'\n[deploy.edge]\ndevices = "{devices.name}"\ntargets = ["dev-a", "dev-b"]\nbrowser = true\n')
+    r = run_cli("run", str(spec), "--no-track", home=home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads(sorted((home / ".pipeline" / "runs").glob("*.json"))[-1].read_text())
+    parity = json.loads((Path(rec["report_dir"]) / "parity.json").read_text())
+    on_devices = {(x["model"], x["runtime"], x["variant"]): x["status"] for x in parity["records"] if x["format"] == "edge"}
+    assert on_devices == {(m, f"edge:{d}", v): "passed" for m in ("keras", "torch") for d in ("dev-a", "dev-b")
+                          for v in ("fp32", "fp16", "int8")}
+    lat = next(x for x in parity["records"] if x["format"] == "edge")["details"]["latency"]
+    assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
+    browser = {(x["model"], x["runtime"]): x["status"] for x in parity["records"] if x["format"] == "tfjs_web"}
+    assert browser == {(m, f"chromium-{b}"): "passed" for m in ("keras", "torch") for b in ("cpu", "wasm", "webgl")}
+    shots = sorted(p.name for p in Path(rec["report_dir"]).glob("browser_*.png"))
+    assert len(shots) == 6 and all((Path(rec["report_dir"]) / s).stat().st_size > 1000 for s in shots)
+    assert_serves_reference(hosts["dev-a"].client, edge["reference"])  # the device answers with the new version
+
+
+def test_keys_init_then_deploy_a_run_to_a_device_from_the_command_line(hosts, edge, toy_run, tmp_path):
+    from pipeline.keys import keys_dir
+    from .conftest import copy_home, run_cli
+    home = copy_home(toy_run[0], tmp_path / "home")
+    made = run_cli("keys", "init", home=home)
+    assert made.returncode == 0 and "public key (give it to each device agent)" in made.stdout, made.stderr
+    again = run_cli("keys", "init", home=home)
+    assert again.returncode == 2 and "already there" in again.stderr  # a second key would orphan every device
+    for pem in (edge["tmp"] / "keys").iterdir():  # sign with the key the running devices trust
+        shutil.copy2(pem, keys_dir(home) / pem.name)
+    devices = _device_file(tmp_path, hosts)
+    r = run_cli("deploy", "--to", "dev-b", "--devices", str(devices), "--variants", "fp32,int8", home=home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [l for l in r.stdout.splitlines() if l.startswith("edge:dev-b")]
+    assert len(rows) == 4 and all("PASSED" in l and "p50" in l for l in rows), r.stdout  # 2 models x 2 variants
+    assert_serves_reference(hosts["dev-b"].client, edge["reference"])

@@ -140,6 +140,7 @@
       throw new Error(`the model gave ${flat.length} output values for ${rows} rows, the reference has ${ref.length}`);
     }
     result.rows = rows;
+    result.outputs = flat;  // the values themselves, so the caller can judge them with its own comparison
     let maxAbs = 0, maxRel = 0, nOut = 0, nBad = 0;
     const floor = tol.rel_floor ? tol.rel_floor : Number.MIN_VALUE;
     for (let i = 0; i < ref.length; i++) {
