@@ -54,3 +54,17 @@ def test_the_check_catches_a_wrong_arrow(tmp_path):
         assert "pipeline" in imported_modules(bad)
     finally:
         bad.unlink()
+
+
+def test_the_edge_extra_and_the_agent_stay_small():
+    """A device installs `.[edge]` alone: no TensorFlow, torch or MLflow in it, and nothing the agent
+    imports needs more than it (read from the source, as above)."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    edge_extra = {d.split("=")[0].split("<")[0].split(">")[0].strip().lower() for d in
+                  project["dependencies"] + project["optional-dependencies"]["edge"]}
+    assert not edge_extra & {"tensorflow", "torch", "mlflow", "tf-keras", "keras"}, edge_extra
+    allowed = STDLIB | {"numpy", "cryptography", "aiohttp", "ai_edge_litert", "parity", "exporters", "edge", "__future__"}
+    agent_side = ["agent.py", "package.py", "keys.py", "client.py", "__main__.py", "__init__.py"]
+    wrong = {f"edge/{f} imports {m}" for f in agent_side for m in imported_modules(ROOT / "edge" / f) - allowed}
+    assert not wrong, sorted(wrong)
