@@ -157,12 +157,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("target", ["run", "registered"])
-def test_serve_answers_tf_servings_rest_api_until_interrupted(toy_run, tmp_path, target):
+def test_serve_answers_tf_servings_rest_api_until_interrupted(toy_run, tmp_path):
+    """`serve models:/toy-keras@candidate`: the registered bundle, checked and deployed afresh (a run id or
+    a spec takes the run's own deployment folder, the same one the blessing used)."""
     import urllib.request
     from .conftest import copy_home
     home = copy_home(toy_run[0], tmp_path / "home")
-    ref = latest(home)["run_id"] if target == "run" else "models:/toy-keras@candidate"
+    ref = "models:/toy-keras@candidate"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", ref, "--port", "0", "--rest_api_port", str(port)],
                             cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
