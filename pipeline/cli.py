@@ -243,9 +243,9 @@ def cmd_serve(args) -> int:
     import json
     import os
     import subprocess
-    from . import api
     import tempfile
     from serving.deploy import local_config
+    from . import api
     folder = api.deployment_of(args.target)
     examples = json.loads((folder / "examples.json").read_text()) if (folder / "examples.json").is_file() else {}
     config = local_config(folder, Path(tempfile.mkdtemp(prefix="serve-")) / "models.local.config")
@@ -277,7 +277,7 @@ def cmd_keys(args) -> int:
             return EXIT_USAGE
         print(f"signing key: {private}\npublic key (give it to each device agent): {public}")
         return EXIT_OK
-    public = keys.private_key_path().with_name(__import__("edge.keys", fromlist=["PUBLIC_NAME"]).PUBLIC_NAME)
+    public = keys.public_key_path()
     if not public.is_file():
         print(f"error: no key yet at {public}: run `python -m pipeline keys init`", file=sys.stderr)
         return EXIT_USAGE

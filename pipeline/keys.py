@@ -16,6 +16,11 @@ def private_key_path(home: Path | None = None) -> Path:
     return keys_dir(home) / PRIVATE_NAME
 
 
+def public_key_path(home: Path | None = None) -> Path:
+    from edge.keys import PUBLIC_NAME
+    return keys_dir(home) / PUBLIC_NAME
+
+
 def init(home: Path | None = None) -> tuple[Path, Path]:
     """Write the key pair (refused if one exists: a new key would orphan every device that trusts the old)."""
     from edge.keys import init_keys
