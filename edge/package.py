@@ -39,6 +39,7 @@ from typing import Iterable
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 
+from exporters.bundle import sha256_file  # one hashing of files for bundles and packages
 from parity.feeds import unpack
 
 from .keys import as_private, as_public, key_id
@@ -66,14 +67,6 @@ class PackageError(RuntimeError):
         super().__init__(message)
         self.member = member
         self.reason = reason   # a short word for machines: signature, sha256, unsafe-member, size, unlisted, ...
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ build
