@@ -51,11 +51,11 @@ def main() -> None:
     from exporters.base import read_manifest
     from parity.compare import tolerance_for
     from pipeline.cache import Cache
-    from pipeline.frameworks import adapter
+    from frameworks import adapter
     from pipeline.runner import assign_keys
     from pipeline.spec import load
     from exporters.verify import check_artifact
-    from pipeline.stages import build_stages
+    from pipeline.stages import build_stages, maker
 
     spec = load("digits")
     stages = build_stages(spec)
@@ -71,7 +71,8 @@ def main() -> None:
         train = cache.lookup("train", next(s.key for s in stages if s.name == f"train:{m.name}"))
         info = train.meta()["facts"]
         fw = adapter(m.framework)
-        model = fw.load(spec, m, train.path, info["input_shape"], info["n_outputs"])
+        model = fw.load(train.path, make=maker(spec, m, info["input_shape"], info["n_outputs"]),
+                        pretrained=m.pretrained, input_shape=info["input_shape"], where=m.name)
         ref = {"x": x, "y": fw.predict(model, x), "kind": np.ones(len(x), np.int8)}
         for fmt in exporters.FORMATS:
             stage = next(s for s in stages if s.name == f"export:{m.name}:{fmt}")

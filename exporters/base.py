@@ -3,14 +3,17 @@
 A format module (exporters/<format>.py) has this small surface:
 
     FORMAT = "onnx"
-    REQUIRES = {"keras": (), "torch": ()}     # formats whose artifacts this one is converted from
+    REQUIRES = {"tensorflow": (), "torch": ()}  # per model family: formats this one is converted from
     RUNTIMES = ("onnxruntime",)               # runtimes that load it; the first is the default
-    LANE = {"keras": "tensorflow", "torch": "torch"}   # which side's process runs the converter
+    LANE = {"tensorflow": "tensorflow", "torch": "torch"}   # per family: which side's process converts
     RUNTIME_LANE = "any"                      # which side's process loads the artifact ("any": no framework)
-    export(model, *, framework, name, example, out_dir, upstream, options, expected) -> list[Artifact]
+    export(model, *, framework, family, name, example, out_dir, upstream, options, expected) -> list[Artifact]
     load(artifact, runtime=None) -> BaseRunner  # feeds of named arrays in, named arrays out
 
-`model` is the in-memory framework model (keras.Model or torch.nn.Module), or None for a route that
+Routes dispatch on the model's family (frameworks/ declares each framework's): "tensorflow" (a Keras
+model or a tf.Module with a serving signature), "torch" (an nn.Module: plain, Lightning, fastai's) or
+"jax" (a function and its parameters); `framework` only names where the model came from.
+`model` is the in-memory model (keras.Model, tf.Module, torch.nn.Module, ...), or None for a route that
 converts an upstream artifact (so a TensorFlow-side process never imports torch, and the reverse);
 `expected` the trained model's outputs on `example`, a float32 batch of real inputs; `upstream` maps each REQUIRED format to its artifacts; `options` holds per-format
 settings from the spec (e.g. litert "batch_sizes", "calibration" rows for int8).
@@ -202,6 +205,20 @@ def example_batch(example, fmt: str, name: str, framework: str, *, several: bool
         raise ExportError(f"{fmt} export of {name} ({framework}): expected an example batch with at least "
                           f"one row, found shape {example.shape}")
     return example
+
+
+# the families of the two frameworks callers named before families existed
+_FAMILY_OF = {"keras": "tensorflow", "torch": "torch"}
+
+
+def family_of(framework: str, family: str | None) -> str:
+    """The family a route dispatches on: as given, else the family of a framework named alone."""
+    return family or _FAMILY_OF.get(framework, framework)
+
+
+def unsupported_family(fmt: str, name: str, family: str, known) -> ExportError:
+    return ExportError(f"{fmt} export of {name}: no route for models of the {family!r} family "
+                       f"(expected one of {', '.join(known)})")
 
 
 def pick_runtime(fmt: str, artifact: Artifact, runtime: str | None, runtimes: tuple[str, ...]) -> str:

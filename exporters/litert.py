@@ -11,7 +11,8 @@ Routes
 - keras: `tf.lite.TFLiteConverter.from_saved_model(<the SavedModel artifact>)`; fp16 with
   `optimizations=[Optimize.DEFAULT]` + `target_spec.supported_types=[tf.float16]`; int8 with
   `optimizations=[Optimize.DEFAULT]` and no representative dataset. The `serving_default` signature keeps a
-  dynamic batch (-1), which the interpreter resizes per call.
+  dynamic batch (-1), which the interpreter resizes per call. jax models take the same route from the
+  jax2tf SavedModel (the converter lowers its XlaCallModule op).
 - torch: litert-torch (`litert_torch.signature(name, module, args)...convert(quant_config=...)`). A
   dynamic batch fails inside its JAX bridge, so the model is traced once per batch size in
   options["batch_sizes"] (default [1, 16]), one signature `batch_<n>` each, in one file sharing the weights.
@@ -37,14 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, forward_order,
-                            package_version, pick_runtime, size_of)
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, family_of,
+                            forward_order, package_version, pick_runtime, size_of, unsupported_family)
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "litert"
-REQUIRES = {"keras": ("saved_model",), "torch": ()}
+REQUIRES = {"tensorflow": ("saved_model",), "torch": (), "jax": ("saved_model",)}
 RUNTIMES = ("litert-interpreter",)
-LANE = {"keras": "tensorflow", "torch": "torch"}  # TFLiteConverter vs litert-torch
+LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow"}  # TFLiteConverter vs litert-torch
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 VARIANTS = ("fp32", "fp16", "int8")
@@ -60,18 +61,18 @@ QUANTIZATION = {
 # --------------------------------------------------------------------------------------------- export
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict | None = None,
-           options: dict | None = None, expected=None) -> list[Artifact]:
+           options: dict | None = None, expected=None, family: str | None = None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = example_batch(example, FORMAT, name, framework, several=True)
     options = dict(options or {})
-    if framework == "keras":
-        made = _export_keras(name, out_dir, upstream or {})
-    elif framework == "torch":
+    family = family_of(framework, family)
+    if family in ("tensorflow", "jax"):  # jax: the jax2tf SavedModel (one XlaCallModule op), which it lowers
+        made = _export_saved_model(name, out_dir, upstream or {})
+    elif family == "torch":
         made = _export_torch(model, name, example, out_dir, options)
     else:
-        raise ExportError(f"litert artifact {name}: framework {framework!r} is not supported "
-                          f"(expected one of {', '.join(REQUIRES)})")
+        raise unsupported_family(FORMAT, name, family, REQUIRES)
 
     artifacts = []
     for variant, (path, route, export_s, extra) in made.items():
@@ -109,7 +110,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _export_keras(name: str, out_dir: Path, upstream: dict) -> dict:
+def _export_saved_model(name: str, out_dir: Path, upstream: dict) -> dict:
     sms = upstream.get("saved_model") or []
     if not sms:
         raise ExportError(f"litert artifact {name}: the keras route converts the SavedModel artifact, expected "

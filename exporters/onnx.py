@@ -1,8 +1,9 @@
 """ONNX: one fp32 file with a dynamic batch dimension, run in onnxruntime on the CPU.
 
-Routes (both write a single self-contained .onnx file):
+Routes (each writes a single self-contained .onnx file):
   keras: `model.export(path, format="onnx")` (Keras drives tf2onnx on the TensorFlow backend)
   torch: `torch.onnx.export(model, (x,), path, dynamo=True, external_data=False, dynamic_shapes=...)`
+  jax:   `jax2onnx.to_onnx(x -> apply(params, x), inputs=[("B", ...)], export_mode="web")`
 
 After writing, the file itself is read back and its first input must declare a symbolic (dynamic) batch
 dimension; if a converter wrote a fixed batch, the artifact says so in `batch_sizes`.
@@ -16,33 +17,38 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, forward_order, package_version, pick_runtime, size_of)
+                             example_batch, family_of, forward_order, package_version, pick_runtime, size_of,
+                             unsupported_family)
 from parity.feeds import flatten_outputs
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "onnx"
-REQUIRES = {"keras": (), "torch": ()}
+REQUIRES = {"tensorflow": (), "torch": (), "jax": ()}
 RUNTIMES = ("onnxruntime-cpu",)
-LANE = {"keras": "tensorflow", "torch": "torch"}  # tf2onnx needs TensorFlow; dynamo needs torch
+LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow"}  # tf2onnx needs TensorFlow; dynamo
+# needs torch; jax2onnx needs only jax, which runs in the TensorFlow worker
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.onnx"
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,
-           options=None, expected=None) -> list[Artifact]:
+           options=None, expected=None, family: str | None = None) -> list[Artifact]:
     """Write `out_dir/model.onnx` (fp32, dynamic batch) and return its Artifact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
     example = example_batch(example, FORMAT, name, framework, several=True)
     t0 = time.perf_counter()
-    if framework == "keras":
-        route, details = _export_keras(model, name, example, path)
-    elif framework == "torch":
+    family = family_of(framework, family)
+    if family == "tensorflow":
+        route, details = _export_tensorflow(model, name, example, path)
+    elif family == "torch":
         route, details = _export_torch(model, name, example, path)
+    elif family == "jax":
+        route, details = _export_jax(model, name, example, path)
     else:
-        raise ExportError(f"onnx export of {name}: unknown framework {framework!r}, expected keras or torch")
+        raise unsupported_family(FORMAT, name, family, REQUIRES)
     export_s = time.perf_counter() - t0
 
     batch_dim, io = _describe(path, name, framework, route)
@@ -58,6 +64,28 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
                      route=route, batch_sizes=batch_sizes, size_bytes=size_of(path), export_s=export_s,
                      details=details)]
+
+
+def _export_tensorflow(model, name: str, example, path: Path) -> tuple[str, dict[str, Any]]:
+    import keras
+    if not isinstance(model, keras.Model):
+        return _export_tf_module(model, name, path)
+    return _export_keras(model, name, example, path)
+
+
+def _export_tf_module(module, name: str, path: Path) -> tuple[str, dict[str, Any]]:
+    """A tf.Module's serving function (a tf.function with an input signature), through tf2onnx."""
+    import tf2onnx
+    fn = module.__call__
+    try:
+        tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, output_path=str(path))
+    except Exception as e:  # noqa: BLE001 - the converter's own error, with what was being done
+        raise ExportError(f"onnx export of {name} (tensorflow): tf2onnx.convert.from_function on the module's "
+                          f"__call__ failed: {type(e).__name__}: {str(e).strip()[:2000]}") from e
+    details = {"converter": "tf2onnx.convert.from_function(module.__call__)",
+               "versions": {"tensorflow": package_version("tensorflow"), "tf2onnx": package_version("tf2onnx"),
+                            "onnx": package_version("onnx")}}
+    return "tf2onnx.convert.from_function (the tf.Module's serving function)", details
 
 
 def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[str, dict[str, Any]]:
@@ -111,6 +139,57 @@ def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[st
                "versions": {"torch": package_version("torch"), "onnxscript": package_version("onnxscript"),
                             "onnx": package_version("onnx")}}
     return "torch.onnx.export(dynamo=True, dynamic batch)", details
+
+
+def _jax2onnx_plugins() -> str:
+    """jax2onnx registers its op plugins by importing its whole plugins tree on the first call, examples
+    for Flax and Equinox models included, which build and compile those models at import (about 20 s
+    here). A function of jax.numpy/lax needs only the `jax` subtree (about 4 s): import that one and mark
+    the registry filled. Left to jax2onnx itself when its internals are not as expected."""
+    try:
+        from jax2onnx.plugins import plugin_system as ps
+        if ps._already_imported_plugins:
+            return "already registered"
+        ps._import_tree(Path(ps.__file__).parent / "jax", "jax2onnx.plugins.jax")
+        ps._already_imported_plugins = True
+        return "jax2onnx.plugins.jax only (jax.numpy/lax primitives)"
+    except Exception:  # noqa: BLE001 - a changed jax2onnx: its own full import happens in to_onnx
+        return "all (jax2onnx's own import)"
+
+
+def _export_jax(model, name: str, example, path: Path) -> tuple[str, dict[str, Any]]:
+    """jax2onnx.to_onnx on x -> apply(params, x), the parameters closed over (initializers in the
+    graph), a symbolic batch dimension "B", written as one self-contained file (export_mode="web")."""
+    if isinstance(example, dict):
+        raise ExportError(f"onnx export of {name} (jax): the jax2onnx route takes a model of one input; "
+                          f"this model takes {len(example)} ({', '.join(example)})")
+    plugins = _jax2onnx_plugins()
+    from jax2onnx import to_onnx
+    params = model.params
+
+    def convert():
+        to_onnx(lambda x: model.apply(params, x), inputs=[("B", *example.shape[1:])], input_names=["x"],
+                output_names=["output"], model_name="jax_model", return_mode="file", output_path=str(path),
+                export_mode="web")
+    try:
+        try:
+            convert()
+        except Exception:  # noqa: BLE001 - maybe a plugin outside the jax subtree: every plugin, once more
+            if not plugins.startswith("jax2onnx.plugins.jax"):
+                raise
+            from jax2onnx.plugins import plugin_system as ps
+            ps._already_imported_plugins = False
+            ps.import_all_plugins()
+            plugins = "all (retried after the jax subtree alone failed)"
+            convert()
+    except Exception as e:  # noqa: BLE001 - the converter's own error, with what was being done
+        raise ExportError(f"onnx export of {name} (jax): jax2onnx.to_onnx with a dynamic batch dimension "
+                          f"failed: {type(e).__name__}: {str(e).strip()[:2000]}") from e
+    details = {"converter": "jax2onnx.to_onnx(inputs=[('B', ...)], export_mode='web')",
+               "jax2onnx_plugins": plugins,
+               "versions": {"jax": package_version("jax"), "jax2onnx": package_version("jax2onnx"),
+                            "onnx": package_version("onnx")}}
+    return "jax2onnx.to_onnx (dynamic batch B)", details
 
 
 def _describe(path: Path, name: str, framework: str, route: str) -> tuple[str | int, dict[str, Any]]:

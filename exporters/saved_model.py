@@ -8,6 +8,8 @@ Routes
   channels-first input (NCW/NCHW/NCDHW) into channels-last; which layout the SavedModel wants is measured
   on the example batch against the torch model, recorded in `input_layout` / details["input_transpose"],
   and the runner transposes so callers always feed the layout the model was trained with.
+- jax: `jax2tf.convert(apply)` (batch polymorphic, lowered for the CPU), the parameters as tf.Variables of a
+  tf.Module, saved with a tf.function `serving_default` taking "x"; the graph is one XlaCallModule op.
 
 Runtime "tensorflow": `tf.saved_model.load(path).signatures["serving_default"]`, the single input
 mapped by its name in the signature's structured_input_signature, the single output returned as numpy.
@@ -25,15 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, forward_order,
-                            graph_order, pick_runtime, size_of)
+from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, family_of,
+                            forward_order, graph_order, pick_runtime, size_of, unsupported_family)
 from parity.feeds import flat_rows
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
-REQUIRES = {"keras": (), "torch": ("onnx",)}
+REQUIRES = {"tensorflow": (), "torch": ("onnx",), "jax": ()}
 RUNTIMES = ("tensorflow",)
-LANE = {"keras": "tensorflow", "torch": "tensorflow"}  # onnx2tf needs TensorFlow only
+LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # onnx2tf, jax2tf need TensorFlow
 RUNTIME_LANE = "tensorflow"  # the process that loads the artifact ("any": no framework)
 
 SIGNATURE_KEY = "serving_default"
@@ -43,16 +45,18 @@ _DIR_NAME = "saved_model"
 # --------------------------------------------------------------------------------------------- export
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
-           options: dict | None = None, expected=None) -> list[Artifact]:
+           options: dict | None = None, expected=None, family: str | None = None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = example_batch(example, FORMAT, name, framework, several=True)
-    if framework == "keras":
-        return [_export_keras(model, name, example, out_dir)]
-    if framework == "torch":
-        return [_export_torch(model, name, example, out_dir, upstream or {}, expected)]
-    raise ExportError(f"saved_model artifact {name}: framework {framework!r} is not supported "
-                      f"(expected one of {', '.join(REQUIRES)})")
+    family = family_of(framework, family)
+    if family == "tensorflow":
+        return [_export_tensorflow(model, framework, name, example, out_dir)]
+    if family == "torch":
+        return [_export_torch(model, framework, name, example, out_dir, upstream or {}, expected)]
+    if family == "jax":
+        return [_export_jax(model, framework, name, example, out_dir)]
+    raise unsupported_family(FORMAT, name, family, REQUIRES)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -61,32 +65,89 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def _export_keras(model, name: str, example: np.ndarray, out_dir: Path) -> Artifact:
+def _export_tensorflow(model, framework: str, name: str, example: np.ndarray, out_dir: Path) -> Artifact:
+    """A Keras model by its own export; a tf.Module by tf.saved_model.save with its serving function
+    (a tf.function with an input signature) as `serving_default`."""
     import keras
     import tensorflow as tf
 
+    is_keras = isinstance(model, keras.Model)
+    if is_keras:
+        route = 'keras Model.export(format="tf_saved_model")'
+    else:
+        route = "tf.saved_model.save(module, signatures={'serving_default': module.__call__})"
     t0 = time.perf_counter()
     final = out_dir / _DIR_NAME
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saved_model-") as tmp:
         staged = Path(tmp) / _DIR_NAME
         try:
-            model.export(str(staged), format="tf_saved_model", verbose=False)
+            if is_keras:
+                model.export(str(staged), format="tf_saved_model", verbose=False)
+            else:
+                tf.saved_model.save(model, str(staged),
+                                    signatures={SIGNATURE_KEY: model.__call__.get_concrete_function()})
         except Exception as e:  # noqa: BLE001 - the converter's own error, rewrapped with context
-            raise ExportError(f"saved_model artifact {name}: keras model.export(format='tf_saved_model') "
-                              f"failed: {type(e).__name__}: {e}") from e
+            raise ExportError(f"saved_model artifact {name}: {route} failed: {type(e).__name__}: {e}") from e
         _replace_dir(staged, final)
     export_s = time.perf_counter() - t0
 
     sig = _describe_signature(final, name)
     return Artifact(
-        model=name, format=FORMAT, variant="fp32", path=str(final), framework="keras",
-        route='keras Model.export(format="tf_saved_model")',
+        model=name, format=FORMAT, variant="fp32", path=str(final), framework=framework, route=route,
         batch_sizes=sig["batch_sizes"], input_layout="as-trained",
         size_bytes=size_of(final), export_s=export_s,
         details={"signature": SIGNATURE_KEY, "input_name": sig["input_name"],
                  "input_spec": sig["input_spec"], "output_name": sig["output_name"],
                  "output_spec": sig["output_spec"], "input_transpose": None,
                  "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}},
+    )
+
+
+def _export_jax(model, framework: str, name: str, example, out_dir: Path) -> Artifact:
+    """jax2tf.convert(apply) with the parameters held as tf.Variables of a tf.Module, a polymorphic batch
+    dimension, and a tf.function serving signature taking "x" of [None, *input_shape]. The graph is one
+    XlaCallModule op (JAX's native serialization, lowered for the CPU)."""
+    if isinstance(example, dict):
+        raise ExportError(f"saved_model artifact {name} (jax): the jax2tf route takes a model of one input; "
+                          f"this model takes {len(example)} ({', '.join(example)})")
+    import jax
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    route = ("jax2tf.convert(apply, polymorphic_shapes=[None, '(b, ...)'], native_serialization_platforms=('cpu',)) "
+             "-> tf.saved_model.save(signatures={'serving_default': ...})")
+    t0 = time.perf_counter()
+    final = out_dir / _DIR_NAME
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saved_model-") as tmp:
+        staged = Path(tmp) / _DIR_NAME
+        try:
+            module = tf.Module(name="jax_model")
+            module.params = tf.nest.map_structure(lambda a: tf.Variable(np.asarray(a), trainable=False),
+                                                  jax.tree_util.tree_map(np.asarray, model.params))
+            converted = jax2tf.convert(model.apply, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
+                                       native_serialization_platforms=("cpu",))
+
+            @tf.function(input_signature=[tf.TensorSpec([None, *example.shape[1:]], tf.float32, name="x")],
+                         autograph=False)
+            def serve(x):
+                return {"output": converted(module.params, x)}
+            module.serve = serve
+            tf.saved_model.save(module, str(staged), signatures={SIGNATURE_KEY: serve})
+        except Exception as e:  # noqa: BLE001 - the converter's own error, rewrapped with context
+            raise ExportError(f"saved_model artifact {name}: {route} failed: {type(e).__name__}: {e}") from e
+        _replace_dir(staged, final)
+    export_s = time.perf_counter() - t0
+
+    sig = _describe_signature(final, name)
+    return Artifact(
+        model=name, format=FORMAT, variant="fp32", path=str(final), framework=framework, route=route,
+        batch_sizes=sig["batch_sizes"], input_layout="as-trained",
+        size_bytes=size_of(final), export_s=export_s,
+        details={"signature": SIGNATURE_KEY, "input_name": sig["input_name"],
+                 "input_spec": sig["input_spec"], "output_name": sig["output_name"],
+                 "output_spec": sig["output_spec"], "input_transpose": None,
+                 "graph": "XlaCallModule (jax2tf native serialization, platform cpu)",
+                 "versions": {"tensorflow": tf.__version__, "jax": jax.__version__}},
     )
 
 
@@ -104,7 +165,7 @@ def _torch_outputs(model, example) -> np.ndarray:
         model.train(was_training)
 
 
-def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream: dict,
+def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir: Path, upstream: dict,
                   expected=None) -> Artifact:
     onnx_artifacts = upstream.get("onnx") or []
     if not onnx_artifacts:
@@ -162,7 +223,7 @@ def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, upstream
 
     import onnx
     return Artifact(
-        model=name, format=FORMAT, variant="fp32", path=str(final), framework="torch",
+        model=name, format=FORMAT, variant="fp32", path=str(final), framework=framework,
         route=f"ONNX ({onnx_path.name}) -> onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)",
         batch_sizes=sig["batch_sizes"], input_layout=layout,
         size_bytes=size_of(final), export_s=export_s,

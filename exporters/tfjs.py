@@ -2,7 +2,9 @@
 
 Export: `tensorflowjs.converters.convert_tf_saved_model` on the upstream SavedModel (the layers format made
 from a Keras 3 model does not load in TF.js: "An InputLayer should be passed either a batchInputShape or
-an inputShape"; the graph model does).
+an inputShape"; the graph model does). jax models: the converter refuses jax2tf's SavedModel ("Unsupported
+Ops in the model before optimization: XlaCallModule, PreventGradient"), so their ONNX artifact goes through
+onnx2tf to a SavedModel of plain TF ops, which is converted and then dropped.
 
 Run: one warm Node process (exporters/js/runner.js, pure-JS `@tensorflow/tfjs` + `@tensorflow/tfjs-backend-wasm`;
 `@tensorflow/tfjs-node` cannot be installed offline) serves every TF.js runner of this Python process, every
@@ -34,13 +36,15 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, OpNotImplemented, RuntimeUnavailable,
-                            graph_order, pick_runtime, size_of)
+                            family_of, graph_order, pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "tfjs"
-REQUIRES = {"keras": ("saved_model",), "torch": ("saved_model",)}
+# jax: jax2tf's SavedModel is one XlaCallModule op, which the converter refuses; the ONNX file (jax2onnx)
+# goes through onnx2tf to a SavedModel of plain TF ops instead (see _plain_saved_model)
+REQUIRES = {"tensorflow": ("saved_model",), "torch": ("saved_model",), "jax": ("onnx",)}
 RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
-LANE = {"keras": "tensorflow", "torch": "tensorflow"}  # tensorflowjs needs TensorFlow
+LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # tensorflowjs needs TensorFlow
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 RUNTIME_FILES = ("exporters/js/runner.js",)  # what the runtime runs besides this module
 
@@ -123,6 +127,93 @@ def _tensor_specs(sig: dict) -> list[dict]:
     return out
 
 
+def _plain_saved_model(name: str, framework: str, upstream: dict, out_dir: Path, example, expected) -> Artifact:
+    """A SavedModel of plain TF ops for a jax model, in a work folder the caller removes: the upstream ONNX
+    file through onnx2tf (on a copy: it rewrites its input), the input's shape kept as it is (JAX models
+    are channels-last already), checked against the model's outputs on the example rows."""
+    import contextlib
+    import io
+    onnx_arts = [a for a in (upstream or {}).get("onnx") or [] if a.variant == "fp32"]
+    if not onnx_arts or not Path(onnx_arts[0].path).is_file():
+        raise ExportError(f"tfjs artifact {name} (jax): the route converts the ONNX artifact, expected the fp32 "
+                          f"onnx file in upstream['onnx'], found {[a.label for a in onnx_arts] or 'none'}")
+    onnx_art = onnx_arts[0]
+    import onnx2tf
+    import tensorflow as tf
+    work = out_dir / ".tfjs-saved_model"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    onnx_copy = work / "model.onnx"
+    shutil.copyfile(onnx_art.path, onnx_copy)
+    staged = work / "saved_model"
+    input_name = (onnx_art.details or {}).get("input_name", "x")
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            onnx2tf.convert(input_onnx_file_path=str(onnx_copy), output_folder_path=str(staged),
+                            not_use_onnxsim=True, output_signaturedefs=True,
+                            keep_shape_absolutely_input_names=[input_name], verbosity="error")
+    except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit(1) on some failures
+        shutil.rmtree(work, ignore_errors=True)
+        raise ExportError(f"tfjs artifact {name} (jax): onnx2tf {onnx2tf.__version__} failed on the ONNX artifact "
+                          f"(the TF.js converter refuses jax2tf's XlaCallModule graph, so this route goes through "
+                          f"ONNX): {type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from e
+    for p in staged.glob("*.tflite"):
+        p.unlink()
+    check: float | None = None
+    if expected is not None and not isinstance(example, dict):
+        fn = tf.saved_model.load(str(staged)).signatures["serving_default"]
+        feed_name = next(iter(fn.structured_input_signature[1]))
+        got = fn(**{feed_name: tf.constant(np.asarray(example, np.float32))})
+        got = np.asarray(got[graph_order(got)[0]])
+        ref = np.asarray(expected)
+        check = float(np.max(np.abs(got.reshape(ref.shape) - ref))) if got.size == ref.size else float("inf")
+        tol = 1e-3 + 1e-3 * float(np.max(np.abs(ref))) if ref.size else 1e-3
+        if not check <= tol:
+            shutil.rmtree(work, ignore_errors=True)
+            raise ExportError(f"tfjs artifact {name} (jax): the onnx2tf SavedModel made from {onnx_art.label} does not "
+                              f"reproduce the model (max abs {check:.3g} on the example rows, tolerance {tol:.2g})")
+    route = f"{framework} -> onnx ({onnx_art.route}) -> onnx2tf {onnx2tf.__version__} (plain-TF SavedModel, not kept)"
+    return Artifact(model=name, format="saved_model", variant="fp32", path=str(staged), framework=framework,
+                    route=route, batch_sizes=onnx_art.batch_sizes, input_layout="as-trained",
+                    details={"made_for_tfjs": True, "onnx_source": onnx_art.label,
+                             "onnx2tf_check_max_abs": check,
+                             "why": "the TF.js converter refuses jax2tf's SavedModel (Unsupported Ops: XlaCallModule)"})
+
+
+def _rank1_fused_biases(path: Path, model_json: dict) -> list[str]:
+    """A bias of shape [1, ..., 1, n] in a fused op (_FusedMatMul, _FusedConv2D: fused_ops starting with
+    BiasAdd) told as shape [n] in the weights manifest; the bytes are the same. jax broadcasts a bias to
+    (1, n) before adding it, onnx2tf keeps that shape, the converter fuses the add, and TF.js' wasm
+    backend refuses the result ("_FusedMatMul only supports rank-1 bias but got rank 2"); broadcast
+    against the op's output, [n] and [1, n] are the same bias. Only a weight no other node reads."""
+    import base64 as b64
+    nodes = model_json.get("modelTopology", {}).get("node", [])
+    readers = collections.Counter(i.split(":")[0].lstrip("^") for n in nodes for i in n.get("input", []))
+    biases = set()
+    for n in nodes:
+        fused = [b64.b64decode(f).decode() for f in n.get("attr", {}).get("fused_ops", {}).get("list", {}).get("s", [])]
+        if n.get("op", "").startswith("_Fused") and fused[:1] == ["BiasAdd"] and len(n.get("input", [])) > 2:
+            bias = n["input"][2].split(":")[0]
+            if readers[bias] == 1:
+                biases.add(bias)
+    squeezed, done = [], set()
+    for group in model_json.get("weightsManifest", []):
+        for w in group.get("weights", []):
+            shape = w.get("shape", [])
+            if w.get("name") in biases and len(shape) > 1 and all(d == 1 for d in shape[:-1]):
+                w["shape"] = [shape[-1]]
+                done.add(w["name"])
+                squeezed.append(f"{w['name']}: {shape} -> {w['shape']}")
+    for n in nodes:  # the Const node tells the shape too
+        dims = n.get("attr", {}).get("value", {}).get("tensor", {}).get("tensorShape", {}).get("dim")
+        if n.get("name") in done and n.get("op") == "Const" and dims:
+            n["attr"]["value"]["tensor"]["tensorShape"]["dim"] = dims[-1:]
+    if squeezed:
+        path.write_text(json.dumps(model_json))
+    return squeezed
+
+
 def _js_package_versions() -> dict:
     try:
         deps = json.loads((JS_DIR / "package.json").read_text())["dependencies"]
@@ -132,14 +223,33 @@ def _js_package_versions() -> dict:
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
-           options: dict | None = None, expected=None) -> list[Artifact]:
+           options: dict | None = None, expected=None, family: str | None = None) -> list[Artifact]:
     """Convert the upstream SavedModel into a TF.js graph model folder (model.json + weight shards)."""
     options = dict(options or {})
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ExportError(f"tfjs artifact {name}: unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTIONS)}")
-    sm = _pick_saved_model(upstream, name)
+    out_dir = Path(out_dir)
+    family = family_of(framework, family)
+    t0 = time.perf_counter()
+    if family == "jax":  # converted from the ONNX artifact (see REQUIRES)
+        sm = _plain_saved_model(name, framework, upstream, out_dir, example, expected)
+    else:
+        sm = _pick_saved_model(upstream, name)
+    before = time.perf_counter() - t0 if family == "jax" else 0.0  # onnx2tf's share of the export
+    try:
+        made = _convert(sm, name, framework, out_dir, options)
+        for a in made:
+            a.export_s += before
+        return made
+    finally:
+        if family == "jax":
+            shutil.rmtree(Path(sm.path).parent, ignore_errors=True)
+
+
+def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: dict) -> list[Artifact]:
     sm_path = Path(sm.path)
+    made_here = bool((sm.details or {}).get("made_for_tfjs"))  # the jax route's onnx2tf SavedModel
     if not (sm_path / "saved_model.pb").is_file():
         raise ExportError(f"tfjs artifact {name}: expected a SavedModel folder with saved_model.pb at {sm_path}, "
                           f"found {'a folder without it' if sm_path.is_dir() else 'nothing'}")
@@ -155,6 +265,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     t0 = time.perf_counter()
     tensorflowjs, converters = _import_converter()
     route = f"tensorflowjs {tensorflowjs.__version__} convert_tf_saved_model(signature_def={signature_def!r})"
+    if made_here:
+        route = f"{sm.route} -> {route}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         converters.convert_tf_saved_model(str(sm_path), str(tmp), signature_def=signature_def, **kwargs)
@@ -169,6 +281,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         raise ExportError(f"tfjs artifact {name}: the converter wrote no readable model.json in {tmp}: {e}") from e
     if model_json.get("format") != "graph-model":
         raise ExportError(f"tfjs artifact {name}: expected a graph-model, the converter wrote {model_json.get('format')!r}")
+    squeezed = _rank1_fused_biases(tmp / "model.json", model_json) if made_here else []
     sig = model_json.get("signature") or {}
     inputs, outputs = _tensor_specs(sig.get("inputs", {})), _tensor_specs(sig.get("outputs", {}))
     if not inputs or not outputs:
@@ -201,6 +314,9 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         "runtime_packages": _js_package_versions(),
         "weight_files": sorted(p.name for p in dest.iterdir() if p.name != "model.json"),
         "upstream": {"format": sm.format, "variant": sm.variant, "route": sm.route, "input_layout": sm.input_layout},
+        **({"intermediate_saved_model": {k: v for k, v in sm.details.items() if k != "made_for_tfjs"}}
+           if made_here else {}),
+        **({"biases_made_rank_1": squeezed} if squeezed else {}),
         **layout,
     }
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(dest), framework=framework, route=route,

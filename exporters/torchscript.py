@@ -3,7 +3,7 @@
 Routes:
   torch: torch.jit.trace(model) -> torch.jit.save (torch.jit.script if the trace does not generalise over
          the batch dimension).
-  keras: the ONNX artifact made upstream (not re-exported here) -> onnx2fx.convert (ONNX to a torch.fx
+  keras, jax: the ONNX artifact made upstream (not re-exported here) -> onnx2fx.convert (ONNX to a torch.fx
          GraphModule) -> torch.jit.trace -> torch.jit.save. onnx2fx is installed with
          `pip install --no-deps onnx2fx==0.0.1` (its requirements, torch>=2.9 and onnx>=1.19.1, are already
          met; a plain install of onnx2torch/onnx2pytorch would replace the CPU torch with a CUDA build, and
@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, forward_order, package_version, pick_runtime, size_of)
+                             example_batch, family_of, forward_order, package_version, pick_runtime, size_of,
+                             unsupported_family)
 from parity.signature import Signature, TensorSpec
 from parity.feeds import flat_rows, flatten_outputs
 
 FORMAT = "torchscript"
-REQUIRES = {"keras": ("onnx",), "torch": ()}
+REQUIRES = {"tensorflow": ("onnx",), "torch": (), "jax": ("onnx",)}
 RUNTIMES = ("torch-jit",)
-LANE = {"keras": "torch", "torch": "torch"}  # onnx2fx and tracing need torch only
+LANE = {"tensorflow": "torch", "torch": "torch", "jax": "torch"}  # onnx2fx and tracing need torch only
 RUNTIME_LANE = "torch"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.pt"
@@ -62,14 +63,15 @@ def _first_tensor(out):
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,
-           options=None, expected=None) -> list[Artifact]:
+           options=None, expected=None, family: str | None = None) -> list[Artifact]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
     example = example_batch(example, FORMAT, name, framework, several=True)
-    names, arrays = _ordered_inputs(model, example) if framework == "torch" else (["x"], [example])
+    family = family_of(framework, family)
+    names, arrays = _ordered_inputs(model, example) if family == "torch" else (["x"], [example])
     t0 = time.perf_counter()
-    if framework == "torch":
+    if family == "torch":
         source, route, details = model, "torch.jit.trace", {}
         details["versions"] = {"torch": package_version("torch")}
         was_training = model.training
@@ -81,10 +83,10 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         if more.get("scripted"):
             route = "torch.jit.script"
         details.update(more)
-    elif framework == "keras":
+    elif family in REQUIRES:  # converted from the ONNX artifact
         onnx_artifact = _upstream_onnx(name, upstream)
         source, details = _onnx_to_torch(onnx_artifact, name)
-        route = f"keras -> onnx ({onnx_artifact.route}) -> onnx2fx.convert -> torch.jit.trace"
+        route = f"{framework} -> onnx ({onnx_artifact.route}) -> onnx2fx.convert -> torch.jit.trace"
         if isinstance(example, dict):  # the graph takes the ONNX inputs by position: match them by meaning
             from parity.signature import map_tensors
             onnx_names = details["onnx_input_names"]
@@ -103,8 +105,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         if not isinstance(example, dict):
             details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example, expected)
     else:
-        raise ExportError(f"torchscript export of {name}: unknown framework {framework!r}, expected keras "
-                          "or torch")
+        raise unsupported_family(FORMAT, name, family, REQUIRES)
     import torch
 
     with warnings.catch_warnings():

@@ -218,8 +218,10 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     """The front door for a model someone already trained: its file in, every format out, each verified
     in its own runtime against the model on the example inputs. Writes the spec it implies (under
     .pipeline/implicit/) and runs it, so caching, MLflow and the reports work as for any spec."""
+    import frameworks
     from . import registry_ref
-    from .spec import FORMATS, PRETRAINED_SUFFIXES, is_hf_folder
+    from .spec import FORMATS, is_hf_folder
+    suffixes_of = {fw: frameworks.module(fw).PRETRAINED_SUFFIXES for fw in frameworks.names()}
     home = home or home_dir()
     if registry_ref.is_ref(model_path):  # a registered version: its framework tag says which loader
         try:
@@ -230,12 +232,12 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     else:
         path = Path(model_path).resolve()
         framework = "torch" if is_hf_folder(path) else \
-            next((fw for fw, suffixes in PRETRAINED_SUFFIXES.items() if path.suffix in suffixes), None)
+            next((fw for fw, suffixes in suffixes_of.items() if path.suffix in suffixes), None)
     if framework is None and path is None:
         raise spec_mod.SpecError(f"{model_path}: version {found.version} of {found.name} has no framework tag; "
                                  f"expected one registered by a pipeline run (or write a spec with framework = ...)")
     if framework is None:
-        known = ", ".join(f"{s} ({fw})" for fw, suffixes in PRETRAINED_SUFFIXES.items() for s in suffixes)
+        known = ", ".join(f"{s} ({fw})" for fw, suffixes in suffixes_of.items() for s in suffixes)
         raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}) or a Hugging Face "
                                  f"save_pretrained folder (with config.json), found "
                                  f"{'a folder without config.json' if path.is_dir() else repr(path.suffix or 'no suffix')}")
@@ -371,6 +373,8 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
             info["metrics"] = train.facts.get("metrics", {})
             info["loss_history"] = json.loads((out / "history.json").read_text())["loss"]
             info["mlflow_model_dir"] = str(out / "mlflow_model")
+            if (out / "tensorboard").is_dir():
+                info["tensorboard_dir"] = str(out / "tensorboard")
             info["train_key"] = train.key
         info["exports"] = {r.facts["format"]: r.path for r in results
                            if r.kind == "export" and r.name.split(":")[1] == m.name and not r.error}

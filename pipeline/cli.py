@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1")
 
+    tb = sub.add_parser("tensorboard", help="start TensorBoard on 127.0.0.1 against a run's training event files")
+    tb.add_argument("run", nargs="?", help="pipeline run id or MLflow run id (default: the latest)")
+    tb.add_argument("--port", type=int, default=6006, help="0: any free one")
+    tb.add_argument("--host", default="127.0.0.1")
+
     sv = sub.add_parser("serve", help="serve a run's TF Serving deployment locally (TF Serving's gRPC and REST API) "
                                       "until interrupted")
     sv.add_argument("target", nargs="?", help="a spec (run first; cached runs cost nothing), a run id (default: "
@@ -350,6 +355,39 @@ def cmd_ui(args) -> int:
     return EXIT_OK
 
 
+def cmd_tensorboard(args) -> int:
+    """TensorBoard on the run's event files, one run group per model, until Ctrl-C, SIGTERM or SIGHUP."""
+    import signal
+    from . import api, tensorboard
+    record = api.load_record(args.run)
+    try:
+        dirs = tensorboard.event_dirs(record)
+    except tensorboard.NoEventFiles as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def leave(*_):  # unwinds through start() or the finally below, which end TensorBoard's process group
+        raise SystemExit(EXIT_OK)
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGHUP, leave)
+    print(f"starting TensorBoard on {args.host}:{args.port} ...", flush=True)
+    try:
+        board = tensorboard.start(dirs, host=args.host, port=args.port)
+    except tensorboard.TensorBoardFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        print(f"TensorBoard: {board.url.rstrip('/')} (run {record['run_id']}, models {', '.join(dirs)})")
+        print("Ctrl-C to stop", flush=True)
+        code = board.proc.wait()
+        print(f"error: TensorBoard exited with code {code}:\n{board.log_tail()}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        board.stop()
+
+
 def _wait_for_health(url: str, proc, timeout: float) -> bool:
     """Poll the server until it answers (True), it exits (False) or `timeout` passes (False)."""
     import urllib.request
@@ -378,4 +416,4 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "tensorboard": cmd_tensorboard, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate}

@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "specs"
-FRAMEWORKS = ("keras", "torch")
 DATA_SOURCES = ("linear", "digits", "npz")
 FORMATS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
 LOSSES = ("mse", "sparse_categorical_crossentropy")
 OPTIMIZERS = ("sgd", "adam")
 TASKS = ("regression", "classification")
+
+
+# [train] callbacks and their defaults (Keras' own, except patience)
+CALLBACK_DEFAULTS = {
+    "early_stopping": {"monitor": "val_loss", "patience": 10, "min_delta": 0.0},
+    "checkpoint": {"monitor": "val_loss"},
+    "reduce_lr": {"monitor": "val_loss", "factor": 0.5, "patience": 5, "min_delta": 0.0, "min_lr": 0.0},
+}
 
 
 class SpecError(ValueError):
@@ -68,10 +75,14 @@ class TrainSettings:
     loss: str
     shuffle: bool
     threads: int
+    validation_split: float = 0.0      # the last fraction of the training rows, held out for validation
+    early_stopping: dict | None = None  # {monitor, patience, min_delta}
+    checkpoint: dict | None = None      # {monitor}: keep the best epoch's weights
+    reduce_lr: dict | None = None       # {monitor, factor, patience, min_delta, min_lr}
+    tensorboard: bool = True            # event files of the training, under the train stage
 
 
 DEPLOY_TARGETS = ("serving", "edge")  # [deploy.<target>] tables, each checked by its own package
-PRETRAINED_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt", ".pth", ".pt2")}
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -287,7 +298,7 @@ class _Validator:
             mname = self.get(m, "name", where, str)
             if any(x.name == mname for x in models):
                 self.fail(f"{where}.name", "a name unique among the models", mname)
-            framework = self.get(m, "framework", where, str, choices=FRAMEWORKS)
+            framework = self._framework(m, where)
             pretrained = self._source(m, where, framework)
             factory = self.get(m, "factory", where, str, None if pretrained else ...)
             if factory is not None:
@@ -320,6 +331,17 @@ class _Validator:
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
                     parity, deploy, raw)
 
+    def _framework(self, m: dict, where: str) -> str:
+        """One of frameworks/' modules, with its packages installed (checked without importing them)."""
+        import frameworks
+        framework = self.get(m, "framework", where, str, choices=frameworks.names())
+        missing = frameworks.missing_packages(framework)
+        if missing:
+            self.fail(f"{where}.framework", f"a framework whose packages are installed: {framework} needs "
+                                            f"{', '.join(missing)}; install with: "
+                                            f"{frameworks.module(framework).INSTALL}", framework)
+        return framework
+
     def _source(self, m: dict, where: str, framework: str) -> str | None:
         """A pretrained model file beside the spec (or an absolute path), of a kind the framework loads."""
         rel = self.get(m, "source", where, str, None)
@@ -332,12 +354,17 @@ class _Validator:
             except ValueError:
                 self.fail(f"{where}.source", "models:/NAME@ALIAS or models:/NAME/VERSION", rel)
             return rel
+        import frameworks
         path = (self.path.parent / rel).resolve()
-        suffixes = PRETRAINED_SUFFIXES[framework]
-        if framework == "torch" and is_hf_folder(path):
+        suffixes = frameworks.module(framework).PRETRAINED_SUFFIXES
+        torch_family = frameworks.family(framework) == "torch"
+        if torch_family and is_hf_folder(path):
             return str(path)
+        if not suffixes:
+            self.fail(f"{where}.source", f"no source: {framework} models are built by their factory and trained "
+                                         f"here (bring a trained one with a framework that loads files)", rel)
         if path.suffix not in suffixes:
-            hf = ", or a Hugging Face save_pretrained folder (with config.json)" if framework == "torch" else ""
+            hf = ", or a Hugging Face save_pretrained folder (with config.json)" if torch_family else ""
             self.fail(f"{where}.source", f"a {framework} model file ({', '.join(suffixes)}){hf}", rel)
         if not path.is_file():
             self.fail(f"{where}.source", f"a model file (relative to the spec), found no file at {path}",
@@ -395,7 +422,46 @@ class _Validator:
             loss=self.get(t, "loss", where, str, choices=LOSSES),
             shuffle=self.get(t, "shuffle", where, bool, False),
             threads=self.get(t, "threads", where, int, 1, positive=True),
+            **self._callbacks(t, where),
         )
+
+    def _callbacks(self, t: dict, where: str) -> dict:
+        """[train] callbacks, with Keras' names and defaults; each may be true (the defaults) or a table.
+        A monitor must be a value training logs: loss, or val_loss when validation_split holds rows out."""
+        split = self.get(t, "validation_split", where, float, 0.0)
+        if not 0.0 <= split < 1.0:
+            self.fail(f"{where}.validation_split", "a fraction in [0, 1) of the training rows", split)
+        monitors = ("loss", "val_loss") if split else ("loss",)
+        out = {"validation_split": split, "tensorboard": self.get(t, "tensorboard", where, bool, True)}
+        for key, defaults in CALLBACK_DEFAULTS.items():
+            raw = self.get(t, key, where, (dict, bool), False)
+            if raw is False:
+                out[key] = None
+                continue
+            raw = {} if raw is True else raw
+            self.known_keys(raw, f"{where}.{key}", set(defaults))
+            c = {**defaults, **raw}
+            monitor = c["monitor"] if split or "monitor" in raw else "loss"
+            if not isinstance(monitor, str) or monitor not in monitors:
+                hint = ("; accuracy is not logged while training, monitor a loss" if "acc" in str(monitor) else
+                        "; val_loss needs validation_split > 0" if monitor == "val_loss" else "")
+                self.fail(f"{where}.{key}.monitor", f"a value training logs ({', '.join(monitors)}){hint}", monitor)
+            c["monitor"] = monitor
+            for k in ("patience",):
+                if k in c:
+                    c[k] = self.get(c, k, f"{where}.{key}", int, positive=True)
+            for k in ("min_delta", "min_lr"):
+                if k in c:
+                    c[k] = self.get(c, k, f"{where}.{key}", float)
+                    if c[k] < 0:
+                        self.fail(f"{where}.{key}.{k}", "a number >= 0", c[k])
+            if "factor" in c:
+                c["factor"] = self.get(c, "factor", f"{where}.{key}", float)
+                if not 0.0 < c["factor"] < 1.0:
+                    self.fail(f"{where}.{key}.factor", "a factor in (0, 1) the learning rate is multiplied by",
+                              c["factor"])
+            out[key] = c
+        return out
 
     def _accept(self, a: dict, where: str) -> tuple[Bound, ...]:
         bounds = []
@@ -520,7 +586,8 @@ def _top_level_names(source: Path) -> set[str]:
     return names
 
 
-_TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads"}
+_TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads", "validation_split",
+               "early_stopping", "checkpoint", "reduce_lr", "tensorboard"}
 
 
 def raise_missing(path: Path, key: str) -> None:

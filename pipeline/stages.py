@@ -20,7 +20,15 @@ from .training import ModelMismatch, check_acceptance, n_outputs, probe_model, t
 STAGES_CODE = ("pipeline/stages.py",)
 DATA_CODE = STAGES_CODE + ("pipeline/data.py",)
 # tracking.py (the MLflow model folder) is left out on purpose: changing how runs are recorded must not retrain.
-TRAIN_CODE = STAGES_CODE + ("pipeline/frameworks.py", "pipeline/training.py")
+TRAIN_CODE = STAGES_CODE + ("pipeline/training.py", "frameworks/__init__.py", "frameworks/base.py")
+
+
+def train_code(m: ModelSpec) -> tuple[str, ...]:
+    """What a model's training is built from: the shared code and its framework's own module (and the
+    modules that one builds on, named by its BUILDS_ON)."""
+    import frameworks
+    mod = frameworks.module(m.framework)
+    return TRAIN_CODE + tuple(f"frameworks/{n}.py" for n in (*getattr(mod, "BUILDS_ON", ()), m.framework))
 
 
 def build_stages(spec: Spec) -> list[Stage]:
@@ -43,10 +51,10 @@ def build_stages(spec: Spec) -> list[Stage]:
              "params": m.params, "train": m.train.__dict__ if m.train else None,
              "accept": [b.__dict__ for b in m.accept],
              "seed": spec.seed, "task": spec.data.task},
-            TRAIN_CODE, f"{__name__}:run_train", mref, inputs=("data",), lane=side(m.framework)))
+            train_code(m), f"{__name__}:run_train", mref, inputs=("data",), lane=side(m.framework)))
         stages.append(Stage(
             f"reference:{m.name}", "reference", {"perturbation": PERTURBATION},
-            TRAIN_CODE, f"{__name__}:run_reference", mref,
+            train_code(m), f"{__name__}:run_reference", mref,
             inputs=("data", "parity_set", f"train:{m.name}"), lane=side(m.framework)))
         stages += export_stages(spec, m)
         stages += verify_stages(spec, m)
@@ -67,7 +75,28 @@ def load_spec(path: str) -> Spec:
 
 def side(framework: str) -> str:
     """The worker lane whose process has this framework imported."""
-    return {"keras": "tensorflow", "torch": "torch"}[framework]
+    import frameworks
+    return frameworks.lane(framework)
+
+
+def family(framework: str) -> str:
+    """What the exporters dispatch on: the kind of model the framework makes."""
+    import frameworks
+    return frameworks.family(framework)
+
+
+def where(m: ModelSpec) -> str:
+    return f"model {m.name} ({m.framework})"
+
+
+def maker(spec: Spec, m: ModelSpec, input_shape, n_outputs):
+    """A call that builds the model from the spec's factory (None without one). Loading the factory
+    puts the spec's folder on sys.path, where a pickled module's class lives too."""
+    from .training import build_model, load_factory
+    if not m.factory:
+        return None
+    load_factory(spec, m)
+    return lambda: build_model(spec, m, input_shape, n_outputs)
 
 
 def _data_file_digest(spec: Spec) -> str | None:
@@ -120,17 +149,18 @@ def run_parity_set(ctx: Context, spec: str) -> dict:
 
 def trained_model(ctx: Context, spec: Spec, m: ModelSpec):
     """The model trained earlier in this lane, or loaded from the train stage's outputs."""
-    from .frameworks import adapter
+    from frameworks import adapter
     key = ("model", m.name)
     if key not in ctx.memo:
         facts = ctx.input_facts(f"train:{m.name}")
-        ctx.memo[key] = adapter(m.framework).load(spec, m, ctx.input_dir(f"train:{m.name}"),
-                                                  facts["input_shape"], facts["n_outputs"])
+        ctx.memo[key] = adapter(m.framework).load(
+            ctx.input_dir(f"train:{m.name}"), make=maker(spec, m, facts["input_shape"], facts["n_outputs"]),
+            pretrained=m.pretrained, input_shape=facts["input_shape"], where=where(m))
     return ctx.memo[key]
 
 
 def run_train(ctx: Context, spec: str, model: str) -> dict:
-    from .frameworks import adapter
+    from frameworks import adapter
     spec = load_spec(spec)
     m = spec.model(model)
     arrays = load_arrays(ctx)
@@ -139,7 +169,8 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
     if m.pretrained:
         return take_pretrained(ctx, spec, m, fw, arrays, info)
     t0 = time.perf_counter()
-    model = fw.build(spec, m, info["input_shape"], info["n_outputs"])
+    model = fw.build(maker(spec, m, info["input_shape"], info["n_outputs"]), seed=spec.seed, threads=m.train.threads)
+    fw.check(model, f"{where(m)}: factory '{m.factory}'")
     probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -147,12 +178,16 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
 
     def on_epoch(done: int, loss: float) -> None:
         ctx.progress(done, epochs, f"epoch {done}/{epochs} loss {loss:.4g}")
-    losses = fw.train(model, m, arrays["x_train"], arrays["y_train"], spec.seed, on_epoch=on_epoch)
+    x_fit, y_fit, val = split_validation(arrays["x_train"], arrays["y_train"], m.train.validation_split)
+    logdir = ctx.out / "tensorboard" if m.train.tensorboard else None
+    history = fw.train(model, m.train, x_fit, y_fit, spec.seed, on_epoch=on_epoch, val=val, logdir=logdir)
+    losses = history.loss
     fit_s = time.perf_counter() - t0
-    metrics = {"final_loss": losses[-1], **task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays)}
+    metrics = {"final_loss": losses[-1], **({"final_val_loss": history.val_loss[-1]} if history.val_loss else {}),
+               **task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays)}
     check_acceptance(m, metrics)  # raises TrainingRejected with the numbers
     fw.save(model, ctx.out)
-    write_history(ctx.out, losses)
+    write_history(ctx.out, history.to_json())
     example = take(arrays["x_train"], slice(0, 5))
     t0 = time.perf_counter()
     mlflow_note = save_mlflow_copy(ctx, fw, model, example, fw.predict(model, example))
@@ -162,12 +197,27 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
             "n_outputs": info["n_outputs"], "framework": m.framework, "outputs": fw.output_kind,
             "timings": {"build_s": build_s, "fit_s": fit_s, "save_mlflow_model_s": time.perf_counter() - t0},
             "mlflow_model": mlflow_note,
-            "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"}
+            "callbacks": history.describe() or None,
+            "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"
+                       + (f" ({history.describe()})" if history.describe() else "")}
+
+
+def split_validation(x, y, fraction: float):
+    """The last `fraction` of the training rows held out for validation (None when there is none)."""
+    if not fraction:
+        return x, y, None
+    n = n_rows(x)
+    cut = n - max(1, int(round(n * fraction)))
+    return take(x, slice(0, cut)), y[:cut], (take(x, slice(cut, n)), y[cut:])
 
 
 def save_mlflow_copy(ctx: Context, fw, model, example, y_example) -> str | None:
     """The native model in MLflow's format, for the record. A model MLflow cannot serialise still
     exports and verifies: the run says so (returned) instead of failing."""
+    from .tracking import OFFLINE_ENV
+    import os
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
     try:
         fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
         return None
@@ -185,18 +235,18 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
     import shutil
     import tempfile
     from . import registry_ref
-    from .frameworks import from_registry
     t0 = time.perf_counter()
     fetched = Path(tempfile.mkdtemp(prefix="registry-")) if registry_ref.is_ref(m.source) else None
     try:
         path = from_registry(spec, m, fetched) if fetched else Path(m.source)
-        model = fw.load_pretrained(spec, m, path, info["input_shape"], info["n_outputs"])
+        model = fw.load_pretrained(path, where=where(m), make=maker(spec, m, info["input_shape"], info["n_outputs"]),
+                                   input_shape=info["input_shape"])
         probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
-        fw.save_pretrained(model, m, ctx.out, path)
+        fw.save_pretrained(model, ctx.out, path)
     finally:
         if fetched:
             shutil.rmtree(fetched, ignore_errors=True)
-    write_history(ctx.out, [])
+    write_history(ctx.out, {"loss": []})
     example = take(arrays["x_train"], slice(0, 5))
     y_example = fw.predict(model, example)
     scored = "y_train" in arrays and not is_multi(y_example)  # a target scores one output
@@ -211,20 +261,48 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
             "summary": f"{m.framework}: pretrained {m.source if registry_ref.is_ref(m.source) else Path(m.source).name}, not trained" + (f"; {shown}" if shown else "")}
 
 
+def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
+    """A registered version's model file, downloaded into `dest`; checks the version's framework tag
+    agrees with the spec's."""
+    import os
+    import frameworks
+    from frameworks.base import PretrainedLoadError
+    from . import registry_ref
+    from .tracking import tracking_uri
+    home = Path(os.environ.get("PIPELINE_HOME", ".")).resolve()
+    try:
+        ref = registry_ref.resolve(m.source, home / "mlruns" / "mlflow.db")
+    except LookupError as e:
+        raise PretrainedLoadError(f"{where(m)}: source {e}") from None
+    if ref.framework and ref.framework != m.framework:
+        raise PretrainedLoadError(f"model {m.name}: {m.source} is version {ref.version} of {ref.name}, a "
+                                  f"{ref.framework} model; expected framework = \"{ref.framework}\" in the spec, "
+                                  f"found {m.framework!r}")
+    try:
+        return registry_ref.download_model_file(ref, tracking_uri(home), dest,
+                                                frameworks.module(m.framework).PRETRAINED_SUFFIXES)
+    except LookupError as e:
+        raise PretrainedLoadError(f"{where(m)}: {e}") from None
+
+
 def probe_stages(spec: Spec, input_shape: list[int], n_outputs: int) -> list[Stage]:
     """For `validate`: build each model from its factory and call it on rows shaped like the data."""
-    return [Stage(f"probe:{m.name}", "probe", {"model": m.name}, TRAIN_CODE, f"{__name__}:run_probe",
+    return [Stage(f"probe:{m.name}", "probe", {"model": m.name}, train_code(m), f"{__name__}:run_probe",
                   {"spec": str(spec.path), "model": m.name, "input_shape": input_shape, "n_outputs": n_outputs},
                   lane=side(m.framework)) for m in spec.models]
 
 
 def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_outputs: int) -> dict:
-    from .frameworks import adapter
+    from frameworks import adapter
     spec = load_spec(spec)
     m = spec.model(model)
     fw = adapter(m.framework)
-    built = fw.load_pretrained(spec, m, Path(m.source), input_shape, n_outputs) if m.pretrained else \
-        fw.build(spec, m, input_shape, n_outputs)
+    make = maker(spec, m, input_shape, n_outputs)
+    if m.pretrained:
+        built = fw.load_pretrained(Path(m.source), where=where(m), make=make, input_shape=input_shape)
+    else:
+        built = fw.build(make, seed=spec.seed, threads=m.train.threads if m.train else None)
+        fw.check(built, f"{where(m)}: factory '{m.factory}'")
     rows = {k: np.zeros((2, *v), np.float32) for k, v in input_shape.items()} if isinstance(input_shape, dict) \
         else np.zeros((2, *input_shape), np.float32)
     probe_model(m, lambda x: fw.predict(built, x), rows, n_outputs)
@@ -239,7 +317,7 @@ PERTURBATION = 1e-3  # relative weight noise of the "slightly perturbed model" t
 def run_reference(ctx: Context, spec: str, model: str) -> dict:
     """The trained model's outputs on the parity set, computed once; every artifact is compared with
     these arrays. Also the outputs of a slightly perturbed copy, to show the parity set can tell them apart."""
-    from .frameworks import adapter
+    from frameworks import adapter
     spec = load_spec(spec)
     m = spec.model(model)
     fw = adapter(m.framework)
@@ -329,7 +407,7 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
             EXPORT_CODE_COMMON + (f"exporters/{fmt}.py",), f"{__name__}:run_export",
             {"spec": str(spec.path), "model": m.name, "fmt": fmt},
             inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
-            lane=exporters.module(fmt).LANE[m.framework]))
+            lane=exporters.module(fmt).LANE[family(m.framework)]))
     return stages
 
 
@@ -349,7 +427,7 @@ def _upstream_first(formats: list[str], framework: str) -> list[str]:
 
 def _requires(fmt: str, framework: str) -> tuple[str, ...]:
     import exporters
-    return tuple(exporters.module(fmt).REQUIRES.get(framework, ()))
+    return tuple(exporters.module(fmt).REQUIRES.get(family(framework), ()))
 
 
 def raise_spec(spec: Spec, message: str) -> None:
@@ -391,7 +469,7 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     try:
         if missing:
             raise RuntimeError(f"converted from an artifact that could not be made ({'; '.join(missing)})")
-        artifacts = exporters.module(fmt).export(model_obj, framework=m.framework, name=m.name, example=example,
+        artifacts = exporters.module(fmt).export(model_obj, framework=m.framework, family=family(m.framework), name=m.name, example=example,
                                                  out_dir=out_dir, upstream=upstream, options=options,
                                                  expected=expected)
     except Exception as e:
@@ -674,7 +752,8 @@ def run_report(ctx: Context, spec: str) -> dict:
             perturbation=f"{PERTURBATION:g} relative weight noise")
         plots.append(plot_model_parity(m.name, y_ref, outs, ctx.out / f"parity_{m.name}.png"))
         history = json.loads((ctx.input_dir(f"train:{m.name}") / "history.json").read_text())
-        plots.append(plot_training_curve(history, ctx.out / f"training_{m.name}.png",
+        curves = {k: v for k, v in history.items() if isinstance(v, list) and (v or k == "loss")}
+        plots.append(plot_training_curve(curves, ctx.out / f"training_{m.name}.png",
                                          title=f"{spec.name} / {m.name} ({m.framework}): training loss"))
     if "edge" in spec.deploy:
         import shutil

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "GIT_PYTHON_REFRESH": "quiet"}
@@ -44,35 +43,6 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 def registered_name(spec_name: str, model_name: str) -> str:
     return f"{spec_name}-{model_name}"
-
-
-# --------------------------------------------------------------------------- in a lane: native models
-
-def save_native_model(framework: str, model, path: Path, x_example: np.ndarray, y_example: np.ndarray) -> None:
-    """Write the MLflow model folder (flavor, signature, input example, pinned requirements) once, at
-    training time; each pipeline run then logs this folder without importing a framework."""
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
-    from mlflow.models import infer_signature
-    signature = infer_signature(x_example, y_example)
-    if framework == "keras":  # Keras 3's own flavor (mlflow.tensorflow expects tf.keras models)
-        import keras
-        import mlflow.keras
-        import tensorflow as tf
-        path.mkdir(parents=True)  # mlflow.keras writes its input example before it makes the folder
-        mlflow.keras.save_model(
-            model, str(path), signature=signature, input_example=x_example,
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
-    else:
-        import mlflow.pytorch
-        import torch
-        # MLflow's pt2 format needs torch.export to take the module; a TorchScript module is pickled
-        # several positional inputs (a tuple example) are not a pt2 TensorSpec signature either
-        scripted = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)) or isinstance(x_example, tuple)
-        mlflow.pytorch.save_model(
-            model, str(path), signature=signature, input_example=x_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            **({"serialization_format": "pickle"} if scripted else {}))
 
 
 # --------------------------------------------------------------------------- in the parent: the record
@@ -167,6 +137,8 @@ class Recorder:
         for start in range(0, max(len(metrics), 1), 1000):
             client.log_batch(cid, metrics=metrics[start:start + 1000], params=params if start == 0 else [])
         result: dict[str, Any] = {"run_id": cid}
+        if info.get("tensorboard_dir"):  # the training's event files: `tensorboard --logdir` on a download
+            client.log_artifacts(cid, info["tensorboard_dir"], "tensorboard")
         bundle = self._log_bundle(client, cid, info.get("bundle_dir"))
         if bundle:
             result["bundle"] = bundle

@@ -120,20 +120,13 @@ def check_acceptance(model: ModelSpec, metrics: dict[str, float]) -> None:
                                + "; ".join(problems))
 
 
-def output_kind(outputs: np.ndarray) -> str:
-    """"probabilities" when every row is non-negative and sums to 1 (a softmax head), else "logits"."""
-    out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
-    if out.size and (out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
-        return "probabilities"
-    return "logits"
-
-
 def n_outputs(task: str, y: np.ndarray) -> int:
     if task == "classification":
         return int(y.max()) + 1
     return int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
 
 
-def write_history(out: Path, losses: list[float]) -> None:
+def write_history(out: Path, history: dict) -> None:
+    """history.json: the per-epoch loss (and val_loss, lr, the kept and the stopping epoch)."""
     import json
-    (out / "history.json").write_text(json.dumps({"loss": [float(v) for v in losses]}))
+    (out / "history.json").write_text(json.dumps(history))

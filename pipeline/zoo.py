@@ -36,3 +36,70 @@ def mlp_torch(input_shape, n_outputs, hidden=128, **_):
         nn.Linear(hidden, n_outputs),
         nn.Softmax(dim=-1),
     )
+
+
+def linear_tf_module(input_shape, n_outputs, **_):
+    """Raw TensorFlow: W and b as tf.Variables; __call__ is the serving signature."""
+    import tensorflow as tf
+    n_in = int(input_shape[-1])
+
+    class Linear(tf.Module):
+        def __init__(self):
+            super().__init__(name="linear")
+            self.W = tf.Variable(tf.random.normal([n_in, n_outputs], stddev=0.1), name="W")
+            self.b = tf.Variable(tf.zeros([n_outputs]), name="b")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, n_in], tf.float32, name="x")])
+        def __call__(self, x):
+            return tf.matmul(x, self.W) + self.b
+
+    return Linear()
+
+
+def linear_lightning(input_shape, n_outputs, **_):
+    """A LightningModule around one nn.Linear, with its own training and validation steps; the
+    optimizer comes from the spec's [train] (the module has no configure_optimizers)."""
+    import lightning
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class LinearRegression(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(input_shape[-1], n_outputs)
+
+        def forward(self, x):
+            return self.linear(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.mse_loss(self(x), y)
+            self.log("loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.mse_loss(self(x), y), on_step=False, on_epoch=True)
+
+    return LinearRegression()
+
+
+def linear_fastai(input_shape, n_outputs, **_):
+    """The module a fastai Learner trains: one linear layer (fastai's tabular models end in one)."""
+    import torch.nn as nn
+    return nn.Linear(input_shape[-1], n_outputs)
+
+
+def linear_jax(input_shape, n_outputs, **_):
+    """JAX: y = x @ W + b, W a small seeded normal and b zeros, as a frameworks.jax.JaxModel."""
+    import jax
+    import jax.numpy as jnp
+    from frameworks.jax import JaxModel
+    n_in = int(input_shape[-1])
+
+    def apply(params, x):
+        return x @ params["W"] + params["b"]
+
+    params = {"W": 0.1 * jax.random.normal(jax.random.PRNGKey(0), (n_in, n_outputs), jnp.float32),
+              "b": jnp.zeros((n_outputs,), jnp.float32)}
+    return JaxModel(apply, params)

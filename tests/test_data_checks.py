@@ -135,16 +135,15 @@ def test_one_dimensional_regression_targets_train_like_two_dimensional_ones(tmp_
 
 def test_torch_classifier_with_logits_is_trained_as_logits():
     import torch.nn as nn
-    from pipeline.frameworks import TorchAdapter
-    from pipeline.spec import ModelSpec, TrainSettings
+    from frameworks.torch import Adapter as TorchAdapter
+    from pipeline.spec import TrainSettings
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0).astype(np.int64)
     settings = TrainSettings("adam", 0.05, 60, None, "sparse_categorical_crossentropy", False, 1)
-    m = ModelSpec("net", "torch", "x:y", {}, settings, (), (1,))
     fw = TorchAdapter()
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))  # no softmax: logits
-    losses = fw.train(model, m, x, y, seed=0)
+    losses = fw.train(model, settings, x, y, seed=0).loss
     assert fw.output_kind == "logits"
     assert 0 < losses[-1] < 0.5 < losses[0]  # a real cross-entropy, falling (clamped log gave nonsense)
     assert (fw.predict(model, x).argmax(1) == y).mean() > 0.9

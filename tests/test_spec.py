@@ -47,7 +47,7 @@ def test_builtin_specs_load():
 
 
 def test_unknown_spec_name_lists_builtins():
-    with pytest.raises(SpecError, match=r"unknown spec 'nope'.*digits, toy"):
+    with pytest.raises(SpecError, match=r"unknown spec 'nope'.*digits, styles, toy"):
         spec_mod.load("nope")
 
 
@@ -61,7 +61,8 @@ def test_malformed_toml_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("old,new,needle", [
     ('name = "mine"', 'name = "mine"\ncolour = "red"', "pipeline.colour: expected one of the known keys"),
     ('lr = 0.1', 'lr = "fast"', "train.lr: expected float, found 'fast'"),
-    ('framework = "torch"', 'framework = "jax"', "model[0].framework: expected one of keras, torch, found 'jax'"),
+    ('framework = "torch"', 'framework = "mxnet"',
+     "model[0].framework: expected one of fastai, jax, keras, lightning, tensorflow, torch, found 'mxnet'"),
     ('factory = "pipeline.zoo:linear_torch"', 'factory = "no_such_module:build"',
      "model[0].factory: expected an importable module 'no_such_module'"),
     ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo"', "expected 'module:function'"),
@@ -83,7 +84,7 @@ def test_missing_required_key(tmp_path):
 
 
 def test_cli_exits_2_without_importing_frameworks(tmp_path):
-    p = write(tmp_path, GOOD.replace('framework = "torch"', 'framework = "jax"'))
+    p = write(tmp_path, GOOD.replace('framework = "torch"', 'framework = "mxnet"'))
     code = ("import sys; from pipeline.cli import main; rc = main(['run', %r]); "
             "heavy = [m for m in ('tensorflow', 'torch', 'keras', 'mlflow') if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)" % str(p))

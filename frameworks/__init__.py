@@ -1,0 +1,77 @@
+"""The frameworks a model comes from, one module each (frameworks/<name>.py), as exporters/ has one
+module per format. A framework module declares, without importing its framework (the spec reads these
+declarations before any worker starts):
+
+    NAME = "lightning"                  # what a spec's `framework = ...` says
+    FAMILY = "torch"                    # what the exporters dispatch on: "tensorflow" (a TensorFlow graph:
+                                        #   a Keras model or a tf.Module), "torch" (an nn.Module) or "jax"
+                                        #   (a function with its parameter pytree)
+    LANE = "torch"                      # the worker process that runs it: "tensorflow" or "torch"
+    PACKAGES = ("torch", "lightning")   # top-level modules it needs, checked without importing them
+    INSTALL = "pip install lightning"   # what to run when they are missing
+    PRETRAINED_SUFFIXES = (".pt",)      # the files `source =` may name; () when none
+    FLAVOR = "pytorch"                  # the MLflow flavor its native model is saved with
+    class Adapter                       # check, build, train, predict, signature, save, load,
+                                        # load_pretrained, save_pretrained, perturbed, save_mlflow_model
+
+A new framework is one new module here (plus its tests); nothing else names frameworks.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from functools import lru_cache
+from types import ModuleType
+
+_HELPERS = {"base"}  # modules of this package that are not frameworks
+
+
+class UnknownFramework(ValueError):
+    user_error = True
+
+
+class FrameworkNotInstalled(RuntimeError):
+    """The framework's packages are missing here: says which and what to install."""
+    user_error = True
+
+
+@lru_cache(maxsize=1)
+def names() -> tuple[str, ...]:
+    """Every framework, found as this package's modules (nothing imported)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                        if not m.name.startswith("_") and m.name not in _HELPERS))
+
+
+def module(name: str) -> ModuleType:
+    if name not in names():
+        raise UnknownFramework(f"unknown framework {name!r}: expected one of {', '.join(names())}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def missing_packages(name: str) -> list[str]:
+    """The framework's modules that are not installed here (found without importing them)."""
+    return [p for p in module(name).PACKAGES if importlib.util.find_spec(p) is None]
+
+
+def require(name: str) -> ModuleType:
+    """The framework's module, refusing one whose packages are missing with what to install."""
+    mod = module(name)
+    missing = missing_packages(name)
+    if missing:
+        raise FrameworkNotInstalled(f"framework {name!r} needs {', '.join(missing)}, which "
+                                    f"{'is' if len(missing) == 1 else 'are'} not installed here; "
+                                    f"install with: {mod.INSTALL}")
+    return mod
+
+
+def adapter(name: str):
+    return require(name).Adapter()
+
+
+def family(name: str) -> str:
+    return module(name).FAMILY
+
+
+def lane(name: str) -> str:
+    return module(name).LANE

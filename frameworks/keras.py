@@ -1,0 +1,207 @@
+"""Keras 3 on TensorFlow: a keras.Model from a factory or a .keras/.h5 file, trained in compiled chunks
+of epochs (the same updates as `fit`, without a Python round trip per epoch)."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from parity.feeds import flatten_outputs, n_rows, one_or_named
+from parity.signature import Signature, TensorSpec
+
+from .base import (PRETRAINED, History, PretrainedLoadError, callbacks_of, check_kind, first_line, kept_pretrained,
+                   output_kind, output_specs, tf_summaries)
+
+NAME = "keras"
+FAMILY = "tensorflow"
+LANE = "tensorflow"
+PACKAGES = ("tensorflow", "keras")
+INSTALL = "pip install tensorflow==2.21.0 (Keras 3 comes with it)"
+PRETRAINED_SUFFIXES = (".keras", ".h5")
+FLAVOR = "keras"
+
+EPOCH_CHUNKS = 20  # epochs are trained in this many compiled chunks, reporting progress between chunks
+
+
+class Adapter:
+    weights_file = "model.weights.h5"
+    output_kind = "values"  # set by train for classifiers: "probabilities" (softmax head) or "logits"
+
+    def __init__(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def check(self, model, where: str) -> None:
+        import keras
+        check_kind(model, isinstance(model, keras.Model), NAME, "a keras.Model", where)
+
+    def build(self, make, *, seed: int, threads: int | None = None):
+        import keras
+        keras.utils.set_random_seed(seed)
+        return make()
+
+    def train(self, model, t, x, y: np.ndarray, seed: int, on_epoch=None, val=None, logdir=None) -> History:
+        """Keras' own `fit` with its callbacks when the spec asks for validation or callbacks; else the
+        same updates in compiled chunks of epochs (several times faster on small models)."""
+        import keras
+        xs = tf_inputs(x)
+        multi = isinstance(xs, dict)
+        if t.loss == "mse":
+            loss_fn = keras.losses.MeanSquaredError()
+        else:
+            self.output_kind = output_kind(np.asarray(model({k: v[:8] for k, v in xs.items()} if multi else xs[:8])))
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=self.output_kind == "logits")
+        opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
+        if val is not None or any(callbacks_of(t).values()):
+            return self._fit(model, t, x, y, loss_fn, opt, on_epoch, val, logdir)
+        history = History(loss=self._chunked(model, t, xs, y, seed, loss_fn, opt, on_epoch))
+        if logdir:
+            tf_summaries(logdir, history)
+        return history
+
+    def _fit(self, model, t, x, y, loss_fn, opt, on_epoch, val, logdir) -> History:
+        import tempfile
+
+        import keras
+        cb = callbacks_of(t)
+        model.compile(optimizer=opt, loss=loss_fn)
+        callbacks = [keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch and on_epoch(epoch + 1, float(logs["loss"])))]
+        if logdir:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logdir), histogram_freq=0, write_graph=True))
+        stop = cb["early_stopping"] and keras.callbacks.EarlyStopping(
+            monitor=cb["early_stopping"]["monitor"], patience=cb["early_stopping"]["patience"],
+            min_delta=cb["early_stopping"]["min_delta"])
+        if cb["reduce_lr"]:
+            r = cb["reduce_lr"]
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=r["monitor"], factor=r["factor"],
+                                                               patience=r["patience"], min_delta=r["min_delta"],
+                                                               min_lr=r["min_lr"]))
+        with tempfile.TemporaryDirectory(prefix="keras-best-") as tmp:
+            best = Path(tmp) / "best.weights.h5"
+            if cb["checkpoint"]:
+                callbacks.append(keras.callbacks.ModelCheckpoint(str(best), monitor=cb["checkpoint"]["monitor"],
+                                                                 save_best_only=True, save_weights_only=True))
+            if stop:
+                callbacks.append(stop)
+            n = n_rows(x)
+            fitted = model.fit(tf_inputs(x), y, batch_size=min(t.batch_size or n, n), epochs=t.epochs,
+                               shuffle=t.shuffle, validation_data=None if val is None else (tf_inputs(val[0]), val[1]),
+                               callbacks=callbacks, verbose=0).history
+            history = History(loss=fitted["loss"], val_loss=fitted.get("val_loss", []),
+                              lr=fitted.get("learning_rate", []))
+            if cb["checkpoint"] and best.is_file():
+                model.load_weights(str(best))
+                series = fitted[cb["checkpoint"]["monitor"]]
+                history.best_epoch = int(np.argmin(series)) + 1
+        if stop and stop.stopped_epoch:
+            history.stopped_epoch = int(stop.stopped_epoch) + 1
+        return history
+
+    def _chunked(self, model, t, xs, y, seed, loss_fn, opt, on_epoch) -> list[float]:
+        import tensorflow as tf
+        ys = tf.constant(y)
+        multi = isinstance(xs, dict)
+        n = int(next(iter(xs.values())).shape[0]) if multi else int(xs.shape[0])
+        bs = min(t.batch_size or n, n)
+        n_batches = math.ceil(n / bs)
+        model({k: v[:1] for k, v in xs.items()} if multi else xs[:1])
+        opt.build(model.trainable_variables)
+        shuffle = t.shuffle
+
+        @tf.function(reduce_retracing=True)
+        def run_epochs(start, stop):
+            losses = tf.TensorArray(tf.float32, size=stop - start)
+            for epoch in tf.range(start, stop):
+                if shuffle:
+                    order = tf.argsort(tf.random.stateless_uniform([n], seed=[seed, epoch]))
+                else:
+                    order = tf.range(n)
+                total = tf.constant(0.0)
+                for b in tf.range(n_batches):
+                    idx = order[b * bs: tf.minimum((b + 1) * bs, n)]
+                    xb = {k: tf.gather(v, idx) for k, v in xs.items()} if multi else tf.gather(xs, idx)
+                    yb = tf.gather(ys, idx)
+                    with tf.GradientTape() as tape:
+                        loss = loss_fn(yb, model(xb, training=True))
+                    grads = tape.gradient(loss, model.trainable_variables)
+                    opt.apply_gradients(zip(grads, model.trainable_variables))
+                    total += loss * tf.cast(tf.shape(idx)[0], tf.float32)
+                losses = losses.write(epoch - start, total / n)
+            return losses.stack()
+
+        losses: list[float] = []
+        step = max(1, math.ceil(t.epochs / EPOCH_CHUNKS))
+        for start in range(0, t.epochs, step):
+            stop = min(start + step, t.epochs)
+            losses += [float(v) for v in run_epochs(tf.constant(start), tf.constant(stop)).numpy()]
+            if on_epoch:
+                on_epoch(stop, losses[-1])
+        return losses
+
+    def signature(self, model, x, y: np.ndarray) -> Signature:
+        """The model's own names (Keras inputs, output layers) with the dtypes and shapes of real rows."""
+        outs = list(getattr(model, "output_names", None) or []) or ["output"]
+        outputs = output_specs(y, outs[0])
+        if isinstance(x, dict):  # a functional model takes a dict keyed by its inputs' names
+            return Signature(tuple(TensorSpec.of(k, v) for k, v in x.items()), outputs)
+        ins = [t.name for t in getattr(model, "inputs", None) or []] or ["x"]
+        return Signature((TensorSpec.of(ins[0], x),), outputs)
+
+    def predict(self, model, x):
+        """One array, or {name: array} for a model of several outputs (a list is named by output_names)."""
+        names = list(getattr(model, "output_names", None) or []) or None
+        return one_or_named(flatten_outputs(model(tf_inputs(x), training=False), np.asarray, names=names))
+
+    def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
+        import keras
+        try:
+            return keras.models.load_model(str(path), compile=False)
+        except Exception as e:
+            raise PretrainedLoadError(f"{where}: {path}: keras.models.load_model failed "
+                                      f"({type(e).__name__}: {first_line(e)}); expected a model "
+                                      f"saved with model.save(...) as .keras or .h5") from None
+
+    def save_pretrained(self, model, out: Path, path: Path) -> None:
+        shutil.copy2(path, out / (PRETRAINED + path.suffix))
+
+    def save(self, model, out: Path) -> None:
+        model.save_weights(str(out / self.weights_file))
+
+    def load(self, src: Path, *, make, pretrained: bool, input_shape, where: str):
+        if pretrained:
+            return self.load_pretrained(kept_pretrained(src), where=where)
+        model = make()
+        if not isinstance(input_shape, dict):  # a Sequential without an Input layer builds on its first call
+            model(np.zeros((1, *input_shape), np.float32))
+        model.load_weights(str(src / self.weights_file))
+        return model
+
+    def perturbed(self, model, scale: float, seed: int):
+        """A copy of the model with every weight nudged by `scale` relative noise."""
+        import keras
+        clone = keras.models.clone_model(model)
+        clone.set_weights([w * (1 + scale * np.random.default_rng(seed + i).standard_normal(w.shape))
+                           .astype(w.dtype) for i, w in enumerate(model.get_weights())])
+        return clone
+
+    def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
+        """Keras 3's own flavor (mlflow.tensorflow expects tf.keras models)."""
+        import keras
+        import mlflow.keras
+        import tensorflow as tf
+        from mlflow.models import infer_signature
+        path.mkdir(parents=True)  # mlflow.keras writes its input example before it makes the folder
+        mlflow.keras.save_model(
+            model, str(path), signature=infer_signature(x_example, y_example), input_example=x_example,
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+
+
+def tf_inputs(x):
+    """One float32 tensor, or {name: tensor} keeping each input's dtype (ids stay integers)."""
+    import tensorflow as tf
+    if isinstance(x, dict):
+        return {k: tf.constant(v) for k, v in x.items()}
+    return tf.constant(x, dtype=tf.float32)

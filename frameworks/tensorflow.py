@@ -1,0 +1,148 @@
+"""Raw TensorFlow: a tf.Module holding tf.Variables, whose `__call__` is a tf.function with an input
+signature (its serving signature), trained by a tf.GradientTape loop with `optimizer.apply_gradients`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from parity.feeds import n_rows
+from parity.signature import Signature, TensorSpec
+
+from .base import History, PlainCallbacks, check_kind, epoch_logs, output_kind, output_specs, tf_summaries
+
+NAME = "tensorflow"
+FAMILY = "tensorflow"
+LANE = "tensorflow"
+PACKAGES = ("tensorflow",)
+INSTALL = "pip install tensorflow==2.21.0"
+PRETRAINED_SUFFIXES = ()
+FLAVOR = "tensorflow"
+
+CHECKPOINT = "checkpoint"  # tf.train.Checkpoint prefix in the train stage's folder
+
+
+class Adapter:
+    output_kind = "values"
+
+    def __init__(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def check(self, model, where: str) -> None:
+        import keras
+        import tensorflow as tf
+        ok = isinstance(model, tf.Module) and not isinstance(model, keras.Model)
+        check_kind(model, ok, NAME, "a tf.Module whose __call__ is a tf.function with an input_signature "
+                                    "(a keras.Model is framework = \"keras\")", where)
+        call = getattr(type(model), "__call__", None)
+        if not getattr(call, "input_signature", None):
+            raise TypeError(f"{where}: framework 'tensorflow' expected the tf.Module's __call__ to be a "
+                            f"tf.function with an input_signature (its serving signature), found "
+                            f"{type(call).__name__}")
+        if not model.trainable_variables:
+            raise TypeError(f"{where}: framework 'tensorflow' expected a tf.Module with trainable tf.Variables, "
+                            f"found none")
+
+    def build(self, make, *, seed: int, threads: int | None = None):
+        import tensorflow as tf
+        tf.random.set_seed(seed)
+        np.random.seed(seed)
+        return make()
+
+    def train(self, model, t, x, y: np.ndarray, seed: int, on_epoch=None, val=None, logdir=None) -> History:
+        import keras
+        import tensorflow as tf
+        variables = list(model.trainable_variables)
+        if t.loss == "mse":
+            def loss_fn(target, pred):
+                return tf.reduce_mean(tf.square(tf.reshape(pred, tf.shape(target)) - target))
+        else:
+            self.output_kind = output_kind(model(tf.constant(x[:8], tf.float32)).numpy())
+            from_logits = self.output_kind == "logits"
+
+            def loss_fn(target, pred):
+                return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(target, pred,
+                                                                                      from_logits=from_logits))
+        opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
+
+        @tf.function(reduce_retracing=True)
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, model(xb))
+            grads = tape.gradient(loss, variables)
+            opt.apply_gradients(zip(grads, variables))
+            return loss
+
+        @tf.function(reduce_retracing=True)
+        def evaluate(xb, yb):
+            return loss_fn(yb, model(xb))
+
+        history = History()
+        callbacks = PlainCallbacks(
+            t, history, get_weights=lambda: [v.numpy() for v in variables],
+            set_weights=lambda ws: [v.assign(w) for v, w in zip(variables, ws)],
+            get_lr=lambda: float(opt.learning_rate.numpy()), set_lr=lambda lr: opt.learning_rate.assign(lr))
+        xs, ys = tf.constant(x, tf.float32), tf.constant(y)
+        n = n_rows(x)
+        bs = min(t.batch_size or n, n)
+        rng = np.random.default_rng(seed)
+        for epoch in range(1, t.epochs + 1):
+            order = rng.permutation(n) if t.shuffle else np.arange(n)
+            total = 0.0
+            for start in range(0, n, bs):
+                idx = order[start:start + bs]
+                total += float(step(tf.gather(xs, idx), tf.gather(ys, idx))) * len(idx)
+            history.loss.append(total / n)
+            if val is not None:
+                history.val_loss.append(float(evaluate(tf.constant(val[0], tf.float32), tf.constant(val[1]))))
+            stop = callbacks.epoch_end(epoch, epoch_logs(history))
+            if on_epoch:
+                on_epoch(epoch, history.loss[-1])
+            if stop:
+                break
+        callbacks.train_end()
+        if logdir:
+            tf_summaries(logdir, history, graph_fn=model.__call__.get_concrete_function())
+        return history
+
+    def signature(self, model, x, y: np.ndarray) -> Signature:
+        spec = type(model).__call__.input_signature[0]
+        return Signature((TensorSpec.of(spec.name or "x", x),), output_specs(y, "output_0"))
+
+    def predict(self, model, x):
+        import tensorflow as tf
+        return model(tf.constant(x, tf.float32)).numpy()
+
+    def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
+        raise NotImplementedError(f"{where}: framework 'tensorflow' builds its model from a factory")
+
+    def save_pretrained(self, model, out: Path, path: Path) -> None:
+        raise NotImplementedError("framework 'tensorflow' has no pretrained files")
+
+    def save(self, model, out: Path) -> None:
+        import tensorflow as tf
+        tf.train.Checkpoint(model=model).write(str(out / CHECKPOINT))
+
+    def load(self, src: Path, *, make, pretrained: bool, input_shape, where: str):
+        import tensorflow as tf
+        model = make()
+        tf.train.Checkpoint(model=model).read(str(src / CHECKPOINT)).assert_existing_objects_matched()
+        return model
+
+    def perturbed(self, model, scale: float, seed: int):
+        """A copy of the module with every variable nudged by `scale` relative noise."""
+        import copy
+        clone = copy.deepcopy(model)
+        for i, v in enumerate(clone.trainable_variables):
+            w = v.numpy()
+            v.assign((w * (1 + scale * np.random.default_rng(seed + i).standard_normal(w.shape))).astype(w.dtype))
+        return clone
+
+    def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
+        """mlflow.tensorflow takes a tf.Module and saves it as a SavedModel."""
+        import mlflow.tensorflow
+        import tensorflow as tf
+        from mlflow.models import infer_signature
+        mlflow.tensorflow.save_model(model, str(path), signature=infer_signature(x_example, y_example),
+                                     pip_requirements=[f"tensorflow=={tf.__version__}"])
