@@ -10,6 +10,8 @@ declarations before any worker starts):
     PACKAGES = ("torch", "lightning")   # top-level modules it needs, checked without importing them
     INSTALL = "pip install lightning"   # what to run when they are missing
     PRETRAINED_SUFFIXES = (".pt",)      # the files `source =` may name; () when none
+    PRETRAINED_FOLDER = ("config.json", "a Hugging Face save_pretrained folder")  # optional: a folder
+                                        # `source =` may name, told by the file inside it
     FLAVOR = "pytorch"                  # the MLflow flavor its native model is saved with
     class Adapter                       # check, build, train, predict, signature, save, load,
                                         # load_pretrained, save_pretrained, perturbed, save_mlflow_model
@@ -67,6 +69,23 @@ def require(name: str) -> ModuleType:
 
 def adapter(name: str):
     return require(name).Adapter()
+
+
+def takes_folder(name: str, path) -> bool:
+    """Whether `source =` may name this folder for the framework (its marker file is inside)."""
+    from pathlib import Path
+    marker = getattr(module(name), "PRETRAINED_FOLDER", None)
+    return bool(marker) and Path(path).is_dir() and (Path(path) / marker[0]).is_file()
+
+
+def pretrained_forms(name: str) -> str:
+    """What `source =` may name for the framework, for a message."""
+    mod = module(name)
+    forms = [f"a {name} model file ({', '.join(mod.PRETRAINED_SUFFIXES)})"] if mod.PRETRAINED_SUFFIXES else []
+    folder = getattr(mod, "PRETRAINED_FOLDER", None)
+    if folder:
+        forms.append(f"{folder[1]} (with {folder[0]})")
+    return ", or ".join(forms)
 
 
 def family(name: str) -> str:

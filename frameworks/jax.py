@@ -12,7 +12,8 @@ import numpy as np
 from parity.feeds import n_rows
 from parity.signature import Signature, TensorSpec
 
-from .base import History, PlainCallbacks, check_kind, epoch_logs, output_kind, output_specs, tf_summaries
+from .base import (History, PlainCallbacks, WrongModelKind, check_kind, epoch_logs, output_kind, output_specs,
+                   tf_summaries)
 
 NAME = "jax"
 FAMILY = "jax"
@@ -58,12 +59,12 @@ class Adapter:
                    "a frameworks.jax.JaxModel(apply, params) (apply(params, x) -> y a pure jax.numpy function, "
                    "params a pytree of jax arrays)", where)
         if not callable(model.apply):
-            raise TypeError(f"{where}: framework 'jax' expected JaxModel.apply to be a function "
+            raise WrongModelKind(f"{where}: framework 'jax' expected JaxModel.apply to be a function "
                             f"apply(params, x) -> y, found {type(model.apply).__name__}")
         leaves, _ = _flat(model.params)
         bad = [type(v).__name__ for v in leaves if not hasattr(v, "shape") or not hasattr(v, "dtype")]
         if not leaves or bad:
-            raise TypeError(f"{where}: framework 'jax' expected JaxModel.params to be a pytree of arrays, found "
+            raise WrongModelKind(f"{where}: framework 'jax' expected JaxModel.params to be a pytree of arrays, found "
                             + ("no leaves" if not leaves else f"leaves of type {', '.join(sorted(set(bad)))}"))
 
     def build(self, make, *, seed: int, threads: int | None = None):

@@ -1,16 +1,20 @@
 """Raw TensorFlow: a tf.Module holding tf.Variables, whose `__call__` is a tf.function with an input
-signature (its serving signature), trained by a tf.GradientTape loop with `optimizer.apply_gradients`."""
+signature (its serving signature), trained by a tf.GradientTape loop with `optimizer.apply_gradients`.
+A SavedModel folder (Keras' `model.export`, `tf.saved_model.save`) is taken as a trained model: its
+`serving_default` signature becomes the module's `__call__`."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from parity.feeds import n_rows
+from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
-from .base import History, PlainCallbacks, check_kind, epoch_logs, output_kind, output_specs, tf_summaries
+from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, WrongModelKind, check_kind, epoch_logs,
+                   first_line, kept_pretrained, output_kind, output_specs, tf_summaries)
 
 NAME = "tensorflow"
 FAMILY = "tensorflow"
@@ -18,6 +22,7 @@ LANE = "tensorflow"
 PACKAGES = ("tensorflow",)
 INSTALL = "pip install tensorflow==2.21.0"
 PRETRAINED_SUFFIXES = ()
+PRETRAINED_FOLDER = ("saved_model.pb", "a TensorFlow SavedModel folder")
 FLAVOR = "tensorflow"
 
 CHECKPOINT = "checkpoint"  # tf.train.Checkpoint prefix in the train stage's folder
@@ -37,11 +42,11 @@ class Adapter:
                                     "(a keras.Model is framework = \"keras\")", where)
         call = getattr(type(model), "__call__", None)
         if not getattr(call, "input_signature", None):
-            raise TypeError(f"{where}: framework 'tensorflow' expected the tf.Module's __call__ to be a "
+            raise WrongModelKind(f"{where}: framework 'tensorflow' expected the tf.Module's __call__ to be a "
                             f"tf.function with an input_signature (its serving signature), found "
                             f"{type(call).__name__}")
         if not model.trainable_variables:
-            raise TypeError(f"{where}: framework 'tensorflow' expected a tf.Module with trainable tf.Variables, "
+            raise WrongModelKind(f"{where}: framework 'tensorflow' expected a tf.Module with trainable tf.Variables, "
                             f"found none")
 
     def build(self, make, *, seed: int, threads: int | None = None):
@@ -111,14 +116,28 @@ class Adapter:
         return Signature((TensorSpec.of(spec.name or "x", x),), output_specs(y, "output_0"))
 
     def predict(self, model, x):
+        """One array, or {name: array} for a module returning several named outputs."""
         import tensorflow as tf
-        return model(tf.constant(x, tf.float32)).numpy()
+        return one_or_named(flatten_outputs(model(tf.constant(x, tf.float32)), np.asarray))
 
     def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
-        raise NotImplementedError(f"{where}: framework 'tensorflow' builds its model from a factory")
+        """A SavedModel folder, wrapped as a tf.Module whose __call__ is its serving_default signature."""
+        import tensorflow as tf
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated file, a missing variables folder, ...
+            raise PretrainedLoadError(f"{where}: {path}: tf.saved_model.load failed ({type(e).__name__}: "
+                                      f"{first_line(e)}); expected a SavedModel folder (saved_model.pb and "
+                                      f"variables/), as model.export(...) or tf.saved_model.save writes") from None
+        fn = loaded.signatures.get("serving_default")
+        inputs = fn.structured_input_signature[1] if fn is not None else {}
+        if fn is None or len(inputs) != 1:
+            raise PretrainedLoadError(f"{where}: {path}: expected a serving_default signature of one input, found "
+                                      + ("no serving_default" if fn is None else f"inputs {sorted(inputs)}"))
+        return served_module(loaded, *next(iter(inputs.items())))
 
     def save_pretrained(self, model, out: Path, path: Path) -> None:
-        raise NotImplementedError("framework 'tensorflow' has no pretrained files")
+        shutil.copytree(path, out / PRETRAINED)
 
     def save(self, model, out: Path) -> None:
         import tensorflow as tf
@@ -126,18 +145,26 @@ class Adapter:
 
     def load(self, src: Path, *, make, pretrained: bool, input_shape, where: str):
         import tensorflow as tf
+        if pretrained:
+            return self.load_pretrained(kept_pretrained(src), where=where)
         model = make()
         tf.train.Checkpoint(model=model).read(str(src / CHECKPOINT)).assert_existing_objects_matched()
         return model
 
     def perturbed(self, model, scale: float, seed: int):
-        """A copy of the module with every variable nudged by `scale` relative noise."""
+        """A copy of the module with every variable nudged by `scale` relative noise; a loaded SavedModel
+        (which does not copy) is nudged for the duration of each call instead."""
         import copy
-        clone = copy.deepcopy(model)
-        for i, v in enumerate(clone.trainable_variables):
-            w = v.numpy()
-            v.assign((w * (1 + scale * np.random.default_rng(seed + i).standard_normal(w.shape))).astype(w.dtype))
-        return clone
+
+        def nudged(variables):
+            return [(w * (1 + scale * np.random.default_rng(seed + i).standard_normal(w.shape))).astype(w.dtype)
+                    for i, w in enumerate(v.numpy() for v in variables)]
+        if not hasattr(model, "loaded"):
+            clone = copy.deepcopy(model)
+            for v, w in zip(clone.trainable_variables, nudged(clone.trainable_variables)):
+                v.assign(w)
+            return clone
+        return _Nudged(model, nudged(model.weights()))
 
     def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
         """mlflow.tensorflow takes a tf.Module and saves it as a SavedModel."""
@@ -146,3 +173,43 @@ class Adapter:
         from mlflow.models import infer_signature
         mlflow.tensorflow.save_model(model, str(path), signature=infer_signature(x_example, y_example),
                                      pip_requirements=[f"tensorflow=={tf.__version__}"])
+
+
+def served_module(loaded, input_name: str, input_spec):
+    """A loaded SavedModel as a tf.Module whose `__call__` (a tf.function with the signature's input spec)
+    calls its serving_default signature: one output comes back as a tensor, several as a dict."""
+    import tensorflow as tf
+
+    class ServedSavedModel(tf.Module):
+        def __init__(self):
+            super().__init__(name="saved_model")
+            self.loaded = loaded  # tracked: re-saving the module keeps the variables
+
+        @tf.function(input_signature=[tf.TensorSpec(input_spec.shape, input_spec.dtype, name=input_name)])
+        def __call__(self, x):
+            out = self.loaded.signatures["serving_default"](**{input_name: x})
+            return next(iter(out.values())) if len(out) == 1 else out
+
+        def weights(self):
+            """The variables the signature reads (a restored object is not a tf.Module)."""
+            return list(self.loaded.signatures["serving_default"].variables)
+
+    return ServedSavedModel()
+
+
+class _Nudged:
+    """A served SavedModel whose variables hold nudged values during each call, restored after."""
+
+    def __init__(self, model, values):
+        self.model, self.values = model, values
+
+    def __call__(self, x):
+        variables = self.model.weights()
+        kept = [v.numpy() for v in variables]
+        try:
+            for v, w in zip(variables, self.values):
+                v.assign(w)
+            return self.model(x)
+        finally:
+            for v, w in zip(variables, kept):
+                v.assign(w)

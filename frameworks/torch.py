@@ -20,6 +20,7 @@ LANE = "torch"
 PACKAGES = ("torch",)
 INSTALL = "pip install torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu"
 PRETRAINED_SUFFIXES = (".pt", ".pth", ".pt2")
+PRETRAINED_FOLDER = ("config.json", "a Hugging Face save_pretrained folder")
 FLAVOR = "pytorch"
 
 

@@ -220,7 +220,7 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     .pipeline/implicit/) and runs it, so caching, MLflow and the reports work as for any spec."""
     import frameworks
     from . import registry_ref
-    from .spec import FORMATS, is_hf_folder
+    from .spec import FORMATS
     suffixes_of = {fw: frameworks.module(fw).PRETRAINED_SUFFIXES for fw in frameworks.names()}
     home = home or home_dir()
     if registry_ref.is_ref(model_path):  # a registered version: its framework tag says which loader
@@ -231,16 +231,18 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
         framework, path = found.framework, None
     else:
         path = Path(model_path).resolve()
-        framework = "torch" if is_hf_folder(path) else \
+        framework = next((fw for fw in frameworks.names() if frameworks.takes_folder(fw, path)), None) or \
             next((fw for fw, suffixes in suffixes_of.items() if path.suffix in suffixes), None)
     if framework is None and path is None:
         raise spec_mod.SpecError(f"{model_path}: version {found.version} of {found.name} has no framework tag; "
                                  f"expected one registered by a pipeline run (or write a spec with framework = ...)")
     if framework is None:
         known = ", ".join(f"{s} ({fw})" for fw, suffixes in suffixes_of.items() for s in suffixes)
-        raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}) or a Hugging Face "
-                                 f"save_pretrained folder (with config.json), found "
-                                 f"{'a folder without config.json' if path.is_dir() else repr(path.suffix or 'no suffix')}")
+        folders = ", ".join(f"{m.PRETRAINED_FOLDER[1]} (with {m.PRETRAINED_FOLDER[0]})"
+                            for m in map(frameworks.module, frameworks.names()) if getattr(m, "PRETRAINED_FOLDER", None))
+        raise spec_mod.SpecError(f"{model_path}: expected a model file of a known kind ({known}) or a folder: "
+                                 f"{folders}; found "
+                                 f"{'a folder without either' if path.is_dir() else repr(path.suffix or 'no suffix')}")
     if path is not None and not path.exists():
         raise spec_mod.SpecError(f"{model_path}: no such model file")
     if not example:

@@ -85,11 +85,6 @@ class TrainSettings:
 DEPLOY_TARGETS = ("serving", "edge")  # [deploy.<target>] tables, each checked by its own package
 
 
-def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face `save_pretrained` folder: its config.json beside the weights."""
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -356,16 +351,14 @@ class _Validator:
             return rel
         import frameworks
         path = (self.path.parent / rel).resolve()
-        suffixes = frameworks.module(framework).PRETRAINED_SUFFIXES
-        torch_family = frameworks.family(framework) == "torch"
-        if torch_family and is_hf_folder(path):
+        if frameworks.takes_folder(framework, path):
             return str(path)
-        if not suffixes:
+        forms = frameworks.pretrained_forms(framework)
+        if not forms:
             self.fail(f"{where}.source", f"no source: {framework} models are built by their factory and trained "
                                          f"here (bring a trained one with a framework that loads files)", rel)
-        if path.suffix not in suffixes:
-            hf = ", or a Hugging Face save_pretrained folder (with config.json)" if torch_family else ""
-            self.fail(f"{where}.source", f"a {framework} model file ({', '.join(suffixes)}){hf}", rel)
+        if path.suffix not in frameworks.module(framework).PRETRAINED_SUFFIXES:
+            self.fail(f"{where}.source", forms, rel)
         if not path.is_file():
             self.fail(f"{where}.source", f"a model file (relative to the spec), found no file at {path}",
                       show_found=False)
