@@ -2,9 +2,11 @@
 """Cold `python -m pipeline run toy` against the hand-written baseline, alternately, in fresh folders.
 
     .venv/bin/python benchmarks/bench_toy.py [--pairs 3] [--baseline ../shared/baselines/handwritten_toy.py]
+                                             [--other CHECKOUT]   # e.g. a `git worktree` of an earlier commit
 
 Prints wall time and peak RSS (of the largest process) of each, the ratio per pair and its median,
-the machine's load, and the stage timings of our last run. Also times a fully cached rerun (in the same
+the machine's load, and the stage timings of our last run. With --other, the same cold `run toy` from
+another checkout of this project (same venv) is timed in each pair too, and the table gives ours / its. Also times a fully cached rerun (in the same
 home, right after the cold run) as a fraction of the cold run, and --help.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--baseline", default=str(ROOT.parent / "shared" / "baselines" / "handwritten_toy.py"))
+    ap.add_argument("--other", type=Path, help="another checkout of this project whose cold run toy is timed too")
     args = ap.parse_args()
     env = {**os.environ, "TFJS_NODE_MODULES": str(ROOT / "exporters" / "js" / "node_modules"),
            "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -47,7 +50,7 @@ def main() -> None:
     shim.mkdir()
     (shim / "__init__.py").write_text("")
     baseline_env = {**env, "PYTHONPATH": f"{shim.parent}:{env['PYTHONPATH']}"}
-    rows, last_home = [], None
+    rows, last_home, others = [], None, []
     print(f"machine: {os.cpu_count()} cores, load average before: {os.getloadavg()}")
     for i in range(args.pairs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -62,8 +65,16 @@ def main() -> None:
                                       {**env, "PIPELINE_HOME": str(home)})
             rows.append((i + 1, rc_b, wall_b, rss_b, rc_o, wall_o, rss_o, wall_o / wall_b, wall_c))
             last_home = rec
+            if args.other:
+                other_home = tmp / "other"
+                other_home.mkdir()
+                rc_x, wall_x, _ = measure([sys.executable, "-m", "pipeline", "run", "toy"], other_home,
+                                          {**env, "PIPELINE_HOME": str(other_home),
+                                           "PYTHONPATH": str(args.other.resolve())})
+                others.append((i + 1, rc_x, wall_x, wall_o / wall_x))
             print(f"pair {i + 1}: baseline {wall_b:.1f} s (rc {rc_b}), ours {wall_o:.1f} s (rc {rc_o}), "
-                  f"cached rerun {wall_c:.2f} s", flush=True)
+                  f"cached rerun {wall_c:.2f} s" + (f", other checkout {others[-1][2]:.1f} s (rc {others[-1][1]})"
+                                                    if args.other else ""), flush=True)
     print("\n| pair | baseline wall s | baseline peak RSS MB | run toy wall s | run toy peak RSS MB | "
           "ratio | cached rerun s | cached / cold |")
     print("|---|---|---|---|---|---|---|---|")
@@ -72,6 +83,12 @@ def main() -> None:
     print(f"\nmedian ratio (ours / baseline): {statistics.median(r[7] for r in rows):.2f}; "
           f"median cached rerun / cold run: {statistics.median(r[8] / r[5] for r in rows):.3f} (target <= 0.05); "
           f"load average after: {os.getloadavg()}")
+    if others:
+        print(f"\n| pair | run toy wall s | {args.other} run toy wall s | its exit code | ours / other |")
+        print("|---|---|---|---|---|")
+        for (i, rc_x, wx, ratio), row in zip(others, rows):  # a failed run's time says little
+            print(f"| {i} | {row[5]:.1f} | {wx:.1f} | {rc_x} | {ratio:.2f} |")
+        print(f"median ours / other: {statistics.median(o[3] for o in others):.2f}")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "--help"], env=env, capture_output=True, check=True)
     print(f"python -m pipeline --help: {time.perf_counter() - t:.2f} s")

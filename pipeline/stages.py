@@ -203,7 +203,8 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
 
 
 def split_validation(x, y, fraction: float):
-    """The last `fraction` of the training rows held out for validation (None when there is none)."""
+    """The last `fraction` of the training rows held out for validation, as Keras' validation_split takes
+    them (None when there is none)."""
     if not fraction:
         return x, y, None
     n = n_rows(x)
