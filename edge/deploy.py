@@ -101,7 +101,9 @@ def deploy(bundles: list, s: EdgeSettings, out: Path, private_key: Path | None,
                     report = deploy_to(devices[name], package)
                 except TransportError as e:
                     log(f"edge:{name}: {b.model} v{version} refused: {e}")
-                    report = {"passed": False, "error": str(e), "variants": {}}
+                    # the agent's on-device report when it got that far (a 422 says which variants failed)
+                    report = {**(e.body.get("report") or {}), "passed": False, "activated": False, "error": str(e)}
+                    report.setdefault("variants", {})
                 result["devices"].setdefault(name, {})[b.model] = report
                 records += _device_records(b.model, name, s.variants, report)
     if s.browser:
@@ -119,15 +121,22 @@ def deploy(bundles: list, s: EdgeSettings, out: Path, private_key: Path | None,
 
 def _device_records(model: str, device: str, variants, report: dict) -> list[dict]:
     """One record per variant: the agent's own ParityRecord (from check_artifact on the device), told
-    apart by format and runtime, with the latency and size beside it; a refused push fails each variant."""
+    apart by format and runtime, with the latency and size beside it. A refused push fails each variant:
+    one the device found out of parity with its own record, the others naming the variants that kept the
+    version from being activated (or the agent's error, when it never checked parity)."""
     out = []
+    refused = report.get("activated") is False
+    bad = [v for v, r in report.get("variants", {}).items() if not r.get("passed")]
     for v in variants:
         r = report.get("variants", {}).get(v)
-        if r is None:
+        if r is None or (refused and r.get("passed")):
+            if r is not None and bad:
+                why = (f"passed on the device, but the version was not activated: on-device parity failed for "
+                       f"{', '.join(bad)}")
+            else:
+                why = report.get("error") or f"the device reported no {v} variant"
             out.append({"model": model, "format": "edge", "variant": v, "runtime": f"edge:{device}", "status": "failed",
-                        "error": report.get("error") or f"the device reported no {v} variant",
-                        "message": f"FAIL {model}/edge-{v} on edge:{device}: "
-                                   f"{report.get('error') or 'no on-device result'}"})
+                        "error": why, "message": f"FAIL {model}/edge-{v} on edge:{device}: {why}"})
             continue
         rec = dict(r["record"], format="edge", runtime=f"edge:{device}")
         rec["details"] = {**rec.get("details", {}), "latency": r.get("latency"), "size_bytes": r.get("size_bytes"),
@@ -143,8 +152,8 @@ def _browser_record(bundle, r: dict) -> dict:
     import numpy as np
     from parity.compare import ParityRecord, compare, tolerance_for
     runtime, fmt = f"chromium-{r['backend']}", "tfjs_web"
-    details = {"tf_backend": r.get("tf_backend"), "seconds": r.get("seconds"),
-               "screenshot": Path(r["screenshot"]).name if r.get("screenshot") else None}
+    details = {"tf_backend": r.get("tf_backend"), "backend_facts": r.get("backend_facts"),
+               "seconds": r.get("seconds"), "screenshot": Path(r["screenshot"]).name if r.get("screenshot") else None}
     values = (r.get("page") or {}).get("outputs")
     if r.get("error") or values is None:
         rec = ParityRecord.failed_to_load(bundle.model, fmt, "fp32", runtime, None,

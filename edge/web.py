@@ -12,7 +12,9 @@
     verify_in_browser(web_dir, backends=("cpu", "wasm", "webgl"), screenshot_dir=None) -> list[dict]
         serves web_dir on 127.0.0.1 (a thread), opens the page once per backend in headless Chromium
         (playwright driving /usr/bin/chromium), waits for window.parityResult, refuses a silent backend
-        fallback, takes a PNG screenshot per backend when asked; one result dict per backend.
+        fallback (judged by what the backend object that ran the model says it is, page.js's backendFacts,
+        checked again here with exporters.tfjs.backend_mismatch), takes a PNG screenshot per backend when
+        asked; one result dict per backend. $T2E_TFJS_FAULT (tests only) is passed to the page as ?fault=.
 
 The page judges like parity/compare.py's element check: a value is out of tolerance when its absolute error
 exceeds atol AND its relative error |got - ref| / max(|ref|, rel_floor) exceeds rtol; a non-finite value fails.
@@ -28,10 +30,12 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import shutil
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,6 +43,7 @@ import numpy as np
 
 from exporters.base import Artifact
 from exporters.bundle import Bundle
+from exporters.tfjs import FAULT_ENV, backend_mismatch
 from exporters.verify import feed_cuts
 from parity.compare import tolerance_for
 from parity.feeds import is_multi, n_rows
@@ -247,8 +252,9 @@ def _model_name(web_dir: Path) -> str:
 def verify_in_browser(web_dir, backends: Iterable[str] = BACKENDS, screenshot_dir=None, timeout_s: float = 60,
                       chromium: str = CHROMIUM) -> list[dict]:
     """Open the web bundle once per backend in headless Chromium; one result dict per backend:
-    backend, tf_backend, passed, max_abs, max_rel, rows, screenshot, error, console_errors, seconds (and the
-    page's own parityResult as `page`). A backend TF.js did not run on (a silent fallback) is a failure."""
+    backend, tf_backend (the kind the backend that ran the model says it is), backend_facts, passed, max_abs,
+    max_rel, rows, screenshot, error, console_errors, seconds (and the page's own parityResult as `page`).
+    A backend other than the one asked for (a silent fallback) is a failure."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
@@ -272,10 +278,18 @@ def verify_in_browser(web_dir, backends: Iterable[str] = BACKENDS, screenshot_di
     return results
 
 
+def _query(backend: str) -> str:
+    params = {"backend": backend}
+    if os.environ.get(FAULT_ENV):  # fault injection, tests only (see page.js)
+        params["fault"] = os.environ[FAULT_ENV]
+    return urllib.parse.urlencode(params)
+
+
 def _run_one(browser, url: str, backend: str, model: str, shots: Path | None, timeout_s: float, pw_error) -> dict:
     t0 = time.perf_counter()
     console: list[str] = []
-    res: dict[str, Any] = {"backend": backend, "tf_backend": None, "passed": False, "max_abs": None, "max_rel": None,
+    res: dict[str, Any] = {"backend": backend, "tf_backend": None, "backend_facts": None, "passed": False,
+                           "max_abs": None, "max_rel": None,
                            "rows": 0, "screenshot": None, "error": None, "console_errors": console, "page": None}
     context = browser.new_context(viewport={"width": 760, "height": 520})
     try:
@@ -284,7 +298,7 @@ def _run_one(browser, url: str, backend: str, model: str, shots: Path | None, ti
         page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         page.on("requestfailed", lambda r: console.append(f"request failed: {r.url} ({r.failure})"))
         try:
-            page.goto(f"{url}index.html?backend={backend}", timeout=timeout_s * 1000)
+            page.goto(f"{url}index.html?{_query(backend)}", timeout=timeout_s * 1000)
             page.wait_for_function("() => window.parityResult !== undefined", timeout=timeout_s * 1000)
             got = page.evaluate("() => window.parityResult")
         except pw_error as e:
@@ -292,12 +306,14 @@ def _run_one(browser, url: str, backend: str, model: str, shots: Path | None, ti
             res["error"] = f"the page gave no parityResult within {timeout_s:g} s: {str(e).splitlines()[0]}"
         if got is not None:
             res["page"] = got
-            res.update({k: got.get(k) for k in ("tf_backend", "max_abs", "max_rel", "rows", "error",
-                                                   "gl_renderer")})
+            res.update({k: got.get(k) for k in ("tf_backend", "backend_facts", "max_abs", "max_rel", "rows",
+                                                   "error", "gl_renderer")})
             res["rows"] = int(got.get("rows") or 0)
-            res["passed"] = bool(got.get("passed")) and got.get("tf_backend") == backend and not got.get("error")
-            if got.get("tf_backend") != backend and not res["error"]:
-                res["error"] = f"asked TF.js for the {backend} backend, it ran on {got.get('tf_backend')!r}"
+            # the page's verdict counts only if the backend that ran the model says it is the one asked for
+            why = backend_mismatch(backend, got.get("backend_facts"))
+            res["passed"] = bool(got.get("passed")) and why is None and not got.get("error")
+            if why and not res["error"]:
+                res["error"] = why
         if shots is not None:
             path = shots / f"{model}-{backend}.png"
             try:

@@ -39,6 +39,8 @@ from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError
                             family_of, graph_order, pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
 
+from .tfjs_graph import rank1_fused_biases, unfused_hard_swish, widened_scalar_biases
+
 FORMAT = "tfjs"
 # jax: jax2tf's SavedModel is one XlaCallModule op, which the converter refuses; the ONNX file (jax2onnx)
 # goes through onnx2tf to a SavedModel of plain TF ops instead (see _plain_saved_model)
@@ -59,6 +61,9 @@ LOAD_TIMEOUT_S = START_TIMEOUT_S
 PREDICT_TIMEOUT_S = float(os.environ.get("T2E_TFJS_PREDICT_TIMEOUT_S", "60"))
 
 _BACKENDS = {"tfjs-node-cpu": "cpu", "tfjs-node-wasm": "wasm"}
+# fault injection for tests (runner.js and edge/web/page.js): "wasm-served-by-cpu" puts TF.js' CPU backend
+# under the name 'wasm', the silent fallback that backend_mismatch must catch; never set in a real run
+FAULT_ENV = "T2E_TFJS_FAULT"
 _OPTIONS = {"signature_def", "weight_shard_size_bytes"}
 # details of the SavedModel artifact that say how its inputs/outputs are laid out (e.g. "input_transpose":
 # the axes permutation its runner applies to an as-trained batch) are carried over as they are
@@ -72,6 +77,25 @@ _MISSING_KERNEL = re.compile(r"has not been implemented|not yet supported|not re
 
 class TfjsRunError(RuntimeError):
     """A loaded TF.js model failed to run (wrong input shape, Node died or hung mid-call)."""
+
+
+def backend_mismatch(asked: str, facts, did: str = "ran the model") -> str | None:
+    """Why `facts` (what the backend object says it is: runner.js's and page.js's backendFacts, read after
+    the model ran on it) do not show the `asked` backend; None when they do. `did`: what that backend did,
+    for the message. The name TF.js registered a backend under proves nothing alone: a CPU backend can sit
+    under the name 'wasm'."""
+    if not isinstance(facts, dict):
+        return f"asked for the {asked} backend, but no facts came back of the backend that {did}"
+    kind, cls, registered = facts.get("kind"), facts.get("class"), facts.get("registered")
+    if kind != asked:
+        return (f"asked for the {asked} backend, but TF.js {did} on {kind!r} (backend class {cls}, registered as "
+                f"{registered!r})")
+    if asked == "wasm" and not (isinstance(facts.get("threads"), int) and facts["threads"] >= 1):
+        return (f"asked for the wasm backend, but the backend that {did} shows no wasm module "
+                f"(threads {facts.get('threads')!r})")
+    if registered != asked:
+        return f"asked for the {asked} backend, but the {kind} backend that {did} is registered as {registered!r}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -181,39 +205,6 @@ def _plain_saved_model(name: str, framework: str, upstream: dict, out_dir: Path,
                              "why": "the TF.js converter refuses jax2tf's SavedModel (Unsupported Ops: XlaCallModule)"})
 
 
-def _rank1_fused_biases(path: Path, model_json: dict) -> list[str]:
-    """A bias of shape [1, ..., 1, n] in a fused op (_FusedMatMul, _FusedConv2D: fused_ops starting with
-    BiasAdd) told as shape [n] in the weights manifest; the bytes are the same. jax broadcasts a bias to
-    (1, n) before adding it, onnx2tf keeps that shape, the converter fuses the add, and TF.js' wasm
-    backend refuses the result ("_FusedMatMul only supports rank-1 bias but got rank 2"); broadcast
-    against the op's output, [n] and [1, n] are the same bias. Only a weight no other node reads."""
-    import base64 as b64
-    nodes = model_json.get("modelTopology", {}).get("node", [])
-    readers = collections.Counter(i.split(":")[0].lstrip("^") for n in nodes for i in n.get("input", []))
-    biases = set()
-    for n in nodes:
-        fused = [b64.b64decode(f).decode() for f in n.get("attr", {}).get("fused_ops", {}).get("list", {}).get("s", [])]
-        if n.get("op", "").startswith("_Fused") and fused[:1] == ["BiasAdd"] and len(n.get("input", [])) > 2:
-            bias = n["input"][2].split(":")[0]
-            if readers[bias] == 1:
-                biases.add(bias)
-    squeezed, done = [], set()
-    for group in model_json.get("weightsManifest", []):
-        for w in group.get("weights", []):
-            shape = w.get("shape", [])
-            if w.get("name") in biases and len(shape) > 1 and all(d == 1 for d in shape[:-1]):
-                w["shape"] = [shape[-1]]
-                done.add(w["name"])
-                squeezed.append(f"{w['name']}: {shape} -> {w['shape']}")
-    for n in nodes:  # the Const node tells the shape too
-        dims = n.get("attr", {}).get("value", {}).get("tensor", {}).get("tensorShape", {}).get("dim")
-        if n.get("name") in done and n.get("op") == "Const" and dims:
-            n["attr"]["value"]["tensor"]["tensorShape"]["dim"] = dims[-1:]
-    if squeezed:
-        path.write_text(json.dumps(model_json))
-    return squeezed
-
-
 def _js_package_versions() -> dict:
     try:
         deps = json.loads((JS_DIR / "package.json").read_text())["dependencies"]
@@ -281,7 +272,9 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
         raise ExportError(f"tfjs artifact {name}: the converter wrote no readable model.json in {tmp}: {e}") from e
     if model_json.get("format") != "graph-model":
         raise ExportError(f"tfjs artifact {name}: expected a graph-model, the converter wrote {model_json.get('format')!r}")
-    squeezed = _rank1_fused_biases(tmp / "model.json", model_json) if made_here else []
+    squeezed = rank1_fused_biases(tmp / "model.json", model_json) if made_here else []
+    widened = widened_scalar_biases(tmp, model_json)
+    unfused = unfused_hard_swish(tmp, model_json)
     sig = model_json.get("signature") or {}
     inputs, outputs = _tensor_specs(sig.get("inputs", {})), _tensor_specs(sig.get("outputs", {}))
     if not inputs or not outputs:
@@ -317,8 +310,15 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
         **({"intermediate_saved_model": {k: v for k, v in sm.details.items() if k != "made_for_tfjs"}}
            if made_here else {}),
         **({"biases_made_rank_1": squeezed} if squeezed else {}),
+        **({"scalar_biases_widened": widened} if widened else {}),
+        **({"hard_swish_unfused": unfused} if unfused else {}),
         **layout,
     }
+    repairs = [f"{len(done)} {what}" for done, what in ((widened, "scalar fused biases widened to rank 1"),
+                                                        (unfused, "convolutions with hard-swish fused in split"))
+               if done]
+    if repairs:  # shown beside the verdicts: the graph TF.js runs is not quite the converter's
+        details["note"] = "; ".join(filter(None, [details.get("note"), "graph repaired for TF.js: " + ", ".join(repairs)]))
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(dest), framework=framework, route=route,
                      batch_sizes=batch_sizes, input_layout=sm.input_layout, size_bytes=size_of(dest),
                      export_s=export_s, details=details)]
@@ -525,9 +525,10 @@ def _js_spec(t: dict, perm=None) -> TensorSpec:
 
 
 class TfjsRunner(BaseRunner):
-    """TF.js in the shared Node process, on the backend the runtime names. TF.js' own report of the
-    backend that loaded and ran the model is checked against the one asked for: a silent fallback
-    would verify the wrong runtime. Callers feed the as-trained layout (details['input_transpose'])."""
+    """TF.js in the shared Node process, on the backend the runtime names. What the backend that loaded
+    and ran the model says of itself (its class, the wasm module's facts; `backend_facts`) is checked
+    against the one asked for: a silent fallback would verify the wrong runtime. Callers feed the
+    as-trained layout (details['input_transpose'])."""
 
     def __init__(self, artifact: Artifact, runtime: str):
         self.runtime = runtime
@@ -539,7 +540,8 @@ class TfjsRunner(BaseRunner):
         self._node: NodeProcess | None = None
         self._handle: str | None = None
         self.info: dict = {}
-        self.ran_on: str | None = None  # the backend TF.js reported for the last prediction
+        self.ran_on: str | None = None  # the backend that ran the last prediction, by its own facts
+        self.backend_facts: dict | None = None  # those facts (kind, class, registered name, wasm threads/SIMD)
         self.artifact = artifact
         res = self._load()
         perm = self.input_transpose if len(res["inputs"]) == 1 else None
@@ -562,11 +564,15 @@ class TfjsRunner(BaseRunner):
         if not res.get("ok"):
             raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}) at {self.path} did not "
                                     f"load: {res.get('error')}")
-        if res.get("backend") != self.backend:
-            raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}): asked TF.js for the "
-                                    f"{self.backend} backend, but it loaded the model on {res.get('backend')!r}")
+        why = backend_mismatch(self.backend, res.get("backend_facts"), did="loaded the model")
+        if why:
+            try:  # the weights on the wrong backend are of no use to anyone
+                node.request({"cmd": "close", "handle": res["handle"]}, timeout=10.0, what="close")
+            except (TimeoutError, TfjsRunError):
+                pass
+            raise ArtifactLoadError(f"tfjs artifact {self.artifact.label} ({self.runtime}): {why}")
         self._node, self._handle = node, res["handle"]
-        self.info = {k: res.get(k) for k in ("inputs", "outputs", "load_ms", "backend")}
+        self.info = {k: res.get(k) for k in ("inputs", "outputs", "load_ms", "backend", "backend_facts")}
         self.info["pid"] = node.pid
         return res
 
@@ -589,10 +595,11 @@ class TfjsRunner(BaseRunner):
             kind = OpNotImplemented if _MISSING_KERNEL.search(error) else TfjsRunError
             raise kind(f"tfjs artifact {self.artifact.label} ({self.runtime}) failed on inputs of shape "
                        f"{[i['shape'] for i in inputs]}: {error}")
-        self.ran_on = res.get("backend")
-        if self.ran_on != self.backend:  # a silent fallback would verify the wrong runtime
-            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): asked for the {self.backend} "
-                               f"backend, but TF.js predicted on {self.ran_on!r}")
+        self.backend_facts = res.get("backend_facts")
+        self.ran_on = (self.backend_facts or {}).get("kind")
+        why = backend_mismatch(self.backend, self.backend_facts)
+        if why:  # a silent fallback would verify the wrong runtime
+            raise TfjsRunError(f"tfjs artifact {self.artifact.label} ({self.runtime}): {why}")
         out = {}
         for o in res["outputs"]:
             y = _from_b64(o)

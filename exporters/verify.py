@@ -91,6 +91,9 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
         rec.details["outputs_max_abs"] = {
             k: float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
             for (k, a), b in zip(split_rows(got, per_row).items(), split_rows(y_ref, per_row).values())}
+    facts = getattr(runner, "backend_facts", None)
+    if facts:  # what the backend that ran it said of itself (TF.js), beside the runtime that was asked for
+        rec.details["backend"] = facts
     if seen is not None:
         rec.details["signature"] = seen.describe()
         if model_signature is not None:

@@ -312,7 +312,8 @@ def cmd_deploy(args) -> int:
     for r in result["records"]:
         lat = (r.get("details") or {}).get("latency") or {}
         p50 = f"  p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms" if "p50_ms" in lat else ""
-        print(f"{r['runtime']:<16} {r['model']}/{r['variant']:<5} {r['status'].upper()}{p50}")
+        why = "" if r.get("status") == "passed" else f"  {r.get('message') or r.get('error') or ''}"  # which, and why
+        print(f"{r['runtime']:<16} {r['model']}/{r['variant']:<5} {r['status'].upper()}{p50}{why}")
     (out / "deploy.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"report: {out / 'deploy.json'}")
     return EXIT_FAILED if failed else EXIT_OK

@@ -430,6 +430,35 @@ def _parity_failing_package(edge) -> Path:
     return pkg
 
 
+def break_variant(bundle_root: Path, variant: str, by: float = 1.0) -> float:
+    """In place: the `variant` LiteRT model of a toy bundle gets its bias (its one float32 constant of shape
+    [1]) moved by `by`, the other variants untouched, and the bundle's digest of that file updated, so the
+    bundle still packages and signs cleanly and only that variant is wrong. Returns the old bias."""
+    from ai_edge_litert.interpreter import Interpreter
+    manifest = json.loads((bundle_root / "manifest.json").read_text())
+    (rel,) = [a["path"] for a in manifest["formats"]["litert"] if a["variant"] == variant]
+    path = bundle_root / rel
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    (bias,) = [float(interpreter.get_tensor(d["index"])[0]) for d in interpreter.get_tensor_details()
+               if d["dtype"] == np.float32 and list(d["shape"]) == [1]]
+    data = path.read_bytes()
+    old = np.float32(bias).astype("<f4").tobytes()
+    assert data.count(old) == 1, f"the bias {bias} of {path} is not one 4-byte run in the file"
+    path.write_bytes(data.replace(old, np.float32(bias + by).astype("<f4").tobytes()))
+    manifest["files"][rel] = sha256_file(path)
+    (bundle_root / "manifest.json").write_text(json.dumps(manifest))
+    return bias
+
+
+def _one_variant_failing_package(edge, variant: str) -> Path:
+    """A properly signed package of the toy bundle in which only `variant`'s weights were changed."""
+    copy = shutil.copytree(edge["bundle"].root, edge["tmp"] / f"broken-{variant}-{uuid.uuid4().hex[:6]}")
+    break_variant(copy, variant)
+    pkg, _ = edge["package"](bundle_=read_bundle(copy))
+    return pkg
+
+
 def _raw_cut_off_upload(agent, pkg: Path) -> None:
     data = pkg.read_bytes()
     s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
@@ -499,6 +528,30 @@ def test_the_agent_rejects_and_the_old_model_keeps_answering(case, agent, edge):
     after = agent.client.status()
     assert (after["model"], after["version"]) == (before["model"], before["version"])
     assert_serves_reference(agent.client, edge["reference"])
+
+
+@pytest.mark.e2e
+def test_one_variant_failing_on_the_device_refuses_the_whole_version(agent, edge):
+    """Every variant must pass on the device: a signed package whose int8 model alone is wrong (fp32 and fp16
+    pass) is refused with 422 naming int8 only, and the previous version stays active and answering."""
+    before = ensure_active(agent, edge)
+    versions_before = sorted(p.name for p in (agent.root / "versions").iterdir())
+    pkg = _one_variant_failing_package(edge, "int8")
+    with pytest.raises(EdgeError) as e:
+        agent.client.push(pkg)
+    assert e.value.status == 422, e.value.body
+    assert "on-device parity failed for int8 (the active version is unchanged)" in e.value.message, e.value.message
+    assert "fp32" not in e.value.message.split(":")[0] and "fp16" not in e.value.message.split(":")[0]
+    report = e.value.body["report"]
+    assert report["passed"] is False
+    assert {v: r["passed"] for v, r in report["variants"].items()} == {"fp32": True, "fp16": True, "int8": False}
+    assert "max abs" in report["variants"]["int8"]["message"], report["variants"]["int8"]
+    after = agent.client.status()
+    assert (after["model"], after["version"]) == (before["model"], before["version"])
+    assert after["last_push"]["outcome"] == "rejected" and "int8" in after["last_push"]["error"]
+    assert sorted(p.name for p in (agent.root / "versions").iterdir()) == versions_before
+    assert_serves_reference(agent.client, edge["reference"])
+    assert_serves_reference(agent.client, edge["reference"], variant="int8", atol=0.1)  # the old int8 answers
 
 
 @pytest.mark.e2e

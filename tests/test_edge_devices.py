@@ -418,6 +418,50 @@ def test_a_spec_with_edge_targets_deploys_to_both_devices_and_proves_tfjs_in_the
     assert_serves_reference(hosts["dev-a"].client, edge["reference"])  # the device answers with the new version
 
 
+def test_deploy_to_a_device_that_finds_one_variant_out_of_parity_refuses_it_and_names_it(hosts, edge, toy_run,
+                                                                                          tmp_path):
+    """`deploy --to`: a run whose int8 LiteRT models alone were changed (the bundles' digests updated, so the
+    packages are signed cleanly) is refused by the device; the output names int8 as the variant that failed
+    on the device, the command fails, and the device keeps its previous version."""
+    from pipeline.keys import keys_dir
+    from .conftest import copy_home, run_cli
+    from .test_edge import break_variant
+    home = copy_home(toy_run[0], tmp_path / "home")
+    record = sorted((home / ".pipeline" / "runs").glob("*.json"))[-1]   # its bundles: the copy's, not the original's
+    record.write_text(record.read_text().replace(str(toy_run[0]), str(home)))
+    for stage in json.loads(record.read_text())["stages"]:
+        if stage["name"].startswith("bundle:"):
+            assert stage["path"].startswith(str(home))
+            break_variant(Path(stage["path"]) / "bundle", "int8")
+    keys_dir(home).mkdir(parents=True)
+    for pem in (edge["tmp"] / "keys").iterdir():  # signed with the key the devices trust
+        shutil.copy2(pem, keys_dir(home) / pem.name)
+    device = hosts["dev-a"]
+    if device.client.status()["active"] is None:   # alone, this test needs a version to keep
+        device.client.push(edge["package"](1))
+    before = device.client.status()
+    x = edge["reference"]["x"][:5]
+    answers = device.client.predict({"input": x})["output"]
+    r = run_cli("deploy", "--to", "dev-a", "--devices", str(_device_file(tmp_path, hosts)), home=home)
+    assert r.returncode == 1, r.stdout + r.stderr
+    refusals = [l for l in r.stdout.splitlines() if " refused: " in l]
+    assert len(refusals) == 2 and all("the agent answered 422: on-device parity failed for int8 (" in l
+                                      for l in refusals), r.stdout   # one per model, naming int8 alone
+    rows = {tuple(l.split()[:2]): l for l in r.stdout.splitlines() if l.startswith("edge:dev-a ")}
+    assert len(rows) == 6, r.stdout   # 2 models x 3 variants
+    for model in ("keras", "torch"):
+        int8 = rows["edge:dev-a", f"{model}/int8"]
+        assert "FAILED  FAIL" in int8 and "max abs" in int8, r.stdout   # the device's own finding
+        for v in ("fp32", "fp16"):
+            assert rows["edge:dev-a", f"{model}/{v}"].endswith(
+                "passed on the device, but the version was not activated: on-device parity failed for int8"), r.stdout
+    after = device.client.status()
+    assert (after["model"], after["version"]) == (before["model"], before["version"]), (before, after)
+    assert after["last_push"]["outcome"] == "rejected"
+    assert "on-device parity failed for int8" in after["last_push"]["error"], after["last_push"]
+    np.testing.assert_array_equal(device.client.predict({"input": x})["output"], answers)  # the old one answers
+
+
 def test_keys_init_then_deploy_a_run_to_a_device_from_the_command_line(hosts, edge, toy_run, tmp_path):
     from pipeline.keys import keys_dir
     from .conftest import copy_home, run_cli

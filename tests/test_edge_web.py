@@ -80,7 +80,10 @@ def test_the_web_bundle_passes_in_chromium_on_every_backend(model, web_dirs, bun
         summary = json.dumps({k: v for k, v in r.items() if k != "page"})
         assert r["passed"], summary
         assert r["error"] is None, summary
-        assert r["tf_backend"] == r["backend"], summary  # TF.js' own report: no silent fallback
+        assert r["tf_backend"] == r["backend"], summary  # the backend's own facts: no silent fallback
+        assert r["backend_facts"]["registered"] == r["backend"], summary
+        if r["backend"] == "wasm":  # a fact only the wasm module has
+            assert isinstance(r["backend_facts"]["threads"], int) and r["backend_facts"]["threads"] >= 1, summary
         assert r["rows"] == rows and r["max_abs"] is not None and r["max_abs"] <= atol, summary
         assert r["console_errors"] == [], summary
         shot = Path(r["screenshot"])
@@ -88,6 +91,25 @@ def test_the_web_bundle_passes_in_chromium_on_every_backend(model, web_dirs, bun
         assert shot.read_bytes()[:8] == PNG, summary
         print(f"{model} {r['backend']}: max abs {r['max_abs']:.3g} in {r['seconds']:.2f} s"
               + (f" ({r['gl_renderer']})" if r.get("gl_renderer") else ""))
+
+
+def test_wasm_asked_but_served_by_cpu_in_chromium_is_a_failure_not_a_wasm_pass(web_dirs, bundles, monkeypatch):
+    """The silent fallback, injected into page.js ($T2E_TFJS_FAULT, passed as ?fault=): TF.js' CPU backend
+    registered under the name 'wasm', so tf.getBackend() says 'wasm' while the CPU computes the right numbers.
+    The wasm result and its record must fail, naming what was asked and what ran (the backend's own facts);
+    the cpu result still passes."""
+    from edge.deploy import _browser_record
+    from exporters.tfjs import FAULT_ENV
+    monkeypatch.setenv(FAULT_ENV, "wasm-served-by-cpu")
+    cpu, wasm = verify_in_browser(web_dirs["keras"], ("cpu", "wasm"), timeout_s=60)
+    assert cpu["passed"] and cpu["tf_backend"] == "cpu" and cpu["error"] is None, cpu
+    assert not wasm["passed"], wasm
+    assert wasm["tf_backend"] == "cpu" and wasm["backend_facts"]["registered"] == "wasm", wasm
+    assert "asked for the wasm backend" in wasm["error"] and "cpu" in wasm["error"], wasm["error"]
+    record = _browser_record(bundles["keras"], wasm)
+    assert record["status"] == "failed" and record["runtime"] == "chromium-wasm", record
+    assert record["details"]["tf_backend"] == "cpu", record
+    assert "asked for the wasm backend" in record["message"], record["message"]
 
 
 def test_shifted_reference_outputs_fail_with_the_shift_as_max_abs(web_dirs, tmp_path):

@@ -150,12 +150,49 @@ def test_a_prediction_on_another_backend_than_asked_is_an_error(built, monkeypat
         node = runner._node
         real = node.request
 
-        def falls_back_to_cpu(msg, timeout, what):
+        def falls_back_to_cpu(msg, timeout, what):  # the name still says wasm; the backend's facts say cpu
             res = real(msg, timeout, what)
-            return {**res, "backend": "cpu"} if msg.get("cmd") == "predict" else res
+            cpu = {"kind": "cpu", "registered": "wasm", "class": "MathBackendCPU", "threads": None, "simd": None}
+            return {**res, "backend_facts": cpu} if msg.get("cmd") == "predict" else res
         monkeypatch.setattr(node, "request", falls_back_to_cpu)
-        with pytest.raises(tfjs.TfjsRunError, match="asked for the wasm backend, but TF.js predicted on 'cpu'"):
+        with pytest.raises(tfjs.TfjsRunError, match="asked for the wasm backend, but TF.js ran the model on 'cpu' "
+                                                     r"\(backend class MathBackendCPU, registered as 'wasm'\)"):
             runner(_inputs("toy", 2))
+
+
+def test_wasm_asked_but_served_by_cpu_fails_the_cell_instead_of_passing_as_wasm(built, monkeypatch):
+    """The silent fallback, injected into runner.js (T2E_TFJS_FAULT): TF.js' CPU backend registered under the
+    name 'wasm', so tf.getBackend() says 'wasm' while the CPU computes (and computes the right numbers). The
+    wasm cell must fail naming what was asked and what ran; only the backend's own facts can tell."""
+    from exporters.verify import check_artifact
+    from parity.compare import tolerance_for
+    model, art = built["toy"]
+    x = _inputs("toy", 8, seed=3)
+    reference = {"x": x, "y": _reference(model, x), "kind": np.zeros(len(x), np.int8)}
+    tol = tolerance_for("fp32", "tfjs", {})
+
+    def cell(runtime):
+        rec, _, _ = check_artifact(tfjs, art, runtime, reference, tol, task="regression", max_batch=4)
+        return rec
+
+    honest = cell("tfjs-node-wasm")   # the record says what ran, from the backend itself
+    assert honest.passed, honest.message
+    facts = honest.details["backend"]
+    assert facts["kind"] == facts["registered"] == "wasm" and facts["class"] == "BackendWasm", facts
+    assert isinstance(facts["threads"], int) and facts["threads"] >= 1, facts
+
+    tfjs.shutdown_node()   # the fault is read when runner.js starts
+    monkeypatch.setenv(tfjs.FAULT_ENV, "wasm-served-by-cpu")
+    try:
+        faulty = cell("tfjs-node-wasm")
+        assert faulty.status == "failed" and not faulty.passed, faulty.to_json()
+        assert "asked for the wasm backend" in faulty.message and "'cpu'" in faulty.message, faulty.message
+        assert "backend class MathBackendCPU, registered as 'wasm'" in faulty.message, faulty.message
+        assert (faulty.details.get("backend") or {}).get("kind") != "wasm", faulty.to_json()
+        cpu = cell("tfjs-node-cpu")   # the cpu cell in the same process is untouched by the fault
+        assert cpu.passed and cpu.details["backend"]["kind"] == "cpu", cpu.to_json()
+    finally:
+        tfjs.shutdown_node()   # later tests start a process without the fault
 
 
 def _copy(art: Artifact, dest: Path) -> Artifact:

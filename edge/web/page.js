@@ -1,14 +1,22 @@
 // Runs the bundle's stored parity inputs through the TF.js graph model on the backend named by the URL
 // (?backend=cpu|wasm|webgl), compares with the stored reference outputs as parity/compare.py does
 // (a value is out of tolerance when beyond atol AND beyond rtol, relative to max(|ref|, rel_floor)),
-// shows the result and sets window.parityResult = {backend, tf_backend, rows, max_abs, passed, error, ...}.
+// shows the result and sets window.parityResult = {backend, tf_backend, backend_facts, rows, max_abs, passed,
+// error, ...}.
+// tf_backend is what the backend object that ran the model says it is (backendFacts), not the name it was
+// registered under: a CPU backend under the name 'wasm' reports 'cpu'.
 'use strict';
 (function () {
   const BACKENDS = ['cpu', 'wasm', 'webgl'];
   const params = new URLSearchParams(window.location.search);
   const backend = params.get('backend') || 'cpu';
-  const result = { backend, tf_backend: null, rows: 0, max_abs: null, max_rel: null, n_out_of_tolerance: null,
-                   passed: false, error: null, model: null, tfjs: null, load_ms: null, run_ms: null };
+  // FAULT INJECTION, for tests only (edge/web.py passes $T2E_TFJS_FAULT; never set in a real run):
+  // ?fault=wasm-served-by-cpu registers TF.js' CPU backend and its kernels under the name 'wasm', the
+  // silent fallback that backendFacts() must expose.
+  const fault = params.get('fault') || '';
+  const result = { backend, tf_backend: null, backend_facts: null, fault: fault || null, rows: 0, max_abs: null,
+                   max_rel: null, n_out_of_tolerance: null, passed: false, error: null, model: null, tfjs: null,
+                   load_ms: null, run_ms: null };
 
   function show(id, text) { const el = document.getElementById(id); if (el) el.textContent = text; }
   function fmt(v) { return v === null || v === undefined ? '-' : (typeof v === 'number' ? v.toExponential(3) : String(v)); }
@@ -16,7 +24,9 @@
   function render(done) {
     show('r-model', result.model || '-');
     show('r-backend', backend);
-    show('r-tf-backend', result.tf_backend || '-');
+    const f = result.backend_facts;
+    show('r-tf-backend', !f ? (result.tf_backend || '-') :
+         `${f.kind} (${f.class}, registered as ${f.registered}${f.threads ? `, ${f.threads} thread(s)` : ''})`);
     show('r-rows', String(result.rows));
     show('r-max-abs', fmt(result.max_abs));
     show('r-max-rel', fmt(result.max_rel));
@@ -29,6 +39,47 @@
     v.className = verdict;
     show('error', result.error ? 'error: ' + result.error : '');
     show('sub', done ? `TF.js ${result.tfjs || '?'} on ${backend}` : `running on ${backend} ...`);
+  }
+
+  function injectFault() {
+    if (fault !== 'wasm-served-by-cpu') {
+      throw new Error(`unknown fault ${JSON.stringify(fault)}: expected wasm-served-by-cpu`);
+    }
+    for (const k of tf.getKernelsForBackend('wasm')) tf.unregisterKernel(k.kernelName, 'wasm');
+    tf.copyRegisteredKernels('cpu', 'wasm');
+    tf.removeBackend('wasm');
+    tf.registerBackend('wasm', tf.findBackendFactory('cpu'), 2);
+    console.warn(`FAULT INJECTION ${fault}: the 'wasm' backend is TF.js' CPU backend`);
+  }
+
+  // What a backend object says it is: its class checked against the classes TF.js exports (the minified
+  // builds keep no class names), and the facts only that kind has (the wasm module's XNNPACK thread count,
+  // the WebGL context). `b`: the backend holding `outputs` when given, else the active one.
+  async function backendFacts(outputs, b) {
+    const held = (outputs || []).map((t) => tf.engine().state.tensorInfo.get(t.dataId)).find((i) => i && i.backend);
+    b = held ? held.backend : (b || tf.backend());
+    const facts = { kind: 'unknown', registered: tf.engine().backendName, class: b.constructor.name,
+                    threads: null, simd: null };
+    if (tf.wasm && b instanceof tf.wasm.BackendWasm && b.wasm && b.wasm.tfjs) {
+      facts.kind = 'wasm';
+      facts.threads = b.wasm.tfjs.getThreadsCount();
+      facts.simd = Boolean(await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT'));
+    } else if (tf.MathBackendWebGL && b instanceof tf.MathBackendWebGL && b.gpgpu && b.gpgpu.gl) {
+      facts.kind = 'webgl';
+    } else if (b instanceof tf.MathBackendCPU) {
+      facts.kind = 'cpu';
+    }
+    return facts;
+  }
+
+  // the page's own check; edge/web.py checks the same facts again (exporters.tfjs.backend_mismatch)
+  function checkFacts(facts, did) {
+    result.backend_facts = facts;
+    result.tf_backend = facts.kind;
+    if (facts.kind !== backend || facts.registered !== backend) {
+      throw new Error(`asked for the ${backend} backend, but TF.js ${did} on ${JSON.stringify(facts.kind)} ` +
+                      `(backend class ${facts.class}, registered as ${JSON.stringify(facts.registered)})`);
+    }
   }
 
   function typed(values, dtype) {
@@ -61,12 +112,11 @@
       if (!tf.wasm || typeof tf.wasm.setWasmPaths !== 'function') throw new Error('tf-backend-wasm.min.js did not load: tf.wasm is undefined');
       tf.wasm.setWasmPaths(new URL(parity.wasm_dir || './', window.location.href).href);
     }
+    if (fault) injectFault();
     const ok = await tf.setBackend(backend);
     await tf.ready();
-    result.tf_backend = tf.getBackend();
-    if (!ok || result.tf_backend !== backend) {
-      throw new Error(`asked TF.js for the ${backend} backend, it has ${JSON.stringify(result.tf_backend)} active`);
-    }
+    if (!ok) throw new Error(`TF.js could not set up the ${backend} backend`);
+    checkFacts(await backendFacts([]), 'set up the backend');
 
     if (backend === 'webgl') {  // which GL implementation ran it (headless Chromium: SwiftShader, in software)
       try {
@@ -125,14 +175,14 @@
             for (let k = 0; k < per; k++) row.push(vals[r * per + k]);
           }
         }
-        if (tf.getBackend() !== backend) throw new Error(`asked for the ${backend} backend, TF.js predicted on ${tf.getBackend()}`);
+        // read after the model ran, from the backend holding its outputs
+        checkFacts(await backendFacts(outs), 'ran the model');
       } finally {
         for (const t of created) t.dispose();
         for (const t of outs) if (t && typeof t.dispose === 'function') t.dispose();
       }
     }
     result.run_ms = performance.now() - t0;
-    result.tf_backend = tf.getBackend();
 
     const ref = parity.reference.values.map((v) => (v === null ? NaN : v));
     const flat = [].concat(...got);
@@ -167,8 +217,15 @@
   run().catch((e) => {
     result.passed = false;
     result.error = String((e && e.message) || e);
-    // the active backend without starting one (tf.getBackend() would initialise the best available)
-    try { if (typeof tf !== 'undefined') result.tf_backend = tf.engine().backendName || result.tf_backend; } catch (_) { /* none */ }
+  }).then(async () => {
+    // the facts of the active backend, without starting one (tf.backend() would initialise the best available)
+    try {
+      const b = typeof tf !== 'undefined' && tf.engine().backendInstance;
+      if (b && !result.backend_facts) {
+        result.backend_facts = await backendFacts([], b);
+        result.tf_backend = result.backend_facts.kind;
+      }
+    } catch (_) { /* none */ }
   }).finally(() => {
     render(true);
     window.parityResult = result;

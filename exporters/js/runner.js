@@ -6,11 +6,15 @@
 //   {"id": 1, "cmd": "hello"}
 //       -> {"id": 1, "ok": true, "pid": ..., "tfjs": "4.22.0", "node": "v20...", "backends": ["cpu", "wasm"]}
 //   {"id": 2, "cmd": "load", "path": "/abs/model_dir", "backend": "cpu" | "wasm"}
-//       -> {"id": 2, "ok": true, "handle": "m1", "backend": "cpu", "inputs": [{name, shape, dtype}],
-//           "outputs": [{name, shape, dtype}], "signature": {...} | null, "load_ms": 12.3}
+//       -> {"id": 2, "ok": true, "handle": "m1", "backend": "cpu", "backend_facts": {...},
+//           "inputs": [{name, shape, dtype}], "outputs": [{name, shape, dtype}], "signature": {...} | null, "load_ms": 12.3}
 //   {"id": 3, "cmd": "predict", "handle": "m1",
 //    "inputs": [{"name": "x" (optional), "shape": [16, 8, 8], "dtype": "float32", "b64": "<little-endian bytes>"}]}
-//       -> {"id": 3, "ok": true, "outputs": [{"name", "shape", "dtype", "b64"}], "backend": "cpu", "run_ms": 0.4}
+//       -> {"id": 3, "ok": true, "outputs": [{"name", "shape", "dtype", "b64"}], "backend": "cpu",
+//           "backend_facts": {...}, "run_ms": 0.4}
+//   "backend" is what the backend object that ran the model says it is (backendFacts below), not the name asked
+//   for nor the name it was registered under: {"kind": "cpu" | "wasm" | "unknown", "registered", "class",
+//   "threads" and "simd" (wasm only: XNNPACK's thread count from the wasm module, the SIMD binary)}.
 //   {"id": 4, "cmd": "close", "handle": "m1"}  -> {"id": 4, "ok": true}      (disposes the model's weights)
 //   {"id": 5, "cmd": "shutdown"}               -> {"id": 5, "ok": true} and the process exits
 //   Any failure: {"id": n, "ok": false, "error": "<message>", "kind": "load" | "predict" | "protocol"}
@@ -39,6 +43,23 @@ try {
 // The wasm backend fetches its .wasm binaries from this folder; in Node, Emscripten reads file paths with fs.
 const WASM_DIR = path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm'));
 wasmBackend.setWasmPaths(WASM_DIR + path.sep);
+
+// FAULT INJECTION, for tests only (never set in a real run): T2E_TFJS_FAULT=wasm-served-by-cpu registers TF.js'
+// CPU backend and its kernels under the name 'wasm', so tf.getBackend() says 'wasm' while the CPU computes:
+// the silent fallback that backendFacts() must expose. Announced on stderr so it cannot go unnoticed.
+const FAULT = process.env.T2E_TFJS_FAULT || '';
+if (FAULT) {
+  if (FAULT !== 'wasm-served-by-cpu') {
+    writeOut(JSON.stringify({ id: 0, ok: false, kind: 'startup',
+      error: `unknown T2E_TFJS_FAULT ${JSON.stringify(FAULT)}: expected wasm-served-by-cpu or nothing` }) + '\n');
+    process.exit(3);
+  }
+  for (const k of tf.getKernelsForBackend('wasm')) tf.unregisterKernel(k.kernelName, 'wasm');
+  tf.copyRegisteredKernels('cpu', 'wasm');
+  tf.removeBackend('wasm');
+  tf.registerBackend('wasm', tf.findBackendFactory('cpu'), 2);
+  console.error(`TF.js runner: FAULT INJECTION ${FAULT}: the 'wasm' backend is TF.js' CPU backend`);
+}
 
 const DTYPE_BYTES = { float32: 4, int32: 4, bool: 1, uint8: 1, uint16: 2, float16: 2 };
 
@@ -114,6 +135,24 @@ async function useBackend(name) {
   await tf.ready();
 }
 
+// What the backend that holds `outputs` (or, with none, the active one) says it is. Its class is checked
+// against the classes TF.js exports (minified builds keep no class names); for wasm, the Emscripten module's
+// own facts are read as well. tf.getBackend() is only the name a backend was registered under.
+async function backendFacts(outputs) {
+  const held = (outputs || []).map((t) => tf.engine().state.tensorInfo.get(t.dataId)).find((i) => i && i.backend);
+  const b = held ? held.backend : tf.backend();
+  const facts = { kind: 'unknown', registered: tf.engine().backendName, class: b.constructor.name,
+                  threads: null, simd: null };
+  if (b instanceof wasmBackend.BackendWasm && b.wasm && b.wasm.tfjs) {
+    facts.kind = 'wasm';
+    facts.threads = b.wasm.tfjs.getThreadsCount();
+    facts.simd = Boolean(await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT'));
+  } else if (b instanceof tf.MathBackendCPU) {
+    facts.kind = 'cpu';
+  }
+  return facts;
+}
+
 function tensorInfo(list) {
   return (list || []).map((t) => ({ name: t.name, shape: t.shape || null, dtype: t.dtype || null }));
 }
@@ -129,8 +168,9 @@ async function load(req) {
   const handle = `m${nextHandle++}`;
   const entry = { model, backend, path: req.path, inputs: tensorInfo(model.inputs), outputs: tensorInfo(model.outputs) };
   models.set(handle, entry);
-  // the backend TF.js really has active, not the one asked for: the caller checks they agree
-  return { handle, backend: tf.getBackend(), inputs: entry.inputs, outputs: entry.outputs,
+  // the backend TF.js really has active, by its own facts, not the one asked for: the caller checks they agree
+  const facts = await backendFacts([]);
+  return { handle, backend: facts.kind, backend_facts: facts, inputs: entry.inputs, outputs: entry.outputs,
            signature: model.signature || null, load_ms: loadMs };
 }
 
@@ -189,7 +229,9 @@ async function predict(req) {
                     b64: Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString('base64') });
     }
     const runMs = Number(process.hrtime.bigint() - t0) / 1e6;
-    return { outputs: result, backend: tf.getBackend(), run_ms: runMs };
+    // read after the model ran, from the backend holding its outputs: the caller checks it is the one asked for
+    const facts = await backendFacts(outs);
+    return { outputs: result, backend: facts.kind, backend_facts: facts, run_ms: runMs };
   } finally {
     for (const t of created) t.dispose();
     for (const t of outs) if (t && typeof t.dispose === 'function') t.dispose();
