@@ -263,3 +263,61 @@ def forward_order(module, names) -> list[str]:
     except (TypeError, ValueError):  # a ScriptModule's forward has no Python signature
         return names
     return sorted(names, key=lambda n: params.index(n) if n in params else len(params) + names.index(n))
+
+
+def keras_input_names(model) -> list[str] | None:
+    """The names a Keras functional model matches a dict of inputs against (its inputs' own names,
+    or the keys of a dict it was built with); None for a model that does not say (a subclassed one)."""
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, dict):
+        return list(struct)
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # a subclassed model has no symbolic inputs
+        return None
+    return [t.name for t in inputs] if inputs else None
+
+
+def keras_feed(model, x):
+    """`x` bound to a Keras model's inputs (parity.feeds.bind_inputs) as tensors: one float32 tensor
+    for one input (called positionally, as model(x) is), else {name: tensor} keeping each dtype."""
+    import tensorflow as tf
+    from parity.feeds import bind_inputs
+    bound, _ = bind_inputs(x, keras_input_names(model))
+    if isinstance(bound, dict):
+        return {k: tf.constant(v) for k, v in bound.items()}
+    return tf.constant(bound, dtype=tf.float32)
+
+
+def keyword_call(module, names):
+    """`module` itself when its forward takes `names` positionally (forward_order's order, from its first
+    parameter on); else a module whose forward takes them positionally and passes them to `module` by
+    keyword. A forward with keyword-only inputs, or whose inputs skip a parameter (Hugging Face's
+    `forward(input_ids, token_type_ids=None, attention_mask=None)` given input_ids and attention_mask),
+    would otherwise be fed the wrong tensor in a slot, silently. Every torch route calls and traces
+    modules positionally, so wrapping once here serves them all."""
+    import inspect
+    names = list(names)
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a ScriptModule: positional is all it has
+        return module
+    by_name = {p.name: p for p in params}
+    order = forward_order(module, names)
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional[:len(order)] == order or not all(n in by_name or _takes_kwargs(params) for n in order):
+        return module
+    import torch
+
+    arglist = ", ".join(order)
+    code = f"def forward(self, {arglist}):\n    return self.inner({', '.join(f'{n}={n}' for n in order)})\n"
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - names are the data's input names, checked identifiers
+    cls = type(f"KeywordCall_{type(module).__name__}", (torch.nn.Module,), {"forward": scope["forward"]})
+    wrapper = cls()
+    wrapper.inner = module
+    return wrapper
+
+
+def _takes_kwargs(params) -> bool:
+    return any(p.kind == p.VAR_KEYWORD for p in params)

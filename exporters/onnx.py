@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, family_of, forward_order, package_version, pick_runtime, size_of,
+                             example_batch, family_of, forward_order, keras_feed, package_version, pick_runtime, size_of,
                              unsupported_family)
 from parity.feeds import flatten_outputs
 from parity.signature import Signature, TensorSpec
@@ -91,7 +91,7 @@ def _export_tf_module(module, name: str, path: Path) -> tuple[str, dict[str, Any
 def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[str, dict[str, Any]]:
     import keras
 
-    model(example)  # Keras refuses to export a model that has never been called (a dict for several inputs)
+    model(keras_feed(model, example))  # Keras refuses to export a model that has never been called
     try:
         model.export(str(path), format="onnx", verbose=False)
     except Exception as e:  # the converter's own error, reworded with what was being done
@@ -131,14 +131,40 @@ def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[st
         except Exception as e:
             raise ExportError(f"onnx export of {name} (torch): torch.onnx.export(dynamo=True) with a dynamic "
                               f"batch dimension failed: {type(e).__name__}: {str(e).strip()[:2000]}") from e
+        fixed = _fixed_batch_copy(model, args, path, named)
     finally:
         model.train(was_training)
     details = {"converter": "torch.onnx.export(dynamo=True, external_data=False)",
                "forward_args": arg_names,
                "dynamic_shapes": "batch dimension 0 of every positional argument",
+               **fixed,
                "versions": {"torch": package_version("torch"), "onnxscript": package_version("onnxscript"),
                             "onnx": package_version("onnx")}}
     return "torch.onnx.export(dynamo=True, dynamic batch)", details
+
+
+FIXED_BATCH_FILE_NAME = "model.batch1.onnx"
+
+
+def _fixed_batch_copy(model, args: tuple, path: Path, named: dict) -> dict[str, str]:
+    """A second export with batch 1 fixed, beside the dynamic one, for a graph that computes with its own
+    shapes (Shape ops: attention masks broadcast to the batch, say). onnx2tf cannot convert such a graph
+    when the batch is symbolic, and takes this one (the SavedModel's second route). Not an artifact of its
+    own; a failure here only means there is no second route."""
+    import onnx
+    import torch
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if not any(node.op_type == "Shape" for node in graph.node):
+        return {}
+    fixed = path.with_name(FIXED_BATCH_FILE_NAME)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, tuple(a[:1] for a in args), str(fixed), dynamo=True, external_data=False,
+                              verbose=False, **named)
+    except Exception as e:  # noqa: BLE001 - recorded: the SavedModel then has one route only
+        fixed.unlink(missing_ok=True)
+        return {"fixed_batch_copy_error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    return {"fixed_batch_copy": fixed.name}
 
 
 def _jax2onnx_plugins() -> str:

@@ -29,7 +29,7 @@ import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, example_batch, family_of,
                             forward_order, graph_order, pick_runtime, size_of, unsupported_family)
-from parity.feeds import flat_rows
+from parity.feeds import flat_rows, take
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
@@ -180,8 +180,63 @@ def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir
 
     t0 = time.perf_counter()
     final = out_dir / _DIR_NAME
+    route = f"ONNX ({onnx_path.name}) -> onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)"
+    first_route_left = None
+    try:
+        dropped = _onnx2tf(onnx_path, final, name)
+    except ExportError as first:
+        # the second route: the batch-1 export the ONNX stage kept for a graph that computes with its shapes
+        fixed = onnx_path.with_name(onnx_artifacts[0].details.get("fixed_batch_copy") or "")
+        if not fixed.is_file() or fixed == onnx_path:
+            raise
+        try:
+            dropped = _onnx2tf(fixed, final, name)
+        except ExportError as second:
+            raise ExportError(f"saved_model artifact {name}: every route failed. 1) {route}: {first}\n"
+                              f"2) ONNX with a fixed batch of 1 ({fixed.name}) -> onnx2tf: {second}") from second
+        first_route_left = {"route": route, "why": str(first).split(": ", 1)[-1][:600]}
+        onnx_path, route = fixed, (f"ONNX with a fixed batch of 1 ({fixed.name}, the first route failed) -> "
+                                   f"onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)")
+    export_s = time.perf_counter() - t0
+
+    sig = _describe_signature(final, name)
+
+    # Which layout does the SavedModel want? Measure it on the example against the torch model.
+    # `expected` (the model's stored outputs on `example`) spares importing torch next to TensorFlow.
+    ref = np.asarray(expected) if expected is not None else _torch_outputs(model, example)
+    if sig["batch_sizes"]:  # a fixed batch (the second route): measured on that many rows
+        example, ref = take(example, slice(0, sig["batch_sizes"][0])), ref[:sig["batch_sizes"][0]]
+    perm, errors = _measure_layout(final, sig, example, ref, name)
+    if perm is None:
+        layout = "as-trained"
+    else:
+        layout = (f"{_layout_name(example.ndim, channels_last=True)} inside the SavedModel "
+                  f"(onnx2tf transposed it from {_layout_name(example.ndim, channels_last=False)}); "
+                  f"the runner transposes with {list(perm)}, callers feed the as-trained layout")
+
+    import onnx
+    return Artifact(
+        model=name, format=FORMAT, variant="fp32", path=str(final), framework=framework, route=route,
+        batch_sizes=sig["batch_sizes"], input_layout=layout,
+        size_bytes=size_of(final), export_s=export_s,
+        details={"signature": SIGNATURE_KEY, "input_name": sig["input_name"],
+                 "input_spec": sig["input_spec"], "output_name": sig["output_name"],
+                 "output_spec": sig["output_spec"],
+                 "input_transpose": None if perm is None else list(perm),
+                 "layout_check_max_abs": errors,
+                 "onnx_source": str(onnx_path), "onnx2tf_extra_files_dropped": dropped,
+                 **({"first_route_left": first_route_left} if first_route_left else {}),
+                 "versions": {"tensorflow": tf.__version__, "onnx2tf": onnx2tf.__version__,
+                              "onnx": onnx.__version__}},
+    )
+
+
+def _onnx2tf(onnx_path: Path, final: Path, name: str) -> list[str]:
+    """onnx2tf on a copy of `onnx_path` (it rewrites its input in place), the SavedModel moved to `final`;
+    the .tflite files it also writes are dropped (LiteRT has its own route) and their names returned."""
+    import onnx2tf
     log = io.StringIO()
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saved_model-") as tmp:
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".saved_model-") as tmp:
         tmp = Path(tmp)
         onnx_copy = tmp / "model.onnx"          # onnx2tf rewrites its input in place: never hand it ours
         shutil.copyfile(onnx_path, onnx_copy)
@@ -206,36 +261,7 @@ def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir
         for p in staged.glob("*.tflite"):
             p.unlink()
         _replace_dir(staged, final)
-    export_s = time.perf_counter() - t0
-
-    sig = _describe_signature(final, name)
-
-    # Which layout does the SavedModel want? Measure it on the example against the torch model.
-    # `expected` (the model's stored outputs on `example`) spares importing torch next to TensorFlow.
-    ref = np.asarray(expected) if expected is not None else _torch_outputs(model, example)
-    perm, errors = _measure_layout(final, sig, example, ref, name)
-    if perm is None:
-        layout = "as-trained"
-    else:
-        layout = (f"{_layout_name(example.ndim, channels_last=True)} inside the SavedModel "
-                  f"(onnx2tf transposed it from {_layout_name(example.ndim, channels_last=False)}); "
-                  f"the runner transposes with {list(perm)}, callers feed the as-trained layout")
-
-    import onnx
-    return Artifact(
-        model=name, format=FORMAT, variant="fp32", path=str(final), framework=framework,
-        route=f"ONNX ({onnx_path.name}) -> onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)",
-        batch_sizes=sig["batch_sizes"], input_layout=layout,
-        size_bytes=size_of(final), export_s=export_s,
-        details={"signature": SIGNATURE_KEY, "input_name": sig["input_name"],
-                 "input_spec": sig["input_spec"], "output_name": sig["output_name"],
-                 "output_spec": sig["output_spec"],
-                 "input_transpose": None if perm is None else list(perm),
-                 "layout_check_max_abs": errors,
-                 "onnx_source": str(onnx_path), "onnx2tf_extra_files_dropped": dropped,
-                 "versions": {"tensorflow": tf.__version__, "onnx2tf": onnx2tf.__version__,
-                              "onnx": onnx.__version__}},
-    )
+    return dropped
 
 
 def _layout_name(ndim: int, channels_last: bool) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, family_of, forward_order, package_version, pick_runtime, size_of,
+                             example_batch, family_of, forward_order, keras_feed, package_version, pick_runtime, size_of,
                              unsupported_family)
 from parity.signature import Signature, TensorSpec
 from parity.feeds import flat_rows, flatten_outputs
@@ -252,7 +252,7 @@ def _max_abs_vs_keras(keras_model, scripted, example: np.ndarray, expected=None)
     model's stored outputs on `example`) spares importing Keras in a process that has only torch."""
     import torch
 
-    want = np.asarray(expected) if expected is not None else np.asarray(keras_model(example))
+    want = np.asarray(expected) if expected is not None else np.asarray(keras_model(keras_feed(keras_model, example)))
     with torch.no_grad():
         got = _first_tensor(scripted(torch.from_numpy(example))).numpy()
     return float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")

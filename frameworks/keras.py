@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.base import keras_feed, keras_input_names
 from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
@@ -46,7 +47,7 @@ class Adapter:
         """Keras' own `fit` with its callbacks when the spec asks for validation or callbacks; else the
         same updates in compiled chunks of epochs (several times faster on small models)."""
         import keras
-        xs = tf_inputs(x)
+        xs = keras_feed(model, x)
         multi = isinstance(xs, dict)
         if t.loss == "mse":
             loss_fn = keras.losses.MeanSquaredError()
@@ -87,8 +88,8 @@ class Adapter:
             if stop:
                 callbacks.append(stop)
             n = n_rows(x)
-            fitted = model.fit(tf_inputs(x), y, batch_size=min(t.batch_size or n, n), epochs=t.epochs,
-                               shuffle=t.shuffle, validation_data=None if val is None else (tf_inputs(val[0]), val[1]),
+            fitted = model.fit(keras_feed(model, x), y, batch_size=min(t.batch_size or n, n), epochs=t.epochs,
+                               shuffle=t.shuffle, validation_data=None if val is None else (keras_feed(model, val[0]), val[1]),
                                callbacks=callbacks, verbose=0).history
             history = History(loss=fitted["loss"], val_loss=fitted.get("val_loss", []),
                               lr=fitted.get("learning_rate", []))
@@ -150,10 +151,16 @@ class Adapter:
         ins = [t.name for t in getattr(model, "inputs", None) or []] or ["x"]
         return Signature((TensorSpec.of(ins[0], x),), outputs)
 
+    def bind(self, model, x) -> dict[str, str]:
+        """How `x`'s arrays meet the model's inputs (by name, then one by position); raises
+        InputBindingError when they cannot."""
+        from parity.feeds import bind_inputs
+        return bind_inputs(x, keras_input_names(model))[1]
+
     def predict(self, model, x):
         """One array, or {name: array} for a model of several outputs (a list is named by output_names)."""
         names = list(getattr(model, "output_names", None) or []) or None
-        return one_or_named(flatten_outputs(model(tf_inputs(x), training=False), np.asarray, names=names))
+        return one_or_named(flatten_outputs(model(keras_feed(model, x), training=False), np.asarray, names=names))
 
     def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
         import keras
@@ -198,10 +205,3 @@ class Adapter:
             model, str(path), signature=infer_signature(x_example, y_example), input_example=x_example,
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
 
-
-def tf_inputs(x):
-    """One float32 tensor, or {name: tensor} keeping each input's dtype (ids stay integers)."""
-    import tensorflow as tf
-    if isinstance(x, dict):
-        return {k: tf.constant(v) for k, v in x.items()}
-    return tf.constant(x, dtype=tf.float32)

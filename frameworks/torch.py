@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.base import forward_order
+from exporters.base import forward_order, keyword_call
 from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
@@ -124,9 +124,30 @@ class Adapter:
             return Signature(tuple(TensorSpec.of(k, x[k]) for k in names), output_specs(y, "output"))
         return Signature((TensorSpec.of(params[0].name if params else "x", x),), output_specs(y, "output"))
 
+    def bind(self, model, x) -> dict[str, str]:
+        """How `x`'s arrays meet the forward's parameters (by name, then one by position); raises
+        InputBindingError when they cannot. A ScriptModule does not say; **kwargs takes any name."""
+        import inspect
+        from parity.feeds import bind_inputs
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            return {}
+        named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        names, optional = [p.name for p in named], [p.name for p in named if p.default is not p.empty]
+        if any(p.kind == p.VAR_KEYWORD for p in params) and isinstance(x, dict):  # **kwargs may take any name
+            names += [k for k in x if k not in names]
+        return bind_inputs(x, names, optional=optional)[1]
+
+    def for_inputs(self, model, x):
+        """The module to call (and export) positionally with `x`'s arrays in forward's order: itself, or a
+        wrapper that passes them by keyword where positions would put one in the wrong slot."""
+        return keyword_call(model, list(x)) if isinstance(x, dict) else model
+
     def predict(self, model, x):
         """One array, or {name: array} for a model returning a dict, a tuple or a ModelOutput."""
         import torch
+        model = self.for_inputs(model, x)
         model.eval()
         with torch.no_grad():
             return one_or_named(flatten_outputs(model(*torch_inputs(model, x)), lambda t: t.detach().cpu().numpy()))
@@ -201,15 +222,15 @@ class Adapter:
         return clone
 
     def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
-        import mlflow.pytorch
         import torch
+        mlflow_pytorch = import_mlflow_pytorch()
         from mlflow.models import infer_signature
         if isinstance(x_example, dict):  # MLflow traces forward with positional examples, in its order
             x_example = tuple(x_example[k] for k in forward_order(model, list(x_example)))
         # MLflow's pt2 format needs torch.export to take the module; a TorchScript module is pickled,
         # and several positional inputs (a tuple example) are not a pt2 TensorSpec signature either
         scripted = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)) or isinstance(x_example, tuple)
-        mlflow.pytorch.save_model(
+        mlflow_pytorch.save_model(
             model, str(path), signature=infer_signature(x_example, y_example), input_example=x_example,
             pip_requirements=self.pip_requirements(),
             **({"serialization_format": "pickle"} if scripted else {}))
@@ -217,6 +238,22 @@ class Adapter:
     def pip_requirements(self) -> list[str]:
         import torch
         return [f"torch=={torch.__version__.split('+')[0]}"]
+
+
+def import_mlflow_pytorch():
+    """mlflow.pytorch without its Lightning autologging: its import ends by trying pytorch_lightning,
+    which costs seconds (most of the flavor's import time) and serves only autolog, never used here. A
+    process that already has Lightning (the lightning style) keeps it."""
+    import sys
+    blocked = "pytorch_lightning" not in sys.modules and "mlflow.pytorch" not in sys.modules
+    if blocked:  # a None entry makes that one import fail, and mlflow.pytorch swallows the ImportError
+        sys.modules["mlflow.pytorch._lightning_autolog"] = None
+    try:
+        import mlflow.pytorch
+    finally:
+        if blocked:
+            del sys.modules["mlflow.pytorch._lightning_autolog"]
+    return mlflow.pytorch
 
 
 def script_to_graph(module, input_shape: tuple):

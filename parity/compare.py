@@ -595,9 +595,34 @@ def describe_discrimination(model: str, d: Mapping[str, Any]) -> str:
     facts = ", ".join(bits)
     n = d.get("n_rows")
     facts = f"{n} rows" + (f", {facts}" if facts else "")
+    hint = f"; {d['task_hint']}" if d.get("task_hint") else ""
     if d.get("discriminative"):
-        return f"{model}: discriminative ({facts})"
-    return f"{model}: NOT discriminative: {d.get('reason') or 'unknown'} ({facts})"
+        return f"{model}: discriminative ({facts}){hint}"
+    return f"{model}: NOT discriminative: {d.get('reason') or 'unknown'} ({facts}){hint}"
+
+
+def probability_outputs(outputs: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the outputs whose rows are class probabilities (a softmax head: two or more values per
+    row, each >= 0, summing to 1): judged as regression, such an output gets no top-1 check."""
+    found = []
+    for name, y in outputs.items():
+        rows = np.asarray(y, dtype=np.float64)
+        if rows.ndim < 2 or rows.shape[-1] < 2 or not rows.size:
+            continue
+        if (rows >= 0).all() and np.allclose(rows.sum(axis=-1), 1.0, atol=1e-4):
+            found.append(name)
+    return found
+
+
+def task_hint(task: str, outputs: Mapping[str, np.ndarray]) -> str | None:
+    """What to tell a user whose run judged probability outputs as regression; None otherwise."""
+    names = probability_outputs(outputs) if task == "regression" else []
+    if not names:
+        return None
+    return (f"output{'s' if len(names) > 1 else ''} {', '.join(names)} look{'' if len(names) > 1 else 's'} like "
+            f"class probabilities (rows >= 0 summing to 1) but the run judged {'them' if len(names) > 1 else 'it'} "
+            f"as regression (task = \"regression\"), without a top-1 check: for a classifier set [data] task = "
+            f"\"classification\" (pipeline export --task classification)")
 
 
 # --------------------------------------------------------------------------- formatting helpers

@@ -100,3 +100,48 @@ def structure(y: Inputs) -> dict[str, tuple]:
     """Names, per-row shapes and dtypes of a model's outputs, to compare two calls."""
     named = y if is_multi(y) else {"output": y}
     return {k: (tuple(np.shape(v)[1:]), str(np.asarray(v).dtype)) for k, v in named.items()}
+
+
+# -------------------------------------------------------------------------------- binding to a model
+# The data names its inputs after the npz's arrays; a model names them its own way (Keras input layers,
+# a forward's parameters). The arrays are bound to the model's inputs by name, then, for a model of one
+# input, by position (`model(x)`), as a user would call it.
+
+class InputBindingError(ValueError):
+    """Data whose arrays cannot be bound to the model's inputs: says both lists."""
+    user_error = True
+
+
+def bind_inputs(x: Inputs, model_inputs: list[str] | None, optional=()) -> tuple[Inputs, dict[str, str]]:
+    """`x` in the form the model takes and the mapping used ({data name: model input}). `model_inputs`:
+    the model's input names in its order, `optional` those it may go without (a forward's defaults);
+    None: the model does not say (a subclassed model), and `x` goes as it is."""
+    if model_inputs is None:
+        if is_multi(x) and len(x) == 1:  # one array for a model that names nothing: model(x), as a user calls it
+            (name, array), = x.items()
+            return array, {name: "its one input (by position)"}
+        return x, {}
+    required = [k for k in model_inputs if k not in set(optional)]
+    if not is_multi(x):
+        if len(required) <= 1:
+            return x, {}
+        raise InputBindingError(f"the data has one input array; the model takes {len(required)} "
+                                f"({', '.join(required)}): give one array per input, named after them")
+    if set(required) <= set(x) and set(x) <= set(model_inputs):
+        return {k: x[k] for k in model_inputs if k in x}, {k: k for k in model_inputs if k in x}
+    if len(x) == 1 and len(required) <= 1 and model_inputs:
+        (name, array), = x.items()
+        return array, {name: f"{model_inputs[0]} (by position)"}
+    missing, unknown = [k for k in required if k not in x], [k for k in x if k not in model_inputs]
+    raise InputBindingError(f"the data's inputs ({', '.join(x)}) do not name the model's inputs "
+                            f"({', '.join(model_inputs)}): "
+                            + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                        + ([f"the model takes no {', '.join(unknown)}"] if unknown else []))
+                            + "; expected one array per model input, named as the model names it")
+
+
+def describe_binding(mapping: dict[str, str]) -> str:
+    """"input_ids -> input_ids, x -> input_layer (by position)", or "" when every name is its own."""
+    if all(k == v for k, v in mapping.items()):
+        return ""
+    return ", ".join(f"{k} -> {v}" for k, v in mapping.items())

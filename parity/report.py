@@ -85,6 +85,7 @@ class ParityReport:
     def warnings(self) -> list[str]:
         out = [f"parity set of {m} is not discriminative: {d.get('reason')}"
                for m, d in self.discrimination.items() if not d.get("discriminative")]
+        out += [f"{m}: {d['task_hint']}" for m, d in self.discrimination.items() if d.get("task_hint")]
         if not self.passed_records and not self.failed_records:
             out.append("no artifact was checked")
         return out

@@ -15,7 +15,8 @@ from parity.feeds import flat_rows, is_multi, n_rows, pack, row_shapes, structur
 from . import data as data_mod
 from .runner import Context, Stage
 from .spec import ModelSpec, Spec
-from .training import ModelMismatch, check_acceptance, n_outputs, probe_model, task_metrics, write_history
+from .training import (ModelMismatch, bind_to_model, check_acceptance, n_outputs, probe_model, task_metrics,
+                       write_history)
 
 STAGES_CODE = ("pipeline/stages.py",)
 DATA_CODE = STAGES_CODE + ("pipeline/data.py",)
@@ -171,6 +172,7 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
     t0 = time.perf_counter()
     model = fw.build(maker(spec, m, info["input_shape"], info["n_outputs"]), seed=spec.seed, threads=m.train.threads)
     fw.check(model, f"{where(m)}: factory '{m.factory}'")
+    binding = bind_to_model(m, fw, model, take(arrays["x_train"], slice(0, 2)))
     probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -197,9 +199,10 @@ def run_train(ctx: Context, spec: str, model: str) -> dict:
             "n_outputs": info["n_outputs"], "framework": m.framework, "outputs": fw.output_kind,
             "timings": {"build_s": build_s, "fit_s": fit_s, "save_mlflow_model_s": time.perf_counter() - t0},
             "mlflow_model": mlflow_note,
-            "callbacks": history.describe() or None,
+            "callbacks": history.describe() or None, "input_binding": binding or None,
             "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"
-                       + (f" ({history.describe()})" if history.describe() else "")}
+                       + (f" ({history.describe()})" if history.describe() else "")
+                       + (f"; inputs {binding}" if binding else "")}
 
 
 def split_validation(x, y, fraction: float):
@@ -215,12 +218,10 @@ def split_validation(x, y, fraction: float):
 def save_mlflow_copy(ctx: Context, fw, model, example, y_example) -> str | None:
     """The native model in MLflow's format, for the record. A model MLflow cannot serialise still
     exports and verifies: the run says so (returned) instead of failing."""
-    from .tracking import OFFLINE_ENV
-    import os
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
+    from .tracking import model_saving
     try:
-        fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
+        with model_saving():
+            fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
         return None
     except Exception as e:  # noqa: BLE001
         import shutil
@@ -242,24 +243,34 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
         path = from_registry(spec, m, fetched) if fetched else Path(m.source)
         model = fw.load_pretrained(path, where=where(m), make=maker(spec, m, info["input_shape"], info["n_outputs"]),
                                    input_shape=info["input_shape"])
+        binding = bind_to_model(m, fw, model, take(arrays["x_train"], slice(0, 2)))
         probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
         fw.save_pretrained(model, ctx.out, path)
     finally:
         if fetched:
             shutil.rmtree(fetched, ignore_errors=True)
+    timings = {"load_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
     write_history(ctx.out, {"loss": []})
     example = take(arrays["x_train"], slice(0, 5))
     y_example = fw.predict(model, example)
     scored = "y_train" in arrays and not is_multi(y_example)  # a target scores one output
     metrics = task_metrics(spec.data.task, lambda x: fw.predict(model, x), arrays) if scored else {}
     check_acceptance(m, metrics)
+    timings["score_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     mlflow_note = save_mlflow_copy(ctx, fw, model, example, y_example)
+    timings["save_mlflow_model_s"] = time.perf_counter() - t0
     ctx.memo[("model", m.name)] = model
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    spent = f"load {timings['load_s']:.1f} s, MLflow model copy {timings['save_mlflow_model_s']:.1f} s"
     return {"metrics": metrics, "epochs": 0, "pretrained": m.source, "input_shape": info["input_shape"],
             "n_outputs": int(flat_rows(y_example).shape[1]) if info["n_outputs"] is None else info["n_outputs"],
-            "framework": m.framework, "timings": {"load_s": time.perf_counter() - t0}, "mlflow_model": mlflow_note,
-            "summary": f"{m.framework}: pretrained {m.source if registry_ref.is_ref(m.source) else Path(m.source).name}, not trained" + (f"; {shown}" if shown else "")}
+            "framework": m.framework, "timings": timings, "mlflow_model": mlflow_note,
+            "input_binding": binding or None,
+            "summary": f"{m.framework}: pretrained {m.source if registry_ref.is_ref(m.source) else Path(m.source).name}, "
+                       f"not trained ({spent})" + (f"; {shown}" if shown else "")
+                       + (f"; inputs {binding}" if binding else "")}
 
 
 def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
@@ -306,6 +317,7 @@ def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_out
         fw.check(built, f"{where(m)}: factory '{m.factory}'")
     rows = {k: np.zeros((2, *v), np.float32) for k, v in input_shape.items()} if isinstance(input_shape, dict) \
         else np.zeros((2, *input_shape), np.float32)
+    bind_to_model(m, fw, built, rows)
     probe_model(m, lambda x: fw.predict(built, x), rows, n_outputs)
     return {"summary": f"{m.framework} model takes inputs shaped like the data ({input_shape})"}
 
@@ -454,6 +466,10 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     arrays = load_arrays(ctx)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         example, expected = take(unpack(f, "x"), slice(0, spec.parity.max_batch)), f["y"][: spec.parity.max_batch]
+    if model_obj is not None:  # the form each converter calls (a torch forward's keyword inputs: by keyword)
+        from frameworks import adapter
+        fw = adapter(m.framework)
+        model_obj = fw.for_inputs(model_obj, example) if hasattr(fw, "for_inputs") else model_obj
     upstream, missing = {}, []
     for req in requires:
         src = ctx.input_dir(f"export:{m.name}:{req}")
@@ -718,12 +734,24 @@ def report_stage(spec: Spec) -> Stage:
                  REPORT_CODE, f"{__name__}:run_report", {"spec": str(spec.path)}, inputs=inputs)
 
 
+def _named_outputs(ctx: Context, m: ModelSpec, y_ref: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored reference outputs split into the model's named outputs (one: itself)."""
+    from parity.feeds import split_rows
+    from parity.signature import Signature
+    outputs = Signature.from_json(ctx.input_facts(f"reference:{m.name}")["signature"]).outputs
+    if any(d is None for o in outputs for d in o.shape[1:]):  # a dynamic length: not split here
+        return {}
+    if len(outputs) == 1:
+        return {outputs[0].name: y_ref}
+    return split_rows(y_ref.reshape(len(y_ref), -1), {o.name: tuple(o.shape[1:]) for o in outputs})
+
+
 def run_report(ctx: Context, spec: str) -> dict:
     """parity.json, parity.md and junit.xml for the whole run, the discrimination of each model's
     parity set, and the plots a reviewer looks at."""
     import exporters
     spec = load_spec(spec)
-    from parity.compare import ParityRecord, discrimination, tolerance_for
+    from parity.compare import ParityRecord, discrimination, task_hint, tolerance_for
     from .plots import plot_model_parity, plot_training_curve
     from parity.report import ParityReport
     report = ParityReport(spec=spec.name, metadata={"spec_path": str(spec.path)})
@@ -751,6 +779,9 @@ def run_report(ctx: Context, spec: str) -> dict:
         report.discrimination[m.name] = discrimination(
             y_ref, y_perturbed, tolerance_for("fp32", "onnx", spec.parity.tolerances), task=spec.data.task,
             perturbation=f"{PERTURBATION:g} relative weight noise")
+        hint = task_hint(spec.data.task, _named_outputs(ctx, m, y_ref))
+        if hint:
+            report.discrimination[m.name]["task_hint"] = hint
         plots.append(plot_model_parity(m.name, y_ref, outs, ctx.out / f"parity_{m.name}.png"))
         history = json.loads((ctx.input_dir(f"train:{m.name}") / "history.json").read_text())
         curves = {k: v for k, v in history.items() if isinstance(v, list) and (v or k == "loss")}

@@ -17,6 +17,26 @@ OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "GIT_PYTHON_REFRESH": "quiet"}
 
 
+def model_saving():
+    """Settings for saving a native model in MLflow's format in a worker. The requirements it is given are
+    the running interpreter's own versions, so MLflow's check that they match the environment (a scan of
+    every installed distribution's files, over a second per save) can only agree: skipped."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def saving():
+        for k, v in OFFLINE_ENV.items():
+            os.environ.setdefault(k, v)
+        import mlflow.utils.environment as environment
+        check = environment.warn_dependency_requirement_mismatches
+        environment.warn_dependency_requirement_mismatches = lambda requirements: None
+        try:
+            yield
+        finally:
+            environment.warn_dependency_requirement_mismatches = check
+    return saving()
+
+
 def store_dir(home: Path) -> Path:
     return home / "mlruns"
 
@@ -33,8 +53,17 @@ def configure(home: Path) -> str:
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Created version '1' of model ...": the run says it
     uri = tracking_uri(home)
+    users = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # MLflow also writes these URIs into the environment, where tracking_uri() reads the user's choice:
+    # left there, the first home configured in a process would be every later home's store too (and every
+    # child process's). Put back what the user had.
+    for k, v in users.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return uri
 
 
@@ -42,6 +71,10 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 
 def registered_name(spec_name: str, model_name: str) -> str:
+    """`<spec>-<model>`; a spec already named after its model (`export` names its spec export-<model>)
+    keeps its own name rather than doubling the model's (export-net, not export-net-net)."""
+    if spec_name == model_name or spec_name.endswith(f"-{model_name}"):
+        return spec_name
     return f"{spec_name}-{model_name}"
 
 

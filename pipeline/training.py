@@ -89,6 +89,20 @@ def probe_model(model: ModelSpec, predict, x_rows: np.ndarray, n_outputs: int) -
                             f"({rows}, {n_outputs}) for the data's targets")
 
 
+def bind_to_model(model: ModelSpec, fw, built, x_rows) -> str:
+    """Check the data's arrays bind to the model's inputs (by name, then for one input by position) and
+    say how, for the stage's summary ("" when every name is the model's own)."""
+    from parity.feeds import InputBindingError, describe_binding
+    if not hasattr(fw, "bind"):
+        return ""
+    try:
+        return describe_binding(fw.bind(built, x_rows))
+    except InputBindingError as e:
+        made = f"file {model.source!r} holds a model" if model.pretrained else f"factory '{model.factory}' made a model"
+        raise ModelMismatch(f"model {model.name} ({model.framework}): {made} whose inputs do not match the "
+                            f"data: {e}") from None
+
+
 def task_metrics(task: str, predict, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     """Metrics a person judges the model by, from its predictions (numpy in, numpy out)."""
     has_test = len(next(iter(arrays["x_test"].values()))) if isinstance(arrays["x_test"], dict) else len(arrays["x_test"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the toolkit needs; idempotent, and quick when nothing changed.
 #   scripts/setup.sh          Python venv (.venv), pinned packages, the Node packages of the TF.js runner
-#   scripts/setup.sh --test   the same, plus Chromium for the browser tests
+#   scripts/setup.sh --test   the same, plus Chromium and OpenSSH's server for the browser and SSH tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,8 +44,16 @@ if [ -f "$js/package-lock.json" ] && { [ ! -f "$js/node_modules/.package-lock.js
   npm ci --prefix "$js" --no-audit --no-fund --loglevel=error >/dev/null
 fi
 
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then
-  say "installing Chromium for the browser tests"
-  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+# The tests' own system packages: Chromium for the browser tests, OpenSSH's server (sshd, sftp-server)
+# for the SSH transport's device in a network namespace, iproute2 for the namespaces.
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]} for the tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi
 say "ready"

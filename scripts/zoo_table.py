@@ -25,11 +25,18 @@ START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
 DEEP = ["--tolerance", "fp32=atol:1e-4", "--tolerance", "fp16=atol:0.1,min_top1_agreement:0.95",
         "--tolerance", "int8=atol:0.3,min_top1_agreement:0.9,min_cosine:0.98"]
 ZOO = [("MobileNetV2 0.35, 32x32 (keras.applications)", "keras_mobilenet", ["--task", "classification"]),
+       ("MobileNetV3Small, 32x32, npz array named keras_tensor (keras.applications)", "keras_mobilenet_v3",
+        ["--task", "classification"]),
+       ("EfficientNetB0, 32x32, npz array named images (keras.applications)", "keras_efficientnet",
+        ["--task", "classification"]),
        ("ResNet-style block, NCHW, BatchNorm (torch, TorchScript file)", "torch_resnet_block", []),
        ("two heads returned as a dict (torch, state dict + factory)", "torch_dict_model",
         ["--factory", "dict_models:two_heads"]),
        ("DistilBERT, tiny config, input_ids + attention_mask (transformers save_pretrained folder)",
         "hf_encoder", []),
+       ("BERT, tiny config, input_ids + token_type_ids, no mask (transformers save_pretrained folder)",
+        "hf_bert", []),
+       ("ViT, tiny config, 16x16 pixel_values NCHW (transformers save_pretrained folder)", "hf_vit", []),
        ("functional model of two integer inputs, ids + mask (keras, .keras file)", "keras_two_inputs", [])]
 
 
@@ -44,8 +51,9 @@ def export(model: Path, example: Path, home: Path, extra: list[str]) -> dict:
 def cell(r: dict) -> str:
     m = (r.get("comparison") or {}).get("metrics", {})
     worst = f" {m['max_abs']:.1e}" if isinstance(m.get("max_abs"), (int, float)) else ""
+    second = " (2nd route)" if "first route failed" in str((r.get("details") or {}).get("route")) else ""
     if r["status"] == "passed":
-        return f"PASS{worst}"
+        return f"PASS{worst}{second}"
     if (r.get("details") or {}).get("outcome") == "unsupported":
         return "UNSUPPORTED"
     return f"FAIL{worst}"

@@ -51,3 +51,27 @@ def copy_home(src: Path, dst: Path) -> Path:
         con.commit()
         con.close()
     return dst
+
+
+# --------------------------------------------------------------------------- no silent skips in CI
+# A test that skips on a fresh machine is a test that does not run: every skip here means something the
+# set-up (scripts/setup.sh --test) should have installed. Under CI the run fails, naming each one.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("CI") and _skipped and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("CI") and _skipped:
+        terminalreporter.section("skipped under CI (the set-up should have installed what they need)")
+        for line in _skipped:
+            terminalreporter.write_line(line)

@@ -40,12 +40,16 @@ def test_rerun_is_fully_cached_and_imports_no_framework(toy_home):
     home, _ = toy_home
     code = ("import sys; from pipeline.cli import main; rc = main(['run', 'toy']); "
             "print('HEAVY', [m for m in ('tensorflow', 'torch', 'keras') if m in sys.modules]); sys.exit(rc)")
+    # the environment run_cli gives: an MLflow URI some earlier test left in this process's environment
+    # would otherwise point the rerun at another home's store
     env = {**os.environ, "PIPELINE_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=home, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "HEAVY []" in r.stdout
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    shown = r.stdout + r.stderr  # what the rerun said, stage by stage, when a check below fails
+    assert r.returncode == 0, shown
+    assert "HEAVY []" in r.stdout, shown
     rec = records(home)[-1]
-    assert all(s["cached"] for s in rec["stages"]), [s["name"] for s in rec["stages"] if not s["cached"]]
+    assert all(s["cached"] for s in rec["stages"]), ([s["name"] for s in rec["stages"] if not s["cached"]], shown)
 
 
 def test_mlflow_store_holds_parent_children_metrics_and_registered_models(toy_home):

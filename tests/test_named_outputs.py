@@ -166,10 +166,14 @@ def test_a_torch_model_returning_a_dict_goes_to_every_format_each_output_matched
     parity = parity_of(tmp_path)
     assert parity["verdict"] == "passed" and len(parity["records"]) == 8
     for rec in parity["records"]:
-        assert set(rec["details"]["outputs_max_abs"]) == {"logits", "embedding"}, rec["label"]
+        assert set(rec["details"]["outputs_max_abs"]) == {"logits", "embedding", "probs"}, rec["label"]
         assert "logits <- " in rec["details"]["mapping"] and "embedding <- " in rec["details"]["mapping"]
     by_label = {(x["label"], x["runtime"]): x for x in parity["records"]}
     assert "logits <- logits; embedding <- embedding" in by_label[("two_heads/onnx", "onnxruntime-cpu")]["details"]["mapping"]
+    # exported with the default task: the softmax head is named as the one judged without a top-1 check
+    hint, = [w for w in parity["warnings"] if "look" in w]
+    assert hint.startswith("two_heads: output probs looks like class probabilities") and "--task classification" in hint
+    assert "task_hint" in parity["discrimination"]["two_heads"]
     manifest, = [json.loads(p.read_text()) for p in (tmp_path / ".pipeline" / "cache").glob("bundle/*/bundle/manifest.json")]
     ts, = manifest["formats"]["torchscript"]
     assert "strict=False" in ts["details"]["trace_retry"]  # the strict trace refused the dict; the retry is recorded
@@ -190,7 +194,7 @@ source = "tiny_distilbert"
 [export]
 formats = ["onnx", "torchscript", "saved_model", "litert", "tfjs"]
 [parity]
-allow_unsupported = ["distilbert/saved_model", "distilbert/tfjs"]
+allow_unsupported = ["distilbert/tfjs"]
 """
 
 
@@ -205,9 +209,12 @@ def test_a_hugging_face_encoder_from_its_folder_every_cell_verified_or_refused(t
     assert outcome == {"distilbert/onnx": "passed", "distilbert/torchscript": "passed",
                        "distilbert/litert": "passed", "distilbert/litert-fp16": "passed",
                        "distilbert/litert-int8": "passed",
-                       "distilbert/saved_model": "skipped", "distilbert/tfjs": "skipped"}
+                       "distilbert/saved_model": "passed", "distilbert/tfjs": "skipped"}
+    # onnx2tf refuses the dynamic-batch graph; the second route, the batch-1 export, is recorded as such
+    sm = next(x for x in parity["records"] if x["label"] == "distilbert/saved_model")
+    assert "fixed batch of 1" in sm["details"]["route"] and sm["details"]["batch_sizes"] == [1]
     reasons = {x["label"]: x.get("reason") or "" for x in parity["records"]}
-    assert "onnx2tf" in reasons["distilbert/saved_model"]  # the converter's own words, allowed by the spec
+    assert "tensorflowjs" in reasons["distilbert/tfjs"]  # the converter's own words, allowed by the spec
     litert = next(x for x in parity["records"] if x["label"] == "distilbert/litert")
     assert "input_ids -> args_0" in litert["details"]["mapping"]  # litert-torch renames by position
     assert parity["discrimination"]["distilbert"]["discriminative"]
@@ -241,8 +248,8 @@ def test_a_stated_signature_that_contradicts_the_model_is_refused_and_one_that_a
     assert r.returncode == 2, r.stdout + r.stderr
     assert "model two_heads (torch): the spec's [model.signature] contradicts the model" in r.stderr
     assert "input 'x' int64 (the model takes float32)" in r.stderr
-    assert "outputs ['logits'] (the model returns ['logits', 'embedding'])" in r.stderr
-    (tmp_path / "good.toml").write_text(STATED.format(dtype="float32", outputs='["logits", "embedding"]'))
+    assert "outputs ['logits'] (the model returns ['logits', 'embedding', 'probs'])" in r.stderr
+    (tmp_path / "good.toml").write_text(STATED.format(dtype="float32", outputs='["logits", "embedding", "probs"]'))
     ok = run_cli("run", "good.toml", "--no-track", home=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 

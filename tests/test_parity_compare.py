@@ -467,3 +467,16 @@ def test_a_checked_record_counts_its_rows_from_the_comparison():
     assert rec.n_rows == 7 and rec.passed
     skipped = ParityRecord.skipped("m", "tfjs", "fp16", "no such variant")
     assert skipped.skip == "excluded" and skipped.n_rows == 0
+
+
+def test_probability_rows_judged_as_regression_get_a_hint_and_nothing_else_does():
+    from parity.compare import probability_outputs, task_hint
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(20, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    outputs = {"probs": probs, "logits": logits, "score": probs[:, :1], "pair": np.stack([probs, probs], 1)}
+    assert probability_outputs(outputs) == ["probs", "pair"]  # one column is not a distribution
+    hint = task_hint("regression", {"probs": probs})
+    assert hint.startswith("output probs looks like class probabilities") and "--task classification" in hint
+    assert task_hint("classification", {"probs": probs}) is None
+    assert task_hint("regression", {"logits": logits, "shifted": probs + 0.01}) is None

@@ -1,6 +1,7 @@
 """A model the user already trained: a file in (`export` or a spec's `source`), every format out,
 each verified in its own runtime; bad files and specs refused with one clear line."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from pipeline import spec as spec_mod
 from pipeline.spec import SpecError
 
 from .conftest import run_cli
-from .zoo import keras_mobilenet, torch_resnet_block
+from .zoo import keras_application, torch_resnet_block
 
 ALL_FORMATS = {"saved_model", "torchscript", "onnx", "litert", "tfjs"}
 
@@ -22,20 +23,25 @@ def parity_of(home: Path) -> dict:
 
 @pytest.mark.e2e
 def test_export_a_keras_application_to_every_format_verified(tmp_path):
-    model, example = keras_mobilenet(tmp_path)
+    """MobileNetV3Small saved by model.save, its images in an npz under the name Keras gave its input
+    before saving (keras_tensor; loaded, the model calls it input_layer): bound by position."""
+    model, example = keras_application(tmp_path, "MobileNetV3Small", array="keras_tensor")
     base = ["export", str(model), "--example", str(example), "--task", "classification", "--no-track"]
     strict = run_cli(*base, home=tmp_path)
-    # about 50 layers deep: LiteRT fp32 and TF.js wasm drift past the fp32 default (1.6e-5 > atol 1e-5
-    # and rtol 1e-4), and its fp16 and int8 copies past theirs; the run says so cell by cell
-    assert strict.returncode == 1 and "mobilenet/litert" in strict.stderr
-    # with tolerances that fit a model this deep (the user's call, stated on the command line)
-    r = run_cli(*base, "--tolerance", "fp32=atol:1e-4", "--tolerance", "fp16=atol:0.1,min_top1_agreement:0.95",
-                "--tolerance", "int8=atol:0.3,min_top1_agreement:0.9,min_cosine:0.98", home=tmp_path)
+    # dynamic-range int8 of a random 5-class net flips some top-1 classes; the run says so, cell by cell
+    assert strict.returncode == 1 and "mobilenetv3small/litert-int8" in strict.stderr, strict.stdout + strict.stderr
+    # (input_layer_N when this process built Keras models before: the name is saved with the file)
+    assert re.search(r"inputs keras_tensor -> input_layer\w* \(by position\)", strict.stdout), strict.stdout
+    # with a tolerance that fits int8 on this model (the user's call, stated on the command line)
+    r = run_cli(*base, "--tolerance", "int8=atol:0.3,min_top1_agreement:0.9,min_cosine:0.98", home=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     parity = parity_of(tmp_path)
-    assert parity["verdict"] == "passed" and parity["discrimination"]["mobilenet"]["discriminative"]
+    assert parity["verdict"] == "passed" and parity["discrimination"]["mobilenetv3small"]["discriminative"]
     assert {x["format"] for x in parity["records"] if x["status"] == "passed"} == ALL_FORMATS
     assert all(x["details"].get("mapping") for x in parity["records"])  # each artifact says how it maps
+    # TF.js runs it on cpu and wasm only because the fused hard-swish is spelt out in plain ops
+    tfjs = [x for x in parity["records"] if x["format"] == "tfjs"]
+    assert len(tfjs) == 2 and all("hard-swish fused in split" in x["details"]["note"] for x in tfjs)
 
 
 @pytest.mark.e2e
@@ -139,3 +145,10 @@ def test_a_registry_source_must_name_a_version_or_an_alias(tmp_path):
     p = spec_file(tmp_path, source="models:/toy-keras", make=False)
     with pytest.raises(SpecError, match=r"model\[0\]\.source: expected models:/NAME@ALIAS or models:/NAME/VERSION"):
         spec_mod.load(str(p))
+
+
+def test_an_exported_file_is_registered_under_its_own_name_once():
+    from pipeline.tracking import registered_name
+    assert registered_name("export-twoheads", "twoheads") == "export-twoheads"  # not export-twoheads-twoheads
+    assert registered_name("toy", "keras") == "toy-keras"
+    assert registered_name("digits", "torch") == "digits-torch"

@@ -233,3 +233,21 @@ def test_an_unwritable_cache_is_a_clear_usage_error(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "expected a cache folder this user can write" in r.stderr and "PIPELINE_HOME" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_each_home_configured_in_one_process_gets_its_own_store_and_the_environment_is_left_as_it_was(tmp_path):
+    """MLflow writes the URI it is given into the environment, where the toolkit reads the user's own
+    choice: left there, the first home configured in a process would be the store of every later one
+    (and of every child process)."""
+    code = ("import os, sys; from pathlib import Path; from pipeline import tracking;"
+            "a = tracking.configure(Path(sys.argv[1])); b = tracking.configure(Path(sys.argv[2]));"
+            "print(a); print(b); print(os.environ.get('MLFLOW_TRACKING_URI'))")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    a, b, left = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "b")], env=env,
+                                capture_output=True, text=True, check=True, timeout=120).stdout.split()[-3:]
+    assert a.endswith("/a/mlruns/mlflow.db") and b.endswith("/b/mlruns/mlflow.db") and left == "None"
+    shared = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "b")],
+                            env={**env, "MLFLOW_TRACKING_URI": "sqlite:////tmp/team.db"}, capture_output=True,
+                            text=True, check=True, timeout=120).stdout.split()[-3:]
+    assert shared == ["sqlite:////tmp/team.db"] * 3  # a URI the user set is everyone's, and stays set

@@ -9,18 +9,51 @@ from pathlib import Path
 import numpy as np
 
 
+def calibrate_batchnorm(model, x: np.ndarray) -> None:
+    """Give each BatchNormalization layer the statistics of its real input on `x`, upstream first: a
+    random deep net with untouched statistics gives every input the same output."""
+    import keras
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            h = np.asarray(keras.Model(model.inputs, layer.input)(x))
+            gamma, beta, _, _ = layer.get_weights()
+            axes = tuple(range(h.ndim - 1))
+            layer.set_weights([gamma, beta, h.mean(axes), h.var(axes) + 1e-3])
+
+
+def keras_application(out: Path, name: str, *, size: int = 32, classes: int = 5, array: str = "x",
+                      **kwargs) -> tuple[Path, Path]:
+    """keras.applications.<name> (random weights, calibrated BatchNorm) saved by model.save as .keras,
+    and NHWC example images in 0..255 (the applications that rescale inside expect those), stored in
+    the npz under `array`."""
+    import keras
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=classes, **kwargs)
+    x = (np.random.default_rng(1).random((48, size, size, 3), dtype=np.float32) * 255).astype(np.float32)
+    calibrate_batchnorm(model, x)
+    model.save(out / f"{name.lower()}.keras")
+    np.savez(out / f"{name.lower()}_images.npz", **{array: x})
+    return out / f"{name.lower()}.keras", out / f"{name.lower()}_images.npz"
+
+
+def keras_mobilenet_v3(out: Path) -> tuple[Path, Path]:
+    """MobileNetV3Small at 32x32 (hard-swish, squeeze-excite, its own rescaling), its images stored under
+    the name Keras gives the input before saving (keras_tensor)."""
+    return keras_application(out, "MobileNetV3Small", array="keras_tensor")
+
+
+def keras_efficientnet(out: Path) -> tuple[Path, Path]:
+    """EfficientNetB0 at 32x32 (swish, squeeze-excite, its own rescaling and normalisation), images as `images`."""
+    return keras_application(out, "EfficientNetB0", array="images")
+
+
 def keras_mobilenet(out: Path) -> tuple[Path, Path]:
     """keras.applications.MobileNetV2 at 32x32 (alpha 0.35, 5 classes) as .keras, and NHWC example images."""
     import keras
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, classes=5, alpha=0.35)
     x = np.random.default_rng(1).random((48, 32, 32, 3), dtype=np.float32)
-    for layer in model.layers:  # upstream first: each layer's statistics are those of its real input
-        if isinstance(layer, keras.layers.BatchNormalization):
-            h = np.asarray(keras.Model(model.inputs, layer.input)(x))
-            gamma, beta, _, _ = layer.get_weights()
-            axes = tuple(range(h.ndim - 1))
-            layer.set_weights([gamma, beta, h.mean(axes), h.var(axes) + 1e-3])
+    calibrate_batchnorm(model, x)
     model.save(out / "mobilenet.keras")
     np.savez(out / "images_nhwc.npz", x=x)
     return out / "mobilenet.keras", out / "images_nhwc.npz"
@@ -65,16 +98,17 @@ import torch.nn as nn
 
 
 class TwoHeads(nn.Module):
-    """One trunk, two heads returned as a dict: class logits and an embedding."""
+    """One trunk, three heads returned as a dict: class logits, an embedding and a softmax over 5 scores."""
     def __init__(self):
         super().__init__()
         self.trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
         self.classes = nn.Linear(16, 3)
         self.embed = nn.Linear(16, 4)
+        self.scores = nn.Linear(16, 5)
 
     def forward(self, x):
         h = self.trunk(x)
-        return {"logits": self.classes(h), "embedding": self.embed(h)}
+        return {"logits": self.classes(h), "embedding": self.embed(h), "probs": torch.softmax(self.scores(h), dim=-1)}
 
 
 def two_heads(input_shape=None, n_outputs=None, **_):
@@ -121,6 +155,38 @@ def hf_encoder(out: Path) -> tuple[Path, Path]:
     mask = (np.arange(12) < rng.integers(4, 13, size=(48, 1))).astype(np.int64)
     np.savez(out / "tokens.npz", input_ids=np.where(mask == 1, ids, 0), attention_mask=mask)
     return out / "tiny_distilbert", out / "tokens.npz"
+
+
+def hf_bert(out: Path) -> tuple[Path, Path]:
+    """A transformers BERT encoder from a tiny config (random weights, LayerNorm), saved with
+    save_pretrained, and token ids with segment ids but no attention mask: BERT's forward takes
+    (input_ids, attention_mask, token_type_ids, ...), so a positional call would feed the segment ids as
+    the mask. Returns the folder and the npz."""
+    import torch
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, type_vocab_size=2)
+    BertModel(config).eval().save_pretrained(out / "tiny_bert")
+    rng = np.random.default_rng(6)
+    ids = rng.integers(1, 100, size=(48, 12)).astype(np.int64)
+    segments = (np.arange(12) >= rng.integers(3, 10, size=(48, 1))).astype(np.int64)  # sentence A, then B
+    np.savez(out / "segments.npz", input_ids=ids, token_type_ids=segments)
+    return out / "tiny_bert", out / "segments.npz"
+
+
+def hf_vit(out: Path) -> tuple[Path, Path]:
+    """A transformers ViT image encoder from a tiny config (16x16 images in 4x4 patches, random weights),
+    saved with save_pretrained, and NCHW images as `pixel_values`."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).eval().save_pretrained(out / "tiny_vit")
+    images = np.random.default_rng(7).random((48, 3, 16, 16), dtype=np.float32)
+    np.savez(out / "pixels.npz", pixel_values=images)
+    return out / "tiny_vit", out / "pixels.npz"
 
 
 def keras_two_inputs(out: Path) -> tuple[Path, Path]:
