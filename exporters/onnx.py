@@ -1,7 +1,9 @@
 """ONNX: one fp32 file with a dynamic batch dimension, run in onnxruntime on the CPU.
 
 Routes (each writes a single self-contained .onnx file):
-  keras: `model.export(path, format="onnx")` (Keras drives tf2onnx on the TensorFlow backend)
+  keras: `model.export(path, format="onnx")` (Keras drives tf2onnx on the TensorFlow backend); where that
+         fails or leaves graph inputs for tensors the model captured, the model's tf.function with
+         everything it captures frozen into constants, through tf2onnx.convert.from_graph_def
   torch: `torch.onnx.export(model, (x,), path, dynamo=True, external_data=False, dynamic_shapes=...)`
   jax:   `jax2onnx.to_onnx(x -> apply(params, x), inputs=[("B", ...)], export_mode="web")`
 
@@ -17,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
-                             example_batch, family_of, forward_order, keras_feed, package_version, pick_runtime, size_of,
-                             unsupported_family)
+                             example_batch, family_of, forward_order, keras_feed, keras_input_names, package_version,
+                             pick_runtime, size_of, unsupported_family)
 from parity.feeds import flatten_outputs
 from parity.signature import Signature, TensorSpec
 
@@ -92,16 +94,85 @@ def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[st
     import keras
 
     model(keras_feed(model, example))  # Keras refuses to export a model that has never been called
-    try:
-        model.export(str(path), format="onnx", verbose=False)
-    except Exception as e:  # the converter's own error, reworded with what was being done
-        raise ExportError(f"onnx export of {name} (keras): model.export(format='onnx') failed: "
-                          f"{type(e).__name__}: {e}") from e
     details = {"converter": "keras.Model.export(format='onnx')", "keras_backend": keras.backend.backend(),
                "versions": {"keras": package_version("keras"), "tensorflow": package_version("tensorflow"),
                             "tf2onnx": package_version("tf2onnx"), "onnx": package_version("onnx")}}
     via = "tf2onnx" if keras.backend.backend() == "tensorflow" else f"{keras.backend.backend()} backend"
-    return f"keras.Model.export(format='onnx') ({via})", details
+    route = f"keras.Model.export(format='onnx') ({via})"
+    try:
+        model.export(str(path), format="onnx", verbose=False)
+        why = _extra_graph_inputs(path, len(example) if isinstance(example, dict) else 1)
+    except Exception as e:  # the converter's own error, reworded with what was being done
+        why = f"model.export(format='onnx') failed: {type(e).__name__}: {str(e).strip()[:600]}"
+    if why is None:
+        return route, details
+    # the second route: the model's function with its captured tensors frozen into constants first
+    try:
+        _export_keras_frozen(model, example, path)
+    except Exception as e:  # noqa: BLE001 - both routes' words go to the user
+        raise ExportError(f"onnx export of {name} (keras): every route failed. 1) {route}: {why}\n"
+                          f"2) {KERAS_FROZEN_ROUTE}: {type(e).__name__}: {str(e).strip()[:600]}") from e
+    details.update(converter=KERAS_FROZEN_ROUTE, route_taken="tf2onnx on the frozen graph",
+                   routes_left=[{"route": route, "why": why}])
+    return f"{KERAS_FROZEN_ROUTE} (the first route failed)", details
+
+
+KERAS_FROZEN_ROUTE = "tf.function(model) -> convert_variables_to_constants_v2 -> tf2onnx.convert.from_graph_def"
+
+
+def _extra_graph_inputs(path: Path, n_inputs: int) -> str | None:
+    """Why a Keras ONNX file is unusable, or None. tf2onnx turns tensors the model's function captures
+    (a Normalization layer's mean and variance given as constants) into graph inputs nobody feeds."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    if len(inputs) <= n_inputs:
+        return None
+    return (f"the graph takes {len(inputs)} inputs where the model takes {n_inputs}: "
+            f"{', '.join(inputs[n_inputs:])} are tensors the model captured, left for the caller to feed")
+
+
+def _export_keras_frozen(model, example, path: Path) -> None:
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+    from keras.src.export.onnx import patch_tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from parity.feeds import bind_inputs
+    bound, _ = bind_inputs(example, keras_input_names(model))  # as keras_feed binds them
+    several = isinstance(bound, dict)
+    if several:
+        arrays = bound
+    else:  # one input, called positionally as model(x) is, under the name the data gave it
+        arrays = {next(iter(example)) if isinstance(example, dict) else "x": np.asarray(bound, np.float32)}
+    specs = [tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype), name=k) for k, a in arrays.items()]
+
+    def call(*xs):
+        return model(dict(zip(arrays, xs)) if several else xs[0], training=False)
+    frozen = convert_variables_to_constants_v2(tf.function(call).get_concrete_function(*specs))
+    patch_tf2onnx()  # what Keras' own export does for numpy 2
+    proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(),
+                                              input_names=[t.name for t in frozen.inputs],
+                                              output_names=[t.name for t in frozen.outputs])
+    out_names = list(getattr(model, "output_names", None) or [])
+    renames = {t.name: k for t, k in zip(frozen.inputs, arrays)}
+    if len(out_names) == len(frozen.outputs):
+        renames.update({t.name: k for t, k in zip(frozen.outputs, out_names)})
+    else:
+        renames.update({t.name: t.name.split(":")[0] for t in frozen.outputs})
+    _rename(proto.graph, renames)
+    onnx.save(proto, str(path))
+
+
+def _rename(graph, renames: dict[str, str]) -> None:
+    """Graph inputs and outputs under the model's names (tf2onnx keeps TensorFlow's `name:0`)."""
+    for v in (*graph.input, *graph.output):
+        v.name = renames.get(v.name, v.name)
+    for node in graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+        node.output[:] = [renames.get(o, o) for o in node.output]
 
 
 def _export_torch(model, name: str, example: np.ndarray, path: Path) -> tuple[str, dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 Routes
 - keras: `model.export(dir, format="tf_saved_model")`; the `serving_default` signature keeps a dynamic batch.
-- torch: the upstream ONNX file (exporters/onnx.py) -> `onnx2tf.convert(...)` -> SavedModel. onnx2tf
+- torch: the upstream ONNX file (exporters/onnx.py) -> `onnx2tf.convert(...)` -> SavedModel, or where
+  onnx2tf refuses it, nobuco on the module itself (exporters/nobuco_route.py), or onnx2tf on the ONNX
+  stage's batch-1 export; every route left is recorded with its reason. onnx2tf
   rewrites its input file, so it works on a copy in a temp dir; it also writes .tflite files beside the
   SavedModel, which are dropped here (LiteRT has its own route, exporters/litert.py). onnx2tf may turn a
   channels-first input (NCW/NCHW/NCDHW) into channels-last; which layout the SavedModel wants is measured
@@ -22,8 +24,9 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +38,7 @@ from parity.signature import Signature, TensorSpec
 FORMAT = "saved_model"
 REQUIRES = {"tensorflow": (), "torch": ("onnx",), "jax": ()}
 RUNTIMES = ("tensorflow",)
+LATER_ROUTES_TAKE_MODEL = ("torch",)  # nobuco converts the module itself when onnx2tf refuses the ONNX file
 LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # onnx2tf, jax2tf need TensorFlow
 RUNTIME_LANE = "tensorflow"  # the process that loads the artifact ("any": no framework)
 
@@ -53,7 +57,8 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     if family == "tensorflow":
         return [_export_tensorflow(model, framework, name, example, out_dir)]
     if family == "torch":
-        return [_export_torch(model, framework, name, example, out_dir, upstream or {}, expected)]
+        return [_export_torch(model, framework, name, example, out_dir, upstream or {}, expected,
+                              (options or {}).get("load_model"))]
     if family == "jax":
         return [_export_jax(model, framework, name, example, out_dir)]
     raise unsupported_family(FORMAT, name, family, REQUIRES)
@@ -166,47 +171,42 @@ def _torch_outputs(model, example) -> np.ndarray:
 
 
 def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir: Path, upstream: dict,
-                  expected=None) -> Artifact:
+                  expected=None, load_model=None) -> Artifact:
+    """The routes of _torch_routes in turn; the first that writes a SavedModel is kept, and each one
+    left is recorded with its reason. `load_model` gives the torch module, for the route that needs it."""
     onnx_artifacts = upstream.get("onnx") or []
-    if not onnx_artifacts:
+    onnx_artifact = onnx_artifacts[0] if onnx_artifacts else None
+    if onnx_artifact is None and load_model is None:
         raise ExportError(f"saved_model artifact {name}: the torch route converts the ONNX artifact, "
                           f"expected upstream['onnx'] with one artifact, found {sorted(upstream) or 'none'}")
-    onnx_path = Path(onnx_artifacts[0].path)
-    if not onnx_path.is_file():
-        raise ExportError(f"saved_model artifact {name}: expected the ONNX file at {onnx_path}, found nothing")
 
     import onnx2tf
     import tensorflow as tf
 
     t0 = time.perf_counter()
     final = out_dir / _DIR_NAME
-    route = f"ONNX ({onnx_path.name}) -> onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)"
-    first_route_left = None
-    try:
-        dropped = _onnx2tf(onnx_path, final, name)
-    except ExportError as first:
-        # the second route: the batch-1 export the ONNX stage kept for a graph that computes with its shapes
-        fixed = onnx_path.with_name(onnx_artifacts[0].details.get("fixed_batch_copy") or "")
-        if not fixed.is_file() or fixed == onnx_path:
-            raise
-        try:
-            dropped = _onnx2tf(fixed, final, name)
-        except ExportError as second:
-            raise ExportError(f"saved_model artifact {name}: every route failed. 1) {route}: {first}\n"
-                              f"2) ONNX with a fixed batch of 1 ({fixed.name}) -> onnx2tf: {second}") from second
-        first_route_left = {"route": route, "why": str(first).split(": ", 1)[-1][:600]}
-        onnx_path, route = fixed, (f"ONNX with a fixed batch of 1 ({fixed.name}, the first route failed) -> "
-                                   f"onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)")
-    export_s = time.perf_counter() - t0
-
-    sig = _describe_signature(final, name)
-
-    # Which layout does the SavedModel want? Measure it on the example against the torch model.
-    # `expected` (the model's stored outputs on `example`) spares importing torch next to TensorFlow.
+    # `expected` (the model's stored outputs on `example`) spares importing torch next to TensorFlow
     ref = np.asarray(expected) if expected is not None else _torch_outputs(model, example)
-    if sig["batch_sizes"]:  # a fixed batch (the second route): measured on that many rows
-        example, ref = take(example, slice(0, sig["batch_sizes"][0])), ref[:sig["batch_sizes"][0]]
-    perm, errors = _measure_layout(final, sig, example, ref, name)
+    taken, left = None, []
+    for route in _torch_routes(onnx_artifact, final, name, example, load_model):
+        try:
+            route.facts = route.run()
+            sig = _describe_signature(final, name)
+            # Which layout does the SavedModel want? Measured on the example against the torch model.
+            rows = slice(0, sig["batch_sizes"][0]) if sig["batch_sizes"] else slice(None)
+            perm, errors = _measure_layout(final, sig, take(example, rows), ref[rows], name)
+        except ExportError as e:
+            left.append({"route": route.text, "why": str(e).split(": ", 1)[-1][:600]})
+            continue
+        taken = route
+        break
+    if taken is None:
+        raise ExportError(f"saved_model artifact {name}: every route failed. "
+                          + "\n".join(f"{i}) {r['route']}: {r['why']}" for i, r in enumerate(left, 1)))
+    export_s = time.perf_counter() - t0
+    route = taken.text + (" (the first route failed)" if left else "")
+    facts = dict(taken.facts)
+    route_versions = facts.pop("versions", {})
     if perm is None:
         layout = "as-trained"
     else:
@@ -224,11 +224,68 @@ def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir
                  "output_spec": sig["output_spec"],
                  "input_transpose": None if perm is None else list(perm),
                  "layout_check_max_abs": errors,
-                 "onnx_source": str(onnx_path), "onnx2tf_extra_files_dropped": dropped,
-                 **({"first_route_left": first_route_left} if first_route_left else {}),
+                 "route_taken": taken.label, **facts,
+                 **({"onnx_source": str(taken.onnx_path)} if taken.onnx_path else {}),
+                 **({"routes_left": left} if left else {}),
                  "versions": {"tensorflow": tf.__version__, "onnx2tf": onnx2tf.__version__,
-                              "onnx": onnx.__version__}},
+                              "onnx": onnx.__version__, **route_versions}},
     )
+
+
+@dataclass
+class _Route:
+    label: str                        # short, for tables: "onnx2tf", "nobuco", "onnx2tf, batch 1"
+    text: str                         # the record's route
+    run: Callable[[], dict]           # writes the SavedModel at `final`; returns facts for the details
+    onnx_path: Path | None = None     # the ONNX file it converts, if any
+    facts: dict = field(default_factory=dict)
+
+
+def _torch_routes(onnx_artifact: Artifact | None, final: Path, name: str, example, load_model) -> list[_Route]:
+    """1) onnx2tf on the dynamic-batch ONNX artifact; 2) nobuco on the torch module itself (a dynamic
+    batch still); 3) onnx2tf on the batch-1 export the ONNX stage keeps for graphs that compute with
+    their shapes (the SavedModel then takes one row at a time)."""
+    options = "onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)"
+    onnx_path = Path(onnx_artifact.path) if onnx_artifact is not None else None
+
+    def first():
+        if onnx_path is None or not onnx_path.is_file():
+            raise ExportError(f"saved_model artifact {name}: no ONNX file to convert "
+                              f"({'the ONNX artifact could not be made' if onnx_path is None else f'nothing at {onnx_path}'})")
+        return {"onnx2tf_extra_files_dropped": _onnx2tf(onnx_path, final, name)}
+    routes = [_Route("onnx2tf", f"ONNX ({onnx_path.name if onnx_path else 'model.onnx'}) -> {options}", first,
+                     onnx_path)]
+    if load_model is not None:
+        from exporters import nobuco_route
+        routes.append(_Route("nobuco", nobuco_route.ROUTE,
+                             lambda: _nobuco(load_model, example, final, name)))
+    fixed_name = (onnx_artifact.details or {}).get("fixed_batch_copy") if onnx_artifact is not None else None
+    fixed = onnx_path.with_name(fixed_name) if fixed_name else None
+    if fixed is not None and fixed.is_file():
+        routes.append(_Route("onnx2tf, batch 1", f"ONNX with a fixed batch of 1 ({fixed.name}) -> {options}",
+                             lambda: {"onnx2tf_extra_files_dropped": _onnx2tf(fixed, final, name)}, fixed))
+    return routes
+
+
+def _nobuco(load_model, example, final: Path, name: str) -> dict:
+    from exporters import nobuco_route
+    try:
+        model = load_model()
+    except Exception as e:  # noqa: BLE001 - the route cannot start: said as its reason
+        raise ExportError(f"saved_model artifact {name}: loading the torch module for nobuco failed: "
+                          f"{type(e).__name__}: {e}") from e
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".saved_model-") as tmp:
+        staged = Path(tmp) / _DIR_NAME
+        try:
+            facts = nobuco_route.torch_to_saved_model(model, example, staged)
+        except ModuleNotFoundError as e:
+            raise ExportError(f"saved_model artifact {name}: nobuco is not installed ({e}); "
+                              f"pip install --no-deps nobuco==0.17.0 sty==1.0.6") from e
+        except Exception as e:  # noqa: BLE001 - the converter's own error, with what was being done
+            raise ExportError(f"saved_model artifact {name}: nobuco failed: {type(e).__name__}: "
+                              f"{str(e).strip()[:1500]}") from e
+        _replace_dir(staged, final)
+    return {"nobuco": {k: v for k, v in facts.items() if k != "versions"}, "versions": facts["versions"]}
 
 
 def _onnx2tf(onnx_path: Path, final: Path, name: str) -> list[str]:
@@ -305,7 +362,7 @@ def _measure_layout(path: Path, sig: dict, example: np.ndarray, ref: np.ndarray,
             best = (err, perm)
     tol = 1e-3 + 1e-3 * float(np.max(np.abs(ref))) if ref.size else 1e-3
     if best is None or best[0] > tol:
-        raise ExportError(f"saved_model artifact {name}: the onnx2tf SavedModel reproduces the torch model in "
+        raise ExportError(f"saved_model artifact {name}: the SavedModel reproduces the torch model in "
                           f"no input layout (tolerance {tol:.2g}); max abs error per layout: {errors}")
     return best[1], errors
 

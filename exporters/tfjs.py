@@ -259,12 +259,23 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
     if made_here:
         route = f"{sm.route} -> {route}"
     shutil.rmtree(tmp, ignore_errors=True)
+    route_left = None
     try:
         converters.convert_tf_saved_model(str(sm_path), str(tmp), signature_def=signature_def, **kwargs)
     except Exception as e:  # the converter raises ValueError, KeyError, tf errors...
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"tfjs artifact {name} ({framework}): {route} failed on {sm_path}: "
-                          f"{type(e).__name__}: {e}") from e
+        first = f"{type(e).__name__}: {e}"
+        if not _ONEDNN_OP.search(str(e)):
+            raise ExportError(f"tfjs artifact {name} ({framework}): {route} failed on {sm_path}: {first}") from e
+        # oneDNN's graph rewrites (on by default on x86) fused ops TF.js does not have; they are decided
+        # when TensorFlow starts, so a process of its own converts with them off
+        try:
+            _convert_without_onednn(sm_path, tmp, signature_def, kwargs)
+        except ExportError as second:
+            raise ExportError(f"tfjs artifact {name} ({framework}): every route failed. 1) {route} on {sm_path}: "
+                              f"{first}\n2) the same in a process with TF_ENABLE_ONEDNN_OPTS=0: {second}") from e
+        route_left = {"route": route, "why": first[:600]}
+        route = f"{route} in a process with TF_ENABLE_ONEDNN_OPTS=0 (the first route met oneDNN's fused ops)"
     try:
         model_json = json.loads((tmp / "model.json").read_text())
     except (OSError, ValueError) as e:
@@ -272,7 +283,7 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
         raise ExportError(f"tfjs artifact {name}: the converter wrote no readable model.json in {tmp}: {e}") from e
     if model_json.get("format") != "graph-model":
         raise ExportError(f"tfjs artifact {name}: expected a graph-model, the converter wrote {model_json.get('format')!r}")
-    squeezed = rank1_fused_biases(tmp / "model.json", model_json) if made_here else []
+    squeezed = rank1_fused_biases(tmp / "model.json", model_json)
     widened = widened_scalar_biases(tmp, model_json)
     unfused = unfused_hard_swish(tmp, model_json)
     sig = model_json.get("signature") or {}
@@ -309,12 +320,15 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
         "upstream": {"format": sm.format, "variant": sm.variant, "route": sm.route, "input_layout": sm.input_layout},
         **({"intermediate_saved_model": {k: v for k, v in sm.details.items() if k != "made_for_tfjs"}}
            if made_here else {}),
+        "route_taken": "tensorflowjs without oneDNN" if route_left else "tensorflowjs",
+        **({"routes_left": [route_left]} if route_left else {}),
         **({"biases_made_rank_1": squeezed} if squeezed else {}),
         **({"scalar_biases_widened": widened} if widened else {}),
         **({"hard_swish_unfused": unfused} if unfused else {}),
         **layout,
     }
-    repairs = [f"{len(done)} {what}" for done, what in ((widened, "scalar fused biases widened to rank 1"),
+    repairs = [f"{len(done)} {what}" for done, what in ((squeezed, "fused biases of shape [1, ..., n] told as [n]"),
+                                                        (widened, "scalar fused biases widened to rank 1"),
                                                         (unfused, "convolutions with hard-swish fused in split"))
                if done]
     if repairs:  # shown beside the verdicts: the graph TF.js runs is not quite the converter's
@@ -322,6 +336,27 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(dest), framework=framework, route=route,
                      batch_sizes=batch_sizes, input_layout=sm.input_layout, size_bytes=size_of(dest),
                      export_s=export_s, details=details)]
+
+
+_ONEDNN_OP = re.compile(r"\b_Mkl\w+|\b_Fused\w*(Swish|Gelu|Mish)\b")
+_CONVERT_IN_CHILD = """
+import json, sys
+from exporters.tfjs import _import_converter
+_, converters = _import_converter()
+converters.convert_tf_saved_model(sys.argv[1], sys.argv[2], signature_def=sys.argv[3], **json.loads(sys.argv[4]))
+"""
+
+
+def _convert_without_onednn(sm_path: Path, dest: Path, signature_def: str, kwargs: dict) -> None:
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _CONVERT_IN_CHILD, str(sm_path), str(dest), signature_def,
+                           json.dumps(kwargs)], env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not (dest / "model.json").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        tail = [ln for ln in (done.stderr or "").strip().splitlines() if ln.strip()][-3:]
+        raise ExportError(f"exit code {done.returncode}: {' / '.join(tail) or 'no output'}")
 
 
 # ----------------------------------------------------------------------------------------- the Node process

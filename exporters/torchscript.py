@@ -4,7 +4,8 @@ Routes:
   torch: torch.jit.trace(model) -> torch.jit.save (torch.jit.script if the trace does not generalise over
          the batch dimension).
   keras, jax: the ONNX artifact made upstream (not re-exported here) -> onnx2fx.convert (ONNX to a torch.fx
-         GraphModule) -> torch.jit.trace -> torch.jit.save. onnx2fx is installed with
+         GraphModule) -> torch.jit.trace -> torch.jit.save. Where that fails for a Keras model kept as a
+         .keras file: Keras on its torch backend, traced in a process of its own (exporters/keras_torch_route.py). onnx2fx is installed with
          `pip install --no-deps onnx2fx==0.0.1` (its requirements, torch>=2.9 and onnx>=1.19.1, are already
          met; a plain install of onnx2torch/onnx2pytorch would replace the CPU torch with a CUDA build, and
          with --no-deps both import torchvision, which fails beside this torch).
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters import keras_torch_route
 from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError, check_file,
                              example_batch, family_of, forward_order, keras_feed, package_version, pick_runtime, size_of,
                              unsupported_family)
@@ -32,6 +34,7 @@ FORMAT = "torchscript"
 REQUIRES = {"tensorflow": ("onnx",), "torch": (), "jax": ("onnx",)}
 RUNTIMES = ("torch-jit",)
 LANE = {"tensorflow": "torch", "torch": "torch", "jax": "torch"}  # onnx2fx and tracing need torch only
+LATER_ROUTES_TAKE_MODEL = ("tensorflow",)  # Keras on its torch backend reads the kept .keras file
 RUNTIME_LANE = "torch"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.pt"
@@ -83,27 +86,22 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         if more.get("scripted"):
             route = "torch.jit.script"
         details.update(more)
-    elif family in REQUIRES:  # converted from the ONNX artifact
-        onnx_artifact = _upstream_onnx(name, upstream)
-        source, details = _onnx_to_torch(onnx_artifact, name)
-        route = f"{framework} -> onnx ({onnx_artifact.route}) -> onnx2fx.convert -> torch.jit.trace"
-        if isinstance(example, dict):  # the graph takes the ONNX inputs by position: match them by meaning
-            from parity.signature import map_tensors
-            onnx_names = details["onnx_input_names"]
-            pairs, _ = map_tensors(tuple(TensorSpec.of(k, v) for k, v in example.items()),
-                                   tuple(TensorSpec.of(n, example[n]) if n in example else
-                                         TensorSpec.of(n, next(iter(example.values()))) for n in onnx_names))
-            by_onnx = {v: k for k, v in pairs.items()}
-            names = [by_onnx.get(n, n) for n in onnx_names]
-            arrays = [example[n] for n in names]
-        elif onnx_artifact.batch_sizes:  # a fixed-batch ONNX graph can only be traced at that batch
-            reps = -(-onnx_artifact.batch_sizes[0] // example.shape[0])
-            example = np.concatenate([example] * reps)[:onnx_artifact.batch_sizes[0]]
-            arrays = [example]
-        scripted, batch_sizes, more = _trace(source, name, framework, arrays)
-        details.update(more)
-        if not isinstance(example, dict):
-            details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example, expected)
+    elif family in REQUIRES:  # converted from the ONNX artifact, or else by Keras on its torch backend
+        try:
+            scripted, batch_sizes, route, details, names, arrays = _from_onnx(
+                model, name, framework, example, upstream, expected)
+        except Exception as first:  # noqa: BLE001 - onnx2fx and tracing raise anything; said as the reason
+            keras_path = keras_torch_route.keras_file((options or {}).get("trained_dir"))
+            if family != "tensorflow" or keras_path is None:
+                if isinstance(first, ExportError):
+                    raise
+                raise ExportError(f"torchscript export of {name} ({framework}) through ONNX and onnx2fx failed: "
+                                  f"{_one_line(first)}") from first
+            scripted, batch_sizes, details, names, arrays = _from_keras_on_torch(keras_path, example, path, name)
+            route = f"{keras_torch_route.ROUTE} (the first route failed)"
+            details["route_taken"] = "keras on torch"
+            details["routes_left"] = [{"route": f"{framework} -> onnx -> onnx2fx.convert -> torch.jit.trace",
+                                       "why": str(first).split(": ", 1)[-1][:600]}]
     else:
         raise unsupported_family(FORMAT, name, family, REQUIRES)
     import torch
@@ -125,6 +123,45 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
                      route=route, batch_sizes=batch_sizes, size_bytes=size_of(path),
                      export_s=time.perf_counter() - t0, details=details)]
+
+
+def _from_onnx(model, name: str, framework: str, example, upstream, expected):
+    """The ONNX artifact -> onnx2fx -> torch.jit.trace."""
+    onnx_artifact = _upstream_onnx(name, upstream)
+    source, details = _onnx_to_torch(onnx_artifact, name)
+    route = f"{framework} -> onnx ({onnx_artifact.route}) -> onnx2fx.convert -> torch.jit.trace"
+    names, arrays = ["x"], [example]
+    if isinstance(example, dict):  # the graph takes the ONNX inputs by position: match them by meaning
+        from parity.signature import map_tensors
+        onnx_names = details["onnx_input_names"]
+        pairs, _ = map_tensors(tuple(TensorSpec.of(k, v) for k, v in example.items()),
+                               tuple(TensorSpec.of(n, example[n]) if n in example else
+                                     TensorSpec.of(n, next(iter(example.values()))) for n in onnx_names))
+        by_onnx = {v: k for k, v in pairs.items()}
+        names = [by_onnx.get(n, n) for n in onnx_names]
+        arrays = [example[n] for n in names]
+    elif onnx_artifact.batch_sizes:  # a fixed-batch ONNX graph can only be traced at that batch
+        reps = -(-onnx_artifact.batch_sizes[0] // example.shape[0])
+        example = np.concatenate([example] * reps)[:onnx_artifact.batch_sizes[0]]
+        arrays = [example]
+    scripted, batch_sizes, more = _trace(source, name, framework, arrays)
+    details.update(more)
+    if not isinstance(example, dict):
+        details["export_check_max_abs_vs_keras"] = _max_abs_vs_keras(model, scripted, example, expected)
+    return scripted, batch_sizes, route, details, names, arrays
+
+
+def _from_keras_on_torch(keras_path: Path, example, path: Path, name: str):
+    """The kept .keras file loaded by Keras on its torch backend, traced, in a process of its own."""
+    import torch
+    facts = keras_torch_route.convert(keras_path, example, path, name)
+    details = facts["details"]
+    names = details["input_names"]
+    arrays = [example[n] for n in names] if isinstance(example, dict) else [example]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    return scripted, facts["batch_sizes"], details, names, arrays
 
 
 def _upstream_onnx(name: str, upstream) -> Artifact:

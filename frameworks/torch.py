@@ -190,11 +190,21 @@ class Adapter:
             module = script_to_graph(module, tuple(input_shape))
         return module
 
-    def save_pretrained(self, model, out: Path, path: Path) -> None:
+    def save_pretrained(self, model, out: Path, path: Path) -> str | None:
+        """Keep the file as given, for later stages to load; returns a note when what is kept is not it."""
+        fresh = getattr(model, NEWLY_INITIALIZED, None)
+        if path.is_dir() and fresh:
+            # weights the folder lacks are made up on every load (uninitialised memory, even NaN): every
+            # later load would make up others, so the model the reference ran is saved whole instead
+            model.save_pretrained(out / PRETRAINED)
+            return (f"{len(fresh)} weights the folder lacks ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''}) "
+                    f"were made up by transformers on loading; the outputs they feed mean nothing, and the "
+                    f"model is kept with them so that every later stage runs the same weights")
         if path.is_dir():  # a save_pretrained folder, kept whole
             shutil.copytree(path, out / PRETRAINED)
         else:
             shutil.copy2(path, out / (PRETRAINED + path.suffix))
+        return None
 
     def save(self, model, out: Path) -> None:
         import torch
@@ -306,14 +316,18 @@ def hugging_face(path: Path, where: str):
     except ImportError as e:
         raise PretrainedLoadError(f"{where}: {path}: a Hugging Face folder needs the transformers package: {e}") from None
     try:
-        module = transformers.AutoModel.from_pretrained(str(path))
+        module, loading = transformers.AutoModel.from_pretrained(str(path), output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - a bad config, missing weights, an unknown architecture
         raise PretrainedLoadError(f"{where}: {path}: transformers.AutoModel.from_pretrained failed ({type(e).__name__}: "
                                   f"{first_line(e)}); expected a folder written by "
                                   f"model.save_pretrained(...) (config.json and the weights)") from None
     import torch
     torch.set_num_threads(1)
+    setattr(module, NEWLY_INITIALIZED, sorted(loading.get("missing_keys") or []))
     return module.eval()
+
+
+NEWLY_INITIALIZED = "t2e_newly_initialized"  # on a loaded transformers module: weights its folder lacked
 
 
 def torch_inputs(model, x) -> tuple:

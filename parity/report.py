@@ -201,7 +201,9 @@ class ParityReport:
             batches = f", batch sizes {d['batch_sizes']}" if d.get("batch_sizes") else ", any batch"
             note = f". Note: {d['note']}" if d.get("note") else ""
             mapping = f". Mapping: {d['mapping']}" if d.get("mapping") else ""
-            lines.append(f"- `{r.label}`: {_md(d['route'])}{size}{batches}{_md(mapping)}{_md(note)}")
+            left = "".join(f". Route left: {x['route']}, because {_first_line(x['why'], 200)}"
+                           for x in d.get("routes_left") or [])
+            lines.append(f"- `{r.label}`: {_md(d['route'])}{size}{batches}{_md(mapping)}{_md(note)}{_md(left)}")
         return (["## Artifacts", ""] + lines + [""]) if lines else []
 
     def write_markdown(self, path) -> Path:
@@ -378,3 +380,8 @@ def merge_reports(reports: Iterable[ParityReport], **meta) -> ParityReport:
         out.spec = out.spec or rep.spec
         out.run_id = out.run_id or rep.run_id
     return out
+
+
+def _first_line(text: str, limit: int) -> str:
+    line = (str(text).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."

@@ -245,7 +245,7 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
                                    input_shape=info["input_shape"])
         binding = bind_to_model(m, fw, model, take(arrays["x_train"], slice(0, 2)))
         probe_model(m, lambda x: fw.predict(model, x), take(arrays["x_train"], slice(0, 2)), info["n_outputs"])
-        fw.save_pretrained(model, ctx.out, path)
+        kept_note = fw.save_pretrained(model, ctx.out, path)
     finally:
         if fetched:
             shutil.rmtree(fetched, ignore_errors=True)
@@ -270,7 +270,7 @@ def take_pretrained(ctx: Context, spec: Spec, m: ModelSpec, fw, arrays: dict, in
             "input_binding": binding or None,
             "summary": f"{m.framework}: pretrained {m.source if registry_ref.is_ref(m.source) else Path(m.source).name}, "
                        f"not trained ({spent})" + (f"; {shown}" if shown else "")
-                       + (f"; inputs {binding}" if binding else "")}
+                       + (f"; inputs {binding}" if binding else "") + (f"; {kept_note}" if kept_note else "")}
 
 
 def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
@@ -412,8 +412,10 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
             if req not in spec.formats:
                 raise_spec(spec, f"export.formats: {fmt} for {m.framework} models is converted from {req}, "
                                  f"which must be listed too")
-        # a route that converts another artifact needs no model, so it may run on the other side
-        model_input = () if requires else (f"train:{m.name}",)
+        # a route that converts another artifact needs no model, so it may run on the other side;
+        # an exporter whose later routes convert the model itself (nobuco) takes it too, loaded only then
+        needs_model = not requires or family(m.framework) in getattr(exporters.module(fmt), "LATER_ROUTES_TAKE_MODEL", ())
+        model_input = (f"train:{m.name}",) if needs_model else ()
         stages.append(Stage(
             f"export:{m.name}:{fmt}", "export",
             {"format": fmt, "framework": m.framework, "options": _export_options(spec, m, fmt)},
@@ -466,10 +468,11 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     arrays = load_arrays(ctx)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         example, expected = take(unpack(f, "x"), slice(0, spec.parity.max_batch)), f["y"][: spec.parity.max_batch]
-    if model_obj is not None:  # the form each converter calls (a torch forward's keyword inputs: by keyword)
+    def callable_form(model):  # the form each converter calls (a torch forward's keyword inputs: by keyword)
         from frameworks import adapter
         fw = adapter(m.framework)
-        model_obj = fw.for_inputs(model_obj, example) if hasattr(fw, "for_inputs") else model_obj
+        return fw.for_inputs(model, example) if hasattr(fw, "for_inputs") else model
+    model_obj = None if model_obj is None else callable_form(model_obj)
     upstream, missing = {}, []
     for req in requires:
         src = ctx.input_dir(f"export:{m.name}:{req}")
@@ -482,9 +485,12 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
     options = _export_options(spec, m, fmt)
     if fmt == "litert":  # rows for int8 calibration, from the training data
         options["calibration"] = take(arrays["x_train"], slice(0, 256))
+    if requires and f"train:{m.name}" in ctx.stage.inputs:  # for a later route, loaded only if one runs
+        options["load_model"] = lambda: callable_form(trained_model(ctx, spec, m))
+        options["trained_dir"] = str(ctx.input_dir(f"train:{m.name}"))
     t0 = time.perf_counter()
     try:
-        if missing:
+        if missing and "load_model" not in options:  # else a later route converts the model itself
             raise RuntimeError(f"converted from an artifact that could not be made ({'; '.join(missing)})")
         artifacts = exporters.module(fmt).export(model_obj, framework=m.framework, family=family(m.framework), name=m.name, example=example,
                                                  out_dir=out_dir, upstream=upstream, options=options,

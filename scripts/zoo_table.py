@@ -37,7 +37,9 @@ ZOO = [("MobileNetV2 0.35, 32x32 (keras.applications)", "keras_mobilenet", ["--t
        ("BERT, tiny config, input_ids + token_type_ids, no mask (transformers save_pretrained folder)",
         "hf_bert", []),
        ("ViT, tiny config, 16x16 pixel_values NCHW (transformers save_pretrained folder)", "hf_vit", []),
-       ("functional model of two integer inputs, ids + mask (keras, .keras file)", "keras_two_inputs", [])]
+       ("functional model of two integer inputs, ids + mask (keras, .keras file)", "keras_two_inputs", []),
+       ("Normalization with a given mean and variance (keras, .keras file)", "keras_normalized", []),
+       ("GRU over any sequence length, checked at 10 tokens (keras, .keras file)", "keras_gru_any_length", [])]
 
 
 def export(model: Path, example: Path, home: Path, extra: list[str]) -> dict:
@@ -51,7 +53,9 @@ def export(model: Path, example: Path, home: Path, extra: list[str]) -> dict:
 def cell(r: dict) -> str:
     m = (r.get("comparison") or {}).get("metrics", {})
     worst = f" {m['max_abs']:.1e}" if isinstance(m.get("max_abs"), (int, float)) else ""
-    second = " (2nd route)" if "first route failed" in str((r.get("details") or {}).get("route")) else ""
+    d = r.get("details") or {}
+    # a cell made by a later route names it: (nobuco), (onnx2tf, batch 1), (tensorflowjs without oneDNN)
+    second = f" ({d['route_taken']})" if d.get("routes_left") and d.get("route_taken") else ""
     if r["status"] == "passed":
         return f"PASS{worst}{second}"
     if (r.get("details") or {}).get("outcome") == "unsupported":

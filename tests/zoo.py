@@ -206,3 +206,27 @@ def keras_two_inputs(out: Path) -> tuple[Path, Path]:
     np.savez(out / "keras_tokens.npz", input_ids=rng.integers(0, 100, size=(48, 12)).astype(np.int64) * mask_rows,
              attention_mask=mask_rows)
     return out / "two_inputs.keras", out / "keras_tokens.npz"
+
+
+def keras_gru_any_length(out: Path) -> tuple[Path, Path]:
+    """A Keras GRU over token embeddings whose sequence length is not fixed (Input((None,))), saved as
+    .keras, and rows of 10 tokens: each converter meets a recurrent loop over a dynamic length."""
+    import keras
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int64", name="tokens")
+    h = keras.layers.GRU(8)(keras.layers.Embedding(50, 8)(ids))
+    keras.Model(ids, keras.layers.Dense(3)(h)).save(out / "gru.keras")
+    np.savez(out / "gru_tokens.npz", tokens=np.random.default_rng(6).integers(0, 50, size=(48, 10)).astype(np.int64))
+    return out / "gru.keras", out / "gru_tokens.npz"
+
+
+def keras_normalized(out: Path) -> tuple[Path, Path]:
+    """A Keras model whose Normalization layer is given its mean and variance (constants the model's
+    function captures), saved as .keras, with feature rows."""
+    import keras
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6,), name="features")
+    y = keras.layers.Dense(3)(keras.layers.Normalization(mean=[1.0] * 6, variance=[4.0] * 6)(x))
+    keras.Model(x, y).save(out / "normalized.keras")
+    np.savez(out / "features.npz", features=np.random.default_rng(7).normal(size=(48, 6)).astype(np.float32))
+    return out / "normalized.keras", out / "features.npz"
