@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from . import executors
 from . import spec as spec_mod
 from .cache import PACKAGE_ROOT, Cache
 from .home_lock import home_lock
@@ -50,8 +51,8 @@ def rerun_kinds(force: bool, from_stage: str | None) -> set[str]:
 
 
 def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_stage: str | None = None,
-        parallel: bool = True, track: bool = True) -> dict:
-    """Run a spec end to end. Returns the run record (also saved under .pipeline/runs/).
+        parallel: bool = True, track: bool = True, executor: str | None = None) -> dict:
+    """Run a spec end to end; `executor` names one in pipeline/executors/ (default: local lanes). Returns the run record (also saved under .pipeline/runs/).
 
     Raises SpecError for a spec that cannot run (nothing is started); a failed stage gives a record
     with status "failed" and the error, after MLflow has been told. One run at a time per home: a
@@ -60,11 +61,14 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
     home = home or home_dir()
     spec = spec_mod.load(spec_ref)
     kinds = rerun_kinds(force, from_stage)
+    executor = executor or (executors.DEFAULT if parallel else "inprocess")
+    if executor not in executors.names():
+        raise spec_mod.SpecError(f"--executor {executor}: expected one of {', '.join(executors.names())}")
     with home_lock(work_dir(home), f"run {spec.name}"):
-        return _run(spec, home, kinds, parallel, track)
+        return _run(spec, home, kinds, executor, track)
 
 
-def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict:
+def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
     from .stages import build_stages
     t_start = time.perf_counter()
     cache = Cache(work_dir(home) / "cache")
@@ -95,7 +99,7 @@ def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict
 
     error, error_kind, results = None, None, []
     try:
-        results = execute(stages, cache, kinds, parallel=parallel, on_plan=on_plan)
+        results = execute(stages, cache, kinds, executor=executor, on_plan=on_plan)
     except StageFailed as e:
         error, error_kind = str(e), e.result.error_kind
         if error_kind == "usage":
@@ -105,6 +109,7 @@ def _run(spec, home: Path, kinds: set[str], parallel: bool, track: bool) -> dict
     if error is None and report is not None:
         error = verdict_error(report.facts)
     record = _record(spec, run_id, started, time.time(), results, error)
+    record["executor"] = executor
     record["error_kind"] = error_kind
     if report is not None:
         # a snapshot per run: a later forced verify rewrites the cache entry this run read

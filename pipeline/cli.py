@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun every stage, ignoring the cache")
     r.add_argument("--from", dest="from_stage", metavar="STAGE",
                    help="rerun from this stage on (data, parity_set, train, reference, export, verify, report)")
-    r.add_argument("--sequential", action="store_true", help="run the models one after another in-process")
+    r.add_argument("--sequential", action="store_true", help="run the models one after another in-process "
+                                                             "(the same as --executor inprocess)")
+    r.add_argument("--executor", default=None, metavar="NAME",
+                   help="where stages run: local (a process per framework, the default) or inprocess")
     r.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
     ve = sub.add_parser("verify", help="re-verify a past run's artifacts in every runtime (no retraining)")
@@ -124,7 +127,7 @@ def exit_code(record: dict) -> int:
 def cmd_run(args) -> int:
     from . import api
     record = api.run(args.spec, force=args.force, from_stage=args.from_stage,
-                     parallel=not args.sequential, track=not args.no_track)
+                     parallel=not args.sequential, track=not args.no_track, executor=args.executor)
     print_summary(record)
     return exit_code(record)
 

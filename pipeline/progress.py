@@ -49,12 +49,6 @@ class Display:
         if task is not None:
             self._bars.remove_task(task)
 
-    def handle(self, message: tuple) -> None:
-        """A message from a worker process (see runner._Relay)."""
-        kind, *rest = message
-        {"line": self.line, "start": self.start, "progress": self.progress, "finish": self.finish,
-         "note": self.note}[kind](*rest)
-
     def close(self) -> None:
         if self._bars is not None:
             self._bars.stop()

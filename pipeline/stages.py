@@ -531,7 +531,10 @@ def verify_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         lane = exporters.module(fmt).RUNTIME_LANE
         stages.append(Stage(
             f"verify:{m.name}:{fmt}", "verify",
-            {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
+            {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch,
+             # the verdict of an UNSUPPORTED cell turns on it: editing it must not reuse the old verdict
+             "allow_unsupported": [v for v in VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
+                                   if spec.parity.allows_unsupported(m.name, fmt, v)]},
             VERIFY_CODE + (f"exporters/{fmt}.py",) + _runtime_files(fmt), f"{__name__}:run_verify",
             {"spec": str(spec.path), "model": m.name, "fmt": fmt},
             inputs=(f"reference:{m.name}", f"export:{m.name}:{fmt}"),
