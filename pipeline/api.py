@@ -51,8 +51,12 @@ def rerun_kinds(force: bool, from_stage: str | None) -> set[str]:
 
 
 def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_stage: str | None = None,
-        parallel: bool = True, track: bool = True, executor: str | None = None) -> dict:
-    """Run a spec end to end; `executor` names one in pipeline/executors/ (default: local lanes). Returns the run record (also saved under .pipeline/runs/).
+        parallel: bool = True, track: bool = True, executor: str | None = None,
+        address: str | None = None) -> dict:
+    """Run a spec end to end and return the run record (also saved under .pipeline/runs/).
+
+    `executor` names one in pipeline/executors/ (default: the spec's [pipeline] executor, else local
+    lanes); `address` is the Ray cluster the ray executor joins (default RAY_ADDRESS, else its own).
 
     Raises SpecError for a spec that cannot run (nothing is started); a failed stage gives a record
     with status "failed" and the error, after MLflow has been told. One run at a time per home: a
@@ -61,9 +65,14 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
     home = home or home_dir()
     spec = spec_mod.load(spec_ref)
     kinds = rerun_kinds(force, from_stage)
-    executor = executor or (executors.DEFAULT if parallel else "inprocess")
+    executor = executor or (spec.executor if parallel else None) or (executors.DEFAULT if parallel else "inprocess")
     if executor not in executors.names():
         raise spec_mod.SpecError(f"--executor {executor}: expected one of {', '.join(executors.names())}")
+    if address:
+        if executor != "ray":
+            raise spec_mod.SpecError(f"--address {address} names a Ray cluster: expected it with --executor ray "
+                                     f"(or [pipeline] executor = \"ray\"), found executor {executor}")
+        os.environ["RAY_ADDRESS"] = address  # where Ray's own client looks for the cluster
     with home_lock(work_dir(home), f"run {spec.name}"):
         return _run(spec, home, kinds, executor, track)
 
@@ -71,7 +80,7 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
 def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
     from .stages import build_stages
     t_start = time.perf_counter()
-    cache = Cache(work_dir(home) / "cache")
+    cache = Cache(work_dir(home) / "cache", store=os.environ.get("PIPELINE_STORE"))
     cache.check_writable()
     cache.sweep()
     started = time.time()

@@ -9,6 +9,11 @@ per process) and refuses an entry whose files were changed, added or removed sin
 moved aside to `.changed-*` for a person to inspect and the stage is rebuilt. An entry marked
 volatile (its outcome said something about the machine, not the inputs: a runtime was missing) is
 readable by the run that wrote it but is never a cache hit for a later run.
+
+With a store (pipeline/remote_store.py, an S3-compatible bucket several machines share) the local
+folder is a working copy: a local miss is pulled from the store into a private `.tmp-*` folder and
+renamed into place, then checked like any local entry; a commit is pushed after it lands locally
+(never a volatile one). A pulled entry whose files do not match its manifest is refused and rebuilt.
 """
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .remote_store import RemoteStore
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 META_FILE = "stage.json"
@@ -90,8 +99,13 @@ class Entry:
 
 
 class Cache:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, store: RemoteStore | str | None = None):
+        """`store`: a shared copy on an object store, or its s3:// URI; None or "" keeps the cache local."""
         self.root = root
+        if isinstance(store, str):
+            from .remote_store import RemoteStore
+            store = RemoteStore(store) if store.strip() else None
+        self.store = store
         self._verified: set[Path] = set()
         self.changed: list[str] = []   # one line per entry found changed and moved aside in this process
 
@@ -107,7 +121,12 @@ class Cache:
         try:
             meta = entry.meta()
         except (OSError, ValueError):
-            return None
+            if not self._pull(kind, key):
+                return None
+            try:
+                meta = entry.meta()
+            except (OSError, ValueError):
+                return None
         if meta.get("volatile") and not volatile_ok:
             return None
         if entry.path in self._verified:
@@ -118,6 +137,38 @@ class Cache:
             return None
         self._verified.add(entry.path)
         return entry
+
+    def _pull(self, kind: str, key: str) -> bool:
+        """Fetch (kind, key) from the store into place; False when the store lacks it or refuses it."""
+        if self.store is None:
+            return False
+        from .remote_store import UntrustedEntry
+        tmp = self.begin(kind, key)  # private until complete, like a stage's outputs
+        try:
+            manifest = self.store.pull(kind, key, tmp)
+        except UntrustedEntry as e:
+            self.abandon(tmp)
+            self.changed.append(f"{e}; not using it; rebuilding it")
+            return False
+        except BaseException:
+            self.abandon(tmp)
+            raise
+        if manifest is None:
+            self.abandon(tmp)
+            return False
+        self._move_into_place(tmp, self.entry(kind, key).path)
+        return True
+
+    @staticmethod
+    def _move_into_place(tmp: Path, path: Path) -> None:
+        if path.exists() and not (path / META_FILE).exists():  # a stale entry without stage.json
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / META_FILE).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process put the same entry there first
 
     @staticmethod
     def _changed_files(entry: Entry, meta: dict) -> str | None:
@@ -143,7 +194,7 @@ class Cache:
                             f"since it was written ({problem}); {where}; rebuilding it")
 
     def check_writable(self) -> None:
-        """Refuse, before anything runs, a cache this process cannot write to."""
+        """Refuse, before anything runs, a cache this process cannot write to (and a store it cannot reach)."""
         probe = self.root / f".probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +205,8 @@ class Cache:
                              f"{'no folder' if not self.root.is_dir() else 'one it cannot write'} "
                              f"({e.strerror or e}); fix its permissions or set PIPELINE_HOME to another "
                              f"folder") from None
+        if self.store is not None:
+            self.store.check()
 
     def begin(self, kind: str, key: str) -> Path:
         """A fresh private folder to write a stage's outputs into."""
@@ -178,7 +231,18 @@ class Cache:
             shutil.rmtree(entry.path, ignore_errors=True)
         os.rename(tmp, entry.path)
         self._verified.add(entry.path)
+        self.publish(kind, key)
         return entry
+
+    def publish(self, kind: str, key: str) -> None:
+        """Push a committed entry to the store, if there is one. Also for entries another process of
+        this run committed (an executor's worker writes locally; the runner shares what it wrote)."""
+        if self.store is None:
+            return
+        entry = self.entry(kind, key)
+        if entry.volatile:  # its outcome said something about this machine, not the inputs
+            return
+        self.store.push(kind, key, entry.path)
 
     def abandon(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)

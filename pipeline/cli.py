@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sequential", action="store_true", help="run the models one after another in-process "
                                                              "(the same as --executor inprocess)")
     r.add_argument("--executor", default=None, metavar="NAME",
-                   help="where stages run: local (a process per framework, the default) or inprocess")
+                   help="where stages run: local (a process per framework, the default), inprocess or ray")
+    r.add_argument("--address", default=None, metavar="ADDR",
+                   help="the Ray cluster to run on (host:port; default RAY_ADDRESS, else a local one for the run)")
     r.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
     ve = sub.add_parser("verify", help="re-verify a past run's artifacts in every runtime (no retraining)")
@@ -126,8 +128,8 @@ def exit_code(record: dict) -> int:
 
 def cmd_run(args) -> int:
     from . import api
-    record = api.run(args.spec, force=args.force, from_stage=args.from_stage,
-                     parallel=not args.sequential, track=not args.no_track, executor=args.executor)
+    record = api.run(args.spec, force=args.force, from_stage=args.from_stage, parallel=not args.sequential,
+                     track=not args.no_track, executor=args.executor, address=args.address)
     print_summary(record)
     return exit_code(record)
 

@@ -159,6 +159,7 @@ class Spec:
     parity: ParitySpec
     deploy: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
+    executor: str | None = None   # [pipeline] executor: where its stages run unless the command says
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
@@ -239,9 +240,11 @@ class _Validator:
     def spec(self, raw: dict) -> Spec:
         self.known_keys(raw, "", {"pipeline", "data", "model", "train", "accept", "export", "parity",
                                   "deploy"})
-        head = self.table(raw, "pipeline", "pipeline", {"name", "seed", "description"})
+        head = self.table(raw, "pipeline", "pipeline", {"name", "seed", "description", "executor"})
         name = self.get(head, "name", "pipeline", str)
         seed = self.get(head, "seed", "pipeline", int, 0)
+        from . import executors  # light: the executors' modules are listed, not imported
+        executor = self.get(head, "executor", "pipeline", str, None, choices=tuple(executors.names()))
 
         data_raw = self.table(raw, "data", "data", {"source", "task", "n_samples", "slope", "intercept",
                                                    "noise", "test_fraction", "path", "scale", "inputs"})
@@ -324,7 +327,7 @@ class _Validator:
         deploy = self.get(raw, "deploy", "", dict, {})
         self._deploy_targets(deploy)
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
-                    parity, deploy, raw)
+                    parity, deploy, raw, executor)
 
     def _framework(self, m: dict, where: str) -> str:
         """One of frameworks/' modules, with its packages installed (checked without importing them)."""

@@ -9,11 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def run_cli(*args, home: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` in a fresh process with its own home (cache + MLflow store)."""
+def run_cli(*args, home: Path, timeout: float = 600, env: dict | None = None,
+            within: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a fresh process with its own home (cache + MLflow store);
+    `within` goes before it (`ip netns exec NAME`: run it in a network namespace)."""
     full_env = {**os.environ, "PIPELINE_HOME": str(home), "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=home, env=full_env,
+    return subprocess.run([*within, sys.executable, "-m", "pipeline", *args], cwd=home, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -144,3 +144,16 @@ def test_allow_unsupported_is_part_of_the_verify_key_of_the_cells_it_names(tmp_p
         keys.append({s.name: s.key for s in stages if s.kind == "verify"})
     changed = {n for n in keys[0] if keys[0][n] != keys[1][n]}
     assert changed == {"verify:keras:litert"}, changed
+
+
+def test_a_spec_may_name_its_executor_and_an_unknown_one_is_refused(tmp_path):
+    text = Path(spec_mod.load("toy").path).read_text()
+    for name in ("inprocess", "dask"):
+        path = tmp_path / f"toy-{name}.toml"
+        path.write_text(text.replace("[pipeline]\n", f'[pipeline]\nexecutor = "{name}"\n', 1))
+        if name == "dask":
+            with pytest.raises(SpecError, match="pipeline.executor.*one of inprocess, local, ray"):
+                spec_mod.load(str(path))
+        else:
+            assert spec_mod.load(str(path)).executor == "inprocess"
+    assert spec_mod.load("toy").executor is None
