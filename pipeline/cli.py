@@ -91,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--devices", required=True, help="the devices file (TOML)")
     dp.add_argument("--variants", default="fp32,fp16,int8")
 
+    st = sub.add_parser("stage", help="run one stage of a spec (its inputs from the cache or PIPELINE_STORE): "
+                                      "what a Kubeflow component runs")
+    st.add_argument("spec")
+    st.add_argument("name", help="the stage, as a run lists it (data, train:keras, verify:torch:onnx, report)")
+
+    co = sub.add_parser("compile", help="write the spec's stage graph for another engine: a Kubeflow Pipelines "
+                                        "v2 pipeline (one component per stage)")
+    co.add_argument("spec")
+    co.add_argument("--to", required=True, choices=["kfp"], help="the engine")
+    co.add_argument("out", help="the pipeline YAML to write")
+    co.add_argument("--image", default=None, help="the toolkit's image the components run (default "
+                                                  "train-to-edge:latest, as the Dockerfile builds it)")
+    co.add_argument("--store", default=None, help="the shared store every task reaches (s3://BUCKET/PREFIX; "
+                                                  "default PIPELINE_STORE)")
+
+    rc = sub.add_parser("run-compiled", help="run a compiled Kubeflow pipeline's tasks on this machine, in "
+                                             "graph order, each one's command and environment as the YAML says")
+    rc.add_argument("yaml")
+
     v = sub.add_parser("validate", help="check a spec, its data and its model factories without running it")
     v.add_argument("spec")
     v.add_argument("--quick", action="store_true", help="skip building the models (no framework import)")
@@ -132,6 +151,44 @@ def cmd_run(args) -> int:
                      track=not args.no_track, executor=args.executor, address=args.address)
     print_summary(record)
     return exit_code(record)
+
+
+def cmd_stage(args) -> int:
+    from .api import home_dir, verdict_error
+    from .one_stage import run_one
+    result = run_one(args.spec, args.name, home_dir())
+    if result.error:
+        print(f"error: stage {result.name}: {result.error}", file=sys.stderr)
+        return EXIT_USAGE if result.error_kind == "usage" else EXIT_FAILED
+    failed = verdict_error(result.facts) if result.kind == "report" else None
+    if failed:  # the report stage is the run's verdict: a pipeline of stages fails where a run would
+        print(f"error: {failed}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_compile(args) -> int:
+    from . import kubeflow
+    out = Path(args.out)
+    the_plan = kubeflow.compile_to(args.spec, out, image=args.image or kubeflow.DEFAULT_IMAGE, store=args.store)
+    print(f"{out}: Kubeflow Pipelines v2 pipeline {the_plan['name']!r}, {len(the_plan['stages'])} components "
+          f"(image {the_plan['image']}, store {the_plan['env']['PIPELINE_STORE']})")
+    return EXIT_OK
+
+
+def cmd_run_compiled(args) -> int:
+    from . import kubeflow
+    from .api import home_dir
+    rows = kubeflow.run_compiled(Path(args.yaml), home_dir())
+    for row in rows:
+        print(f"  {row['stage']:<30} exit {row['exit_code']}  {row['seconds']:7.2f} s")
+    failed = next((r for r in rows if r["exit_code"] != 0), None)
+    if failed:
+        print(f"error: task {failed['task']} (stage {failed['stage']}) exited {failed['exit_code']}; the tasks "
+              f"after it did not run", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{len(rows)} tasks ran")
+    return EXIT_OK
 
 
 def cmd_verify(args) -> int:
@@ -422,4 +479,4 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "tensorboard": cmd_tensorboard, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "tensorboard": cmd_tensorboard, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate, "stage": cmd_stage, "compile": cmd_compile, "run-compiled": cmd_run_compiled}

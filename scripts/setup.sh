@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the toolkit needs; idempotent, and quick when nothing changed.
 #   scripts/setup.sh          Python venv (.venv), pinned packages, the Node packages of the TF.js runner
-#   scripts/setup.sh --test   the same, plus Chromium and OpenSSH's server for the browser and SSH tests
+#   scripts/setup.sh --test   the same, plus Chromium and OpenSSH's server for the browser and SSH tests,
+#                             and the kfp SDK's tool environment (.venv-kfp)
+#   scripts/setup.sh --kfp    the same as the first, plus the kfp SDK's tool environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +44,18 @@ if [ -f "$js/package-lock.json" ] && { [ ! -f "$js/node_modules/.package-lock.js
      [ "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]; }; then
   say "installing the TF.js runner's npm packages"
   npm ci --prefix "$js" --no-audit --no-fund --loglevel=error >/dev/null
+fi
+
+# The kfp SDK, for `compile --to kfp`, in a tool environment of its own: kfp 2.17 needs protobuf<7,
+# and the toolkit's pins hold 7.x (pipeline/kubeflow.py says why).
+if [ "${1:-}" = "--kfp" ] || [ "${1:-}" = "--test" ]; then
+  kfp_stamp=$(sha256sum constraints-kfp.txt | cut -c1-16)
+  if [ "$(cat .venv-kfp/.setup-stamp 2>/dev/null)" != "$kfp_stamp" ]; then
+    say "installing the kfp SDK in .venv-kfp"
+    [ -x .venv-kfp/bin/python ] || "$PYTHON" -m venv .venv-kfp
+    .venv-kfp/bin/python -m pip install --quiet --disable-pip-version-check "kfp==2.17.3" -c constraints-kfp.txt
+    echo "$kfp_stamp" > .venv-kfp/.setup-stamp
+  fi
 fi
 
 # The tests' own system packages: Chromium for the browser tests, OpenSSH's server (sshd, sftp-server)

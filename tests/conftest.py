@@ -1,3 +1,4 @@
+import hashlib
 import os
 import subprocess
 import sys
@@ -77,3 +78,34 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("skipped under CI (the set-up should have installed what they need)")
         for line in _skipped:
             terminalreporter.write_line(line)
+
+
+# --------------------------------------------------------------------------- an S3-compatible store
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (an ephemeral port), in a thread of this process: gone at teardown;
+    one for the whole session, each test in a bucket of its own."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def store_uri(s3_endpoint, monkeypatch, request):
+    """A fresh bucket per test, reached through boto3's standard settings only."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)  # this machine's own AWS settings stay out of it
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    bucket = "cache-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    import boto3
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/team"
