@@ -44,6 +44,9 @@ from parity.signature import Signature, TensorSpec
 
 FORMAT = "litert"
 REQUIRES = {"tensorflow": ("saved_model",), "torch": (), "jax": ("saved_model",)}
+# the installed distributions whose versions decide the artifact (per family) and its runtime's answers
+CONVERTER_PACKAGES = {"tensorflow": ("tensorflow",), "torch": ("litert-torch", "torch"), "jax": ("tensorflow",)}
+RUNTIME_PACKAGES = ("ai-edge-litert",)
 RUNTIMES = ("litert-interpreter",)
 LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow"}  # TFLiteConverter vs litert-torch
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)

@@ -26,6 +26,10 @@ from parity.signature import Signature, TensorSpec
 
 FORMAT = "onnx"
 REQUIRES = {"tensorflow": (), "torch": (), "jax": ()}
+# the installed distributions whose versions decide the artifact (per family) and its runtime's answers
+CONVERTER_PACKAGES = {"tensorflow": ("keras", "tensorflow", "tf2onnx", "onnx"), "torch": ("torch", "onnxscript", "onnx"),
+                      "jax": ("jax", "jax2onnx", "onnx")}
+RUNTIME_PACKAGES = ("onnxruntime",)
 RUNTIMES = ("onnxruntime-cpu",)
 LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow"}  # tf2onnx needs TensorFlow; dynamo
 # needs torch; jax2onnx needs only jax, which runs in the TensorFlow worker

@@ -37,6 +37,11 @@ from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
 REQUIRES = {"tensorflow": (), "torch": ("onnx",), "jax": ()}
+# the installed distributions whose versions decide the artifact (per family) and its runtime's answers:
+# both join the stages' cache keys, so an upgraded converter or runtime makes and checks anew
+CONVERTER_PACKAGES = {"tensorflow": ("tensorflow", "keras"), "torch": ("torch", "onnx", "onnx2tf", "nobuco", "tensorflow"),
+                      "jax": ("jax", "tensorflow")}
+RUNTIME_PACKAGES = ("tensorflow",)
 RUNTIMES = ("tensorflow",)
 LATER_ROUTES_TAKE_MODEL = ("torch",)  # nobuco converts the module itself when onnx2tf refuses the ONNX file
 LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # onnx2tf, jax2tf need TensorFlow

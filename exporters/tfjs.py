@@ -45,10 +45,15 @@ FORMAT = "tfjs"
 # jax: jax2tf's SavedModel is one XlaCallModule op, which the converter refuses; the ONNX file (jax2onnx)
 # goes through onnx2tf to a SavedModel of plain TF ops instead (see _plain_saved_model)
 REQUIRES = {"tensorflow": ("saved_model",), "torch": ("saved_model",), "jax": ("onnx",)}
+# the installed distributions whose versions decide the artifact (per family); the runtime's versions
+# are the npm packages' lock file, among RUNTIME_FILES
+CONVERTER_PACKAGES = {"tensorflow": ("tensorflowjs", "tensorflow"), "torch": ("tensorflowjs", "tensorflow"),
+                      "jax": ("tensorflowjs", "onnx2tf", "tensorflow")}
+RUNTIME_PACKAGES = ()
 RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
 LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # tensorflowjs needs TensorFlow
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
-RUNTIME_FILES = ("exporters/js/runner.js",)  # what the runtime runs besides this module
+RUNTIME_FILES = ("exporters/js/runner.js", "exporters/js/package-lock.json")  # what it runs, and the npm versions
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 RUNNER_JS = JS_DIR / "runner.js"

@@ -32,6 +32,10 @@ from parity.feeds import flat_rows, flatten_outputs
 
 FORMAT = "torchscript"
 REQUIRES = {"tensorflow": ("onnx",), "torch": (), "jax": ("onnx",)}
+# the installed distributions whose versions decide the artifact (per family) and its runtime's answers
+CONVERTER_PACKAGES = {"tensorflow": ("keras", "onnx", "onnx2fx", "torch"), "torch": ("torch",),
+                      "jax": ("onnx", "onnx2fx", "torch")}
+RUNTIME_PACKAGES = ("torch",)
 RUNTIMES = ("torch-jit",)
 LANE = {"tensorflow": "torch", "torch": "torch", "jax": "torch"}  # onnx2fx and tracing need torch only
 LATER_ROUTES_TAKE_MODEL = ("tensorflow",)  # Keras on its torch backend reads the kept .keras file

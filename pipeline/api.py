@@ -18,6 +18,7 @@ from . import spec as spec_mod
 from .cache import PACKAGE_ROOT, Cache
 from .home_lock import home_lock
 from .runner import STAGE_ORDER, StageFailed, dump_modules, execute
+from .verdict import print_parity, verdict_error  # noqa: F401  (verdict_error: also the API's)
 
 PACKAGES = ("pipeline", "exporters", "parity", "serving", "edge")
 
@@ -123,7 +124,7 @@ def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
     if report is not None:
         # a snapshot per run: a later forced verify rewrites the cache entry this run read
         record["report_dir"] = str(_snapshot_reports(home, run_id, Path(report.path)))
-        _print_parity(Path(record["report_dir"]))
+        print_parity(Path(record["report_dir"]))
     for thread in helpers:
         thread.join()
     if unchanged_since is not None:
@@ -139,20 +140,6 @@ def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
     save_record(home, record)
     dump_modules("main")
     return record
-
-
-def verdict_error(report_facts: dict) -> str | None:
-    """The run's error for a report that did not pass: failed checks, or a parity set that cannot
-    tell a right artifact from a wrong one (INCONCLUSIVE, a failure for the gate)."""
-    if not report_facts["passed"]:
-        failures = report_facts["failures"]
-        return (f"parity failed: {len(failures)} artifact check(s) failed; first: "
-                + (failures[0] if failures else "no artifact was checked"))
-    if report_facts.get("verdict") == "inconclusive":
-        return (f"parity inconclusive: every check passed, but the parity set of "
-                f"{', '.join(report_facts['inconclusive'])} does not discriminate (its reference outputs barely "
-                f"vary), so the passes prove little; see the discrimination lines above")
-    return None
 
 
 def _recorded_run_with_keys(home: Path, keys: dict[str, str]) -> dict | None:
@@ -421,13 +408,6 @@ def _snapshot_reports(home: Path, run_id: str, report_dir: Path) -> Path:
     report.write_junit(dest / "junit.xml")
     report.write_markdown(dest / "parity.md")
     return dest
-
-
-def _print_parity(report_dir: Path) -> None:
-    from parity.report import ParityReport, print_table
-    print()
-    print(print_table(ParityReport.from_json(report_dir / "parity.json")), end="")
-    print(f"reports: {report_dir / 'parity.md'}, {report_dir / 'junit.xml'}")
 
 
 # --------------------------------------------------------------------------- run records

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# what an entry is made of lives in entry_files.py (the store reads it too); callers import it from here
+from .entry_files import META_FILE, CacheError, content_digest, file_digest, folder_digests  # noqa: F401
+
 if TYPE_CHECKING:
     from .remote_store import RemoteStore
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-META_FILE = "stage.json"
 _code_hashes: dict[tuple[str, ...], str] = {}
 
 
@@ -50,29 +52,6 @@ def stage_key(kind: str, settings: dict, input_keys: dict[str, str], code: str) 
     blob = json.dumps({"kind": kind, "settings": settings, "inputs": input_keys, "code": code},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def folder_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (stage.json excluded), keyed by its relative POSIX path."""
-    return {p.relative_to(folder).as_posix(): file_digest(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META_FILE}
-
-
-def content_digest(files: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:20]
-
-
-class CacheError(OSError):
-    """The cache folder cannot be used (not writable); says which folder and what to do."""
-    user_error = True
 
 
 @dataclass(frozen=True)

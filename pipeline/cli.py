@@ -154,8 +154,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from .api import home_dir, verdict_error
+    from .api import home_dir
     from .one_stage import run_one
+    from .verdict import verdict_error
     result = run_one(args.spec, args.name, home_dir())
     if result.error:
         print(f"error: stage {result.name}: {result.error}", file=sys.stderr)

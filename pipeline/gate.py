@@ -15,9 +15,10 @@ import uuid
 from pathlib import Path
 
 from .cache import Cache
+from .code_deps import closure
 from .runner import STAGE_ORDER, Context, Stage, StageFailed, execute
 
-GATE_CODE = ("pipeline/gate.py", "exporters/bundle.py", "exporters/verify.py", "parity/compare.py")
+GATE_CODE = ("pipeline/gate.py",) + closure("exporters/bundle.py", "exporters/verify.py", "parity/compare.py")
 
 
 class GateError(RuntimeError):
@@ -76,12 +77,12 @@ def check_bundle(bundle_dir: Path, label: str, work: Path, *, expected_manifest_
         copy_reports(Path(report.path), report_dir)
     shutil.rmtree(dest / "cache", ignore_errors=True)
     if error is None and report is not None:
-        from .api import verdict_error
+        from .verdict import verdict_error
         error = verdict_error(report.facts)
     status = "failed" if error or report is None else "passed"
     if report_dir is not None:
-        from .api import _print_parity
-        _print_parity(report_dir)
+        from .verdict import print_parity
+        print_parity(report_dir)
     return {"run_id": gate_id, "spec": label, "status": status, "error": error,
             "stages": [r.__dict__ for r in results], "elapsed_s": time.perf_counter() - t0,
             "models": {bundle.model: {"framework": bundle.manifest["framework"]}},
@@ -101,10 +102,10 @@ def gate_stages(bundle_root: Path, manifest: dict) -> list[Stage]:
     for fmt in sorted(manifest["formats"], key=lambda f: exporters.FORMATS.index(f) if f in exporters.FORMATS else 99):
         lane = exporters.module(fmt).RUNTIME_LANE
         stages.append(Stage(f"verify:{manifest['model']}:{fmt}", "gate_verify", {"format": fmt},
-                            GATE_CODE + (f"exporters/{fmt}.py",), f"{__name__}:run_bundle_verify",
+                            GATE_CODE + closure(f"exporters/{fmt}.py"), f"{__name__}:run_bundle_verify",
                             {**arg, "fmt": fmt},
                             lane=side(manifest["framework"]) if lane == "any" else lane))
-    stages.append(Stage("report", "gate_report", {}, GATE_CODE + ("parity/report.py",),
+    stages.append(Stage("report", "gate_report", {}, GATE_CODE + closure("parity/report.py"),
                         f"{__name__}:run_gate_report", arg, inputs=tuple(s.name for s in stages)))
     return stages
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path, PurePosixPath
 
-from .cache import META_FILE, CacheError, file_digest
+from .entry_files import META_FILE, CacheError, file_digest
 
 STORE_ENV = "PIPELINE_STORE"
 _CHUNK = 1 << 20

@@ -13,15 +13,18 @@ import numpy as np
 from parity.feeds import flat_rows, is_multi, n_rows, pack, row_shapes, structure, take, unpack
 
 from . import data as data_mod
+from .code_deps import closure, package_versions
 from .runner import Context, Stage
 from .spec import ModelSpec, Spec
 from .training import (ModelMismatch, bind_to_model, check_acceptance, n_outputs, probe_model, task_metrics,
                        write_history)
 
+# A stage's code: this file, plus the files that do its step and every toolkit file those import
+# (pipeline/code_deps.py reads the imports). tracking.py (the MLflow model folder) is not among them
+# on purpose: changing how runs are recorded must not retrain.
 STAGES_CODE = ("pipeline/stages.py",)
-DATA_CODE = STAGES_CODE + ("pipeline/data.py",)
-# tracking.py (the MLflow model folder) is left out on purpose: changing how runs are recorded must not retrain.
-TRAIN_CODE = STAGES_CODE + ("pipeline/training.py", "frameworks/__init__.py", "frameworks/base.py")
+DATA_CODE = STAGES_CODE + closure("pipeline/data.py")
+TRAIN_CODE = STAGES_CODE + closure("pipeline/training.py", "frameworks/__init__.py", "frameworks/base.py")
 
 
 def train_code(m: ModelSpec) -> tuple[str, ...]:
@@ -29,7 +32,13 @@ def train_code(m: ModelSpec) -> tuple[str, ...]:
     modules that one builds on, named by its BUILDS_ON)."""
     import frameworks
     mod = frameworks.module(m.framework)
-    return TRAIN_CODE + tuple(f"frameworks/{n}.py" for n in (*getattr(mod, "BUILDS_ON", ()), m.framework))
+    return STAGES_CODE + closure(*TRAIN_CODE[1:], *(f"frameworks/{n}.py"
+                                                   for n in (*getattr(mod, "BUILDS_ON", ()), m.framework)))
+
+
+def framework_versions(m: ModelSpec) -> dict[str, str]:
+    import frameworks
+    return package_versions(frameworks.module(m.framework).PACKAGES)
 
 
 def build_stages(spec: Spec) -> list[Stage]:
@@ -51,7 +60,7 @@ def build_stages(spec: Spec) -> list[Stage]:
              "source": m.source_digest(),
              "params": m.params, "train": m.train.__dict__ if m.train else None,
              "accept": [b.__dict__ for b in m.accept],
-             "seed": spec.seed, "task": spec.data.task},
+             "seed": spec.seed, "task": spec.data.task, "framework_versions": framework_versions(m)},
             train_code(m), f"{__name__}:run_train", mref, inputs=("data",), lane=side(m.framework)))
         stages.append(Stage(
             f"reference:{m.name}", "reference", {"perturbation": PERTURBATION},
@@ -398,7 +407,6 @@ def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
 
 # --------------------------------------------------------------------------- export
 
-EXPORT_CODE_COMMON = STAGES_CODE + ("exporters/__init__.py", "exporters/base.py")
 
 
 def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
@@ -418,8 +426,10 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         model_input = (f"train:{m.name}",) if needs_model else ()
         stages.append(Stage(
             f"export:{m.name}:{fmt}", "export",
-            {"format": fmt, "framework": m.framework, "options": _export_options(spec, m, fmt)},
-            EXPORT_CODE_COMMON + (f"exporters/{fmt}.py",), f"{__name__}:run_export",
+            {"format": fmt, "framework": m.framework, "options": _export_options(spec, m, fmt),
+             "converters": package_versions(getattr(exporters.module(fmt), "CONVERTER_PACKAGES", {})
+                                            .get(family(m.framework), ()))},
+            STAGES_CODE + closure(f"exporters/{fmt}.py") + _converter_files(fmt), f"{__name__}:run_export",
             {"spec": str(spec.path), "model": m.name, "fmt": fmt},
             inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
             lane=exporters.module(fmt).LANE[family(m.framework)]))
@@ -516,8 +526,7 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
 
 # --------------------------------------------------------------------------- verify
 
-VERIFY_CODE = STAGES_CODE + ("parity/compare.py", "exporters/__init__.py", "exporters/base.py",
-                             "exporters/verify.py")
+VERIFY_ROOTS = ("parity/compare.py", "exporters/verify.py")
 VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
 
 
@@ -534,8 +543,10 @@ def verify_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
             {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch,
              # the verdict of an UNSUPPORTED cell turns on it: editing it must not reuse the old verdict
              "allow_unsupported": [v for v in VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
-                                   if spec.parity.allows_unsupported(m.name, fmt, v)]},
-            VERIFY_CODE + (f"exporters/{fmt}.py",) + _runtime_files(fmt), f"{__name__}:run_verify",
+                                   if spec.parity.allows_unsupported(m.name, fmt, v)],
+             "runtimes": package_versions(getattr(exporters.module(fmt), "RUNTIME_PACKAGES", ()))},
+            STAGES_CODE + closure(*VERIFY_ROOTS, f"exporters/{fmt}.py") + _runtime_files(fmt),
+            f"{__name__}:run_verify",
             {"spec": str(spec.path), "model": m.name, "fmt": fmt},
             inputs=(f"reference:{m.name}", f"export:{m.name}:{fmt}"),
             lane=side(m.framework) if lane == "any" else lane))
@@ -543,9 +554,15 @@ def verify_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
 
 
 def _runtime_files(fmt: str) -> tuple[str, ...]:
-    """Files besides the format module that its runtime runs (part of the verify stage's key)."""
+    """Files besides the Python modules that its runtime runs (part of the verify stage's key)."""
     import exporters
     return tuple(getattr(exporters.module(fmt), "RUNTIME_FILES", ()))
+
+
+def _converter_files(fmt: str) -> tuple[str, ...]:
+    """Files besides the Python modules that its converters run (part of the export stage's key)."""
+    import exporters
+    return tuple(getattr(exporters.module(fmt), "CONVERTER_FILES", ()))
 
 
 def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
@@ -620,7 +637,7 @@ def unsupported_record(spec: Spec, m: ModelSpec, fmt: str, variant: str, error: 
 
 # --------------------------------------------------------------------------- bundle
 
-BUNDLE_CODE = STAGES_CODE + ("exporters/bundle.py",)
+BUNDLE_CODE = STAGES_CODE + closure("exporters/bundle.py")
 
 
 def bundle_stage(spec: Spec, m: ModelSpec) -> Stage:
@@ -663,8 +680,7 @@ def run_bundle(ctx: Context, spec: str, model: str) -> dict:
 
 # --------------------------------------------------------------------------- deploy
 
-SERVING_CODE = STAGES_CODE + tuple(f"serving/{f}" for f in ("bless.py", "client.py", "config.py", "container.py",
-                                                           "deploy.py", "models.py", "repository.py", "server.py"))
+SERVING_CODE = STAGES_CODE + closure("exporters/bundle.py", "serving/deploy.py")
 
 
 def serving_stage(spec: Spec) -> Stage:
@@ -690,8 +706,9 @@ def run_serving(ctx: Context, spec: str) -> dict:
             "ready_s": result["server"]["ready_s"], "summary": result["summary"]}
 
 
-EDGE_CODE = STAGES_CODE + tuple(f"edge/{f}" for f in ("deploy.py", "devices.py", "transports.py", "package.py",
-                                                     "client.py", "web.py", "web/index.html", "web/page.js"))
+# the browser page the web bundle runs is no Python module: named here
+EDGE_CODE = STAGES_CODE + closure("exporters/bundle.py", "edge/deploy.py", "pipeline/keys.py") + \
+    ("edge/web/index.html", "edge/web/page.js")
 
 
 def edge_stage(spec: Spec) -> Stage:
@@ -729,7 +746,7 @@ def run_edge(ctx: Context, spec: str) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-REPORT_CODE = STAGES_CODE + ("parity/compare.py", "parity/report.py", "pipeline/plots.py")
+REPORT_CODE = STAGES_CODE + closure("parity/compare.py", "parity/report.py", "pipeline/plots.py")
 
 
 def report_stage(spec: Spec) -> Stage:

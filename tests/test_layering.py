@@ -70,3 +70,71 @@ def test_the_edge_extra_and_the_agent_stay_small():
     agent_side = ["agent.py", "package.py", "keys.py", "client.py", "__main__.py", "__init__.py"]
     wrong = {f"edge/{f} imports {m}" for f in agent_side for m in imported_modules(ROOT / "edge" / f) - allowed}
     assert not wrong, sorted(wrong)
+
+
+def module_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Which of a package's modules each of its modules imports, at any depth (a lazy import counts)."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name_of(p): p for p in sorted((root / package).rglob("*.py"))}
+    graph = {}
+    for name, path in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                parts = here.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else (node.module or "")
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every set of modules that import one another round a loop (Tarjan's strongly connected components)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_pipeline_s_modules_import_no_one_round_a_loop():
+    assert cycles(module_graph(ROOT, "pipeline")) == []
+
+
+def test_the_loop_check_finds_a_loop_through_a_lazy_import(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "api.py").write_text("from .gate import check\n")
+    (tmp_path / "pkg" / "gate.py").write_text("def check():\n    from .api import run\n")
+    (tmp_path / "pkg" / "alone.py").write_text("from . import api\n")
+    assert cycles(module_graph(tmp_path, "pkg")) == [["pkg.api", "pkg.gate"]]
