@@ -55,7 +55,8 @@ def main() -> None:
     from pipeline.runner import assign_keys
     from pipeline.spec import load
     from exporters.verify import check_artifact
-    from pipeline.stages import build_stages, maker
+    from pipeline.stages import build_stages
+    from pipeline.steps.common import maker
 
     spec = load("digits")
     stages = build_stages(spec)

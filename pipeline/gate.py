@@ -8,7 +8,6 @@ from the local cache, so the verdict is about what a deploy would take.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import uuid
@@ -16,9 +15,10 @@ from pathlib import Path
 
 from .cache import Cache
 from .code_deps import closure
-from .runner import STAGE_ORDER, Context, Stage, StageFailed, execute
+from .runner import STAGE_ORDER, Stage, StageFailed, execute
 
-GATE_CODE = ("pipeline/gate.py",) + closure("exporters/bundle.py", "exporters/verify.py", "parity/compare.py")
+GATE_CODE = closure("pipeline/steps/verify.py", "pipeline/steps/common.py", "exporters/bundle.py",
+                    "exporters/verify.py", "parity/compare.py")
 
 
 class GateError(RuntimeError):
@@ -96,78 +96,19 @@ def _gate_id() -> str:
 
 def gate_stages(bundle_root: Path, manifest: dict) -> list[Stage]:
     import exporters
-    from .stages import side
+    from .steps.common import side
     arg = {"bundle": str(bundle_root)}
     stages = []
     for fmt in sorted(manifest["formats"], key=lambda f: exporters.FORMATS.index(f) if f in exporters.FORMATS else 99):
         lane = exporters.module(fmt).RUNTIME_LANE
         stages.append(Stage(f"verify:{manifest['model']}:{fmt}", "gate_verify", {"format": fmt},
-                            GATE_CODE + closure(f"exporters/{fmt}.py"), f"{__name__}:run_bundle_verify",
+                            GATE_CODE + closure(f"exporters/{fmt}.py"), "pipeline.steps.verify:run_bundle_verify",
                             {**arg, "fmt": fmt},
                             lane=side(manifest["framework"]) if lane == "any" else lane))
-    stages.append(Stage("report", "gate_report", {}, GATE_CODE + closure("parity/report.py"),
-                        f"{__name__}:run_gate_report", arg, inputs=tuple(s.name for s in stages)))
+    stages.append(Stage("report", "gate_report", {}, closure("pipeline/steps/report.py", "pipeline/steps/common.py",
+                                                             "parity/report.py", "parity/compare.py"),
+                        "pipeline.steps.report:run_gate_report", arg, inputs=tuple(s.name for s in stages)))
     return stages
-
-
-def run_bundle_verify(ctx: Context, bundle: str, fmt: str) -> dict:
-    """Each artifact of one format in each of its runtimes, against the bundle's reference outputs;
-    an artifact whose bytes differ from the manifest fails whatever its numbers."""
-    import exporters
-    from exporters.bundle import REFERENCE, read_bundle
-    from exporters.verify import check_artifact
-    from parity.compare import ParityRecord, tolerance_for
-    from parity.signature import Signature
-    b = read_bundle(Path(bundle))
-    m = b.manifest
-    reference_problems = b.file_problems(REFERENCE)
-    ref = b.reference()
-    module = exporters.module(fmt)
-    records = []
-    for artifact in b.artifacts(fmt):
-        problems = {**reference_problems, **b.file_problems(b.relative(artifact))}
-        tol = tolerance_for(artifact.variant, fmt, m.get("tolerances") or {})
-        for runtime in module.RUNTIMES:
-            rec, _, env = check_artifact(module, artifact, runtime, ref, tol, task=m["task"],
-                                         max_batch=int(m.get("max_batch", 16)), model=m["model"],
-                                         model_signature=Signature.from_json(m["signature"]))
-            if env:
-                rec.details["cause"] = "environment"
-            if problems:
-                shown = "; ".join(f"{f}: {why}" for f, why in sorted(problems.items())[:3])
-                c = rec.comparison
-                numbers = (f"; its outputs: {c.failures[0]}" if c is not None and c.failures else
-                           "; its outputs still match" if c is not None else f"; {rec.error}")
-                rec = ParityRecord(rec.model, rec.format, rec.variant, rec.runtime, rec.artifact,
-                                   comparison=c, elapsed_s=rec.elapsed_s,
-                                   error=f"the registered bundle was changed: {shown}{numbers}",
-                                   details={**rec.details, "integrity": problems})
-            records.append(rec)
-    (ctx.out / "records.json").write_text(json.dumps([r.to_json() for r in records], indent=2))
-    failed = [r for r in records if r.failed]
-    return {"checked": len(records), "failed": len(failed), "failures": [r.message for r in failed],
-            "summary": f"{len(records) - len(failed)}/{len(records)} checks passed"}
-
-
-def run_gate_report(ctx: Context, bundle: str) -> dict:
-    from exporters.bundle import read_bundle
-    from parity.compare import ParityRecord, discrimination, tolerance_for
-    from parity.report import ParityReport
-    b = read_bundle(Path(bundle))
-    report = ParityReport(spec=b.manifest.get("source", {}).get("spec"), metadata={"bundle": str(b.root)})
-    for name in ctx.inputs:
-        for r in json.loads((ctx.input_dir(name) / "records.json").read_text()):
-            report.add(ParityRecord.from_json(r))
-    ref = b.reference()
-    report.discrimination[b.model] = discrimination(
-        ref["y"], ref.get("y_perturbed"), tolerance_for("fp32", "onnx", b.manifest.get("tolerances") or {}),
-        task=b.manifest["task"])
-    report.write_json(ctx.out / "parity.json")
-    report.write_markdown(ctx.out / "parity.md")
-    report.write_junit(ctx.out / "junit.xml")
-    return {"passed": report.passed, "verdict": report.verdict, "inconclusive": report.inconclusive,
-            "counts": report.counts,
-            "failures": [r.message for r in report.failed_records], "summary": report.summary_line()}
 
 
 def copy_reports(report_dir: Path, out: Path) -> None:

@@ -138,3 +138,13 @@ def test_the_loop_check_finds_a_loop_through_a_lazy_import(tmp_path):
     (tmp_path / "pkg" / "gate.py").write_text("def check():\n    from .api import run\n")
     (tmp_path / "pkg" / "alone.py").write_text("from . import api\n")
     assert cycles(module_graph(tmp_path, "pkg")) == [["pkg.api", "pkg.gate"]]
+
+
+def test_a_step_never_imports_the_graph_that_names_it():
+    """pipeline/steps/ holds the stage bodies; their keys hash their own code, not the graph's, so a
+    step that read the graph module would run code its key does not hash."""
+    graph = module_graph(ROOT, "pipeline")
+    wrong = {f"{m} imports {t}" for m, targets in graph.items() if m.startswith("pipeline.steps")
+             for t in targets if t in ("pipeline.stages", "pipeline.api", "pipeline.gate", "pipeline.runner",
+                                       "pipeline.executors")}
+    assert not wrong, sorted(wrong)

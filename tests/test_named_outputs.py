@@ -103,7 +103,7 @@ def test_a_runtime_without_a_kernel_marks_the_cell_unsupported():
 
 
 def test_an_unsupported_runtime_cell_says_what_to_do():
-    from pipeline.stages import unsupported_record
+    from pipeline.steps.verify import unsupported_record
     spec = load("toy")
     m = spec.models[0]
     rec = unsupported_record(spec, m, "tfjs", "fp32", "Activation tanh has not been implemented.",

@@ -152,7 +152,7 @@ def test_allow_unsupported_names_cells_of_the_spec(tmp_path):
 
 def test_a_failed_converter_is_unsupported_with_what_to_do_unless_the_spec_allows_it(tmp_path):
     from parity.report import ParityReport, print_table
-    from pipeline.stages import unsupported_record
+    from pipeline.steps.verify import unsupported_record
     text = GOOD + '\n[export]\nformats = ["onnx", "litert"]\n'
     strict = spec_mod.load(str(write(tmp_path, text)))
     rec = unsupported_record(strict, strict.model("m"), "litert", "int8", "ValueError: op FFT is not supported")

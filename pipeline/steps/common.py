@@ -1,0 +1,79 @@
+"""What the step bodies share: the spec a stage reads, the model it names, the arrays of the data
+stage, a trained model handed between the stages of one lane, and the facts the graph reads too
+(the lanes, the formats one converts from, the variants)."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from parity.feeds import unpack
+
+from ..stage_run import Context
+from ..spec import ModelSpec, Spec
+
+
+PERTURBATION = 1e-3  # relative weight noise of the "slightly perturbed model" the parity set must catch
+
+
+VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
+
+
+@functools.lru_cache(maxsize=8)
+def load_spec(path: str) -> Spec:
+    from ..spec import load
+    return load(path)
+
+
+def side(framework: str) -> str:
+    """The worker lane whose process has this framework imported."""
+    import frameworks
+    return frameworks.lane(framework)
+
+
+def family(framework: str) -> str:
+    """What the exporters dispatch on: the kind of model the framework makes."""
+    import frameworks
+    return frameworks.family(framework)
+
+
+def where(m: ModelSpec) -> str:
+    return f"model {m.name} ({m.framework})"
+
+
+def maker(spec: Spec, m: ModelSpec, input_shape, n_outputs):
+    """A call that builds the model from the spec's factory (None without one). Loading the factory
+    puts the spec's folder on sys.path, where a pickled module's class lives too."""
+    from ..training import build_model, load_factory
+    if not m.factory:
+        return None
+    load_factory(spec, m)
+    return lambda: build_model(spec, m, input_shape, n_outputs)
+
+
+def load_arrays(ctx: Context) -> dict:
+    with np.load(ctx.input_dir("data") / "arrays.npz") as f:
+        entries = {k: f[k] for k in f.files}
+    return {name: unpack(entries, name) for name in ("x_train", "x_test", "y_train", "y_test")
+            if name in entries or any(k.startswith(name + ":") for k in entries)}
+
+
+def trained_model(ctx: Context, spec: Spec, m: ModelSpec):
+    """The model trained earlier in this lane, or loaded from the train stage's outputs."""
+    from frameworks import adapter
+    key = ("model", m.name)
+    if key not in ctx.memo:
+        facts = ctx.input_facts(f"train:{m.name}")
+        ctx.memo[key] = adapter(m.framework).load(
+            ctx.input_dir(f"train:{m.name}"), make=maker(spec, m, facts["input_shape"], facts["n_outputs"]),
+            pretrained=m.pretrained, input_shape=facts["input_shape"], where=where(m))
+    return ctx.memo[key]
+
+
+def converted_from(fmt: str, framework: str) -> tuple[str, ...]:
+    import exporters
+    return tuple(exporters.module(fmt).REQUIRES.get(family(framework), ()))
+
+
+def export_options(spec: Spec, m: ModelSpec, fmt: str) -> dict:
+    return {"batch_sizes": list(m.litert_batch_sizes)} if fmt == "litert" else {}
