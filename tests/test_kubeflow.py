@@ -123,7 +123,7 @@ print(json.dumps({{t.task_info.name: sorted(tasks[d].task_info.name for d in t.d
 def test_a_stage_whose_input_is_nowhere_is_refused_naming_it(spec_file, tmp_path, store_uri):
     r = run_cli("stage", str(spec_file), "train:torch", home=tmp_path, env={"PIPELINE_STORE": store_uri})
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"stage train:torch: expected its input data (key" in r.stderr and f"in the store {store_uri}" in r.stderr
+    assert "stage train:torch: expected its input data (key" in r.stderr and f"in the store {store_uri}" in r.stderr
     r = run_cli("stage", str(spec_file), "train:nope", home=tmp_path)
     assert r.returncode == 2 and "expected one of the spec's stages: data, parity_set, train:torch" in r.stderr
 
