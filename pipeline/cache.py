@@ -219,6 +219,8 @@ class Cache:
         if self.store is None:
             return
         entry = self.entry(kind, key)
+        if not entry.meta_path.is_file():  # committed in another machine's cache, which pushed it itself
+            return
         if entry.volatile:  # its outcome said something about this machine, not the inputs
             return
         self.store.push(kind, key, entry.path)

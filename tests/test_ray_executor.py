@@ -64,14 +64,15 @@ def graph_of(second: str, marker: str = "") -> list[Stage]:
 
 
 DRIVER = f"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 from pipeline.cache import Cache
 from pipeline.runner import StageFailed, execute
 from {ME} import graph_of
 cache = Path(sys.argv[1])
 try:
-    results = execute(graph_of(*sys.argv[2:]), Cache(cache), set(), executor="ray", log_dir=cache.parent / "logs")
+    results = execute(graph_of(*sys.argv[2:]), Cache(cache, store=os.environ.get("PIPELINE_STORE")), set(),
+                      executor="ray", log_dir=cache.parent / "logs")
 except StageFailed as e:
     results = e.results
 print(json.dumps({{r.name: {{"n": r.facts.get("n"), "ran_in": r.ran_in, "error": r.error, "cached": r.cached}}
@@ -89,8 +90,8 @@ class RayCluster:
     def within(self) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.namespace)
 
-    def drive(self, *args: str, timeout: float = 300) -> dict:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": self.address}
+    def drive(self, *args: str, timeout: float = 300, env: dict | None = None) -> dict:
+        env = {**os.environ, **self.env, **(env or {}), "PYTHONPATH": str(ROOT), "RAY_ADDRESS": self.address}
         r = subprocess.run([*self.within, sys.executable, "-c", DRIVER, *args], env=env, capture_output=True,
                            text=True, timeout=timeout)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -151,6 +152,45 @@ def ray_cluster():
                 pass
         subprocess.run(["ip", "netns", "del", name], timeout=20)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store_in_namespace(ray_cluster, tmp_path_factory):
+    """moto's S3 server inside the cluster's namespace (its loopback is the cluster's), with a bucket:
+    the environment a driver and the nodes' stages reach it with."""
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:5555", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([*ray_cluster.within, sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", "5555"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([*ray_cluster.within, sys.executable, "-c",
+                              "import boto3; boto3.client('s3').create_bucket(Bucket='shared')"],
+                             env={**os.environ, **env}, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and server.poll() is None, Path(log.name).read_text()[-2000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+def test_with_a_store_each_node_keeps_its_own_copy_and_outputs_travel_through_the_store(
+        ray_cluster, store_in_namespace, tmp_path):
+    nodes = tmp_path / "nodes"
+    got = ray_cluster.drive(str(tmp_path / "cache"), "write_number",
+                            env={**store_in_namespace, "PIPELINE_STORE": "s3://shared/run",
+                                 "PIPELINE_NODE_CACHE": str(nodes)})
+    assert {n: r["n"] for n, r in got.items()} == {"a": 1, "b": 3, "c": 6, "d": 4, "e": 5, "f": 6, "g": 7}
+    ran_on = {_node_of(r["ran_in"]) for r in got.values()}
+    assert len(ran_on) == 2
+    # each node's working copy holds what it made, and what it pulled from the store to build on
+    copies = {p.name: {m.parent.parent.name for m in p.glob("cache/*/*/stage.json")} for p in nodes.iterdir()}
+    assert set(copies) == ran_on and set().union(*copies.values()) == {
+        "one", "two", "three", "alone-d", "alone-e", "alone-f", "alone-g"}
+    assert not list((tmp_path / "cache").glob("*/*/stage.json")), "an output went through the driver's disk"
 
 
 def _node_of(ran_in: str) -> str:

@@ -13,9 +13,11 @@ the local executor has), each asking for its share of the cluster's CPUs so that
 fit at once. The driver hands a stage to an idle actor of its lane, or holds it until one is free:
 Ray places the actors and runs their calls; nothing here picks a node.
 
-Stage outputs travel through the cache, which every node must reach at the same path (or through
-PIPELINE_STORE); the driver receives only results (plain data) and events, which come back live
-through a Ray queue. The cluster: RAY_ADDRESS (or `run --executor ray --address ADDR`) names an
+Stage outputs travel through the store when PIPELINE_STORE names one: each node then keeps a working
+copy of its own (PIPELINE_NODE_CACHE), pulls the inputs it lacks and pushes what it makes, and no
+output passes through the driver's disk unless a stage of the driver's reads it (the report).
+Without a store, the driver's cache folder must be reachable by every node at the same path. The
+driver receives only results (plain data) and events, which come back live through a Ray queue. The cluster: RAY_ADDRESS (or `run --executor ray --address ADDR`) names an
 existing one; with none, a cluster of this machine is started for the run and stopped after it.
 An actor whose process or node dies is restarted by Ray (elsewhere if need be) and its stage run
 once more; the stage never commits a partial entry (run_stage writes under a temporary name and
@@ -44,6 +46,14 @@ def _stage_environment(lane: str) -> dict[str, str]:
     return {**env, "PIPELINE_LANE": lane, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(PACKAGE_ROOT)}
 
 
+def node_cache(node_id: str) -> Path:
+    """A node's own working copy of the store: PIPELINE_NODE_CACHE, else the system's temporary
+    folder, then the node's id (two nodes on one machine keep apart, as two machines would)."""
+    import tempfile
+    base = Path(os.environ.get("PIPELINE_NODE_CACHE") or Path(tempfile.gettempdir()) / "train-to-edge-nodes")
+    return base / node_id[:12] / "cache"
+
+
 class LaneWorker:
     """One lane's process on some node: imports the lane's framework once, then runs stages on request."""
 
@@ -55,11 +65,15 @@ class LaneWorker:
         from .local import WARM_IMPORTS
         for module in WARM_IMPORTS.get(lane, ()):
             importlib.import_module(module)
-        self.cache = Cache(Path(cache_root))
+        node = ray.get_runtime_context().get_node_id()
+        store = os.environ.get("PIPELINE_STORE")
+        # with a store, a node keeps a working copy of its own and every output travels through the
+        # store; without one, the driver's cache folder must be shared by every node
+        self.cache = Cache(node_cache(node), store=store) if store else Cache(Path(cache_root))
         self.memo: dict = {}  # a trained model, handed from train to reference, as in a local lane
         self.events = events
         self.relay = EventRelay(lambda event: events.put(event))
-        self.where = (f"ray node {ray.get_runtime_context().get_node_id()[:12]} "
+        self.where = (f"ray node {node[:12]} "
                       f"({ray.util.get_node_ip_address()}) pid {os.getpid()}")
 
     def run(self, stage: Stage, force: bool) -> StageResult:
