@@ -66,7 +66,8 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
     home = home or home_dir()
     spec = spec_mod.load(spec_ref)
     kinds = rerun_kinds(force, from_stage)
-    executor = executor or (spec.executor if parallel else None) or (executors.DEFAULT if parallel else "inprocess")
+    if executor is None:
+        executor = (spec.executor or executors.DEFAULT) if parallel else "inprocess"
     if executor not in executors.names():
         raise spec_mod.SpecError(f"--executor {executor}: expected one of {', '.join(executors.names())}")
     if address:

@@ -97,8 +97,8 @@ def execute(stages: list[Stage], cache: Cache, rerun_kinds: set[str], *, paralle
                 done[result.name] = result
                 if result.error:
                     _show_failure(display, result, workers.log_of(result.lane))
-                elif not result.cached:  # the worker committed it locally; the store is the parent's
-                    cache.publish(result.kind, result.key)
+                elif not result.cached:  # a worker sharing this cache folder committed it: push it from
+                    cache.publish(result.kind, result.key)  # here (a node with a copy of its own pushed it)
             else:
                 _show(display, event)
     finally:

@@ -73,8 +73,7 @@ class LaneWorker:
         self.memo: dict = {}  # a trained model, handed from train to reference, as in a local lane
         self.events = events
         self.relay = EventRelay(lambda event: events.put(event))
-        self.where = (f"ray node {node[:12]} "
-                      f"({ray.util.get_node_ip_address()}) pid {os.getpid()}")
+        self.where = f"ray node {node[:12]} ({ray.util.get_node_ip_address()}) pid {os.getpid()}"
 
     def run(self, stage: Stage, force: bool) -> StageResult:
         from ..stage_run import StageFailed, run_stage
