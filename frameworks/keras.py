@@ -162,6 +162,21 @@ class Adapter:
         names = list(getattr(model, "output_names", None) or []) or None
         return one_or_named(flatten_outputs(model(keras_feed(model, x), training=False), np.asarray, names=names))
 
+    def layer_outputs(self, model, x) -> list[tuple[str, np.ndarray]]:
+        """Each layer's output on `x`, in the model's order (what parity/localize.py pairs with an
+        artifact's tensors); a layer of several outputs, or a model with no graph of layers (a
+        subclassed one), gives none."""
+        import keras
+        layers = [l for l in getattr(model, "layers", []) if not isinstance(l, keras.layers.InputLayer)]
+        try:
+            outs = [(l.name, l.output) for l in layers if not isinstance(l.output, (list, tuple, dict))]
+            tapped = keras.Model(model.inputs, [o for _, o in outs])
+        except (AttributeError, ValueError):
+            return []
+        values = tapped(keras_feed(model, x), training=False)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        return [(name, np.asarray(v)) for (name, _), v in zip(outs, values)]
+
     def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
         import keras
         try:

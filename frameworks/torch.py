@@ -152,6 +152,29 @@ class Adapter:
         with torch.no_grad():
             return one_or_named(flatten_outputs(model(*torch_inputs(model, x)), lambda t: t.detach().cpu().numpy()))
 
+    def layer_outputs(self, model, x) -> list[tuple[str, np.ndarray]]:
+        """Each leaf module's output on `x` in the order forward calls them, named by its module path
+        (what torch.onnx keeps in its nodes' metadata); a module called again is named path#2, #3..."""
+        import torch
+        called: list[tuple[str, np.ndarray]] = []
+        seen: dict[str, int] = {}
+
+        def hook(name):
+            def keep(_module, _inputs, output):
+                if isinstance(output, torch.Tensor):
+                    seen[name] = seen.get(name, 0) + 1
+                    called.append((name if seen[name] == 1 else f"{name}#{seen[name]}",
+                                   output.detach().cpu().numpy()))
+            return keep
+        handles = [mod.register_forward_hook(hook(name)) for name, mod in model.named_modules()
+                   if name and not list(mod.children())]
+        try:
+            self.predict(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+        return called
+
     def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
         """A TorchScript archive, a torch.export program (.pt2), a pickled nn.Module or a state dict (with
         the spec's factory, `make`, to build the module it fits)."""

@@ -19,8 +19,11 @@ class DataError(SpecError):
     user_error = True
 
 
-def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
-    """x_train, y_train, x_test, y_test (test arrays may be empty)."""
+def load_arrays(spec: Spec, need_targets: bool | None = None) -> dict[str, np.ndarray]:
+    """x_train, y_train, x_test, y_test (test arrays may be empty). Targets are optional when no model
+    trains (`need_targets`; by default, unless every model of the spec is pretrained)."""
+    if need_targets is None:
+        need_targets = not all(m.pretrained for m in spec.models)
     opts, rng = spec.data.options, np.random.default_rng(spec.seed)
     if spec.data.source == "linear":
         n = int(opts.get("n_samples", 200))
@@ -34,7 +37,7 @@ def load_arrays(spec: Spec) -> dict[str, np.ndarray]:
         y = digits.target.astype(np.int64)
     elif spec.data.source == "npz":
         # targets are optional when every model is pretrained: parity needs inputs only
-        x, y = read_npz(Path(opts["path"]), need_y=not all(m.pretrained for m in spec.models),
+        x, y = read_npz(Path(opts["path"]), need_y=need_targets,
                         inputs=opts.get("inputs"))
     else:  # validated by the spec already
         raise DataError(f"unknown data source {spec.data.source!r}")

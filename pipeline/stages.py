@@ -10,6 +10,7 @@ from pathlib import Path
 from .code_deps import closure, package_versions
 from .runner import Stage
 from .spec import ModelSpec, Spec
+from .spec_slice import hashed, spec_slice
 from .steps.common import PERTURBATION, VARIANTS_BY_FORMAT, converted_from, export_options, family, side
 
 def step_code(step: str, *roots: str) -> tuple[str, ...]:
@@ -38,31 +39,46 @@ def framework_versions(m: ModelSpec) -> dict[str, str]:
     return package_versions(frameworks.module(m.framework).PACKAGES)
 
 
+# model fields no step reads from the slice: the LiteRT export gets its batch sizes as its options
+# (export_options), so changing them reruns that export alone
+NOT_CARRIED_MODEL_FIELDS = ("litert_batch_sizes",)
+
+
+def carried(spec: Spec, *fields: str, models: tuple[ModelSpec, ...] = (), settings: dict | None = None,
+            cell: tuple[str, str] | None = None, drop_model: tuple[str, ...] = (), **args) -> dict:
+    """A stage's settings and arguments: the slice of the spec it reads (pipeline/spec_slice.py) goes
+    in both, so its key hashes exactly what its body can read; `settings` adds what the spec's text
+    does not hold (file digests, package versions)."""
+    part = spec_slice(spec, *fields, models=models, drop_model=NOT_CARRIED_MODEL_FIELDS + drop_model,
+                      cell=cell)
+    return {"settings": {"spec": hashed(part), **(settings or {})}, "args": {"spec": part, **args}}
+
+
 def build_stages(spec: Spec) -> list[Stage]:
-    """Every stage of a spec, upstream first. A stage names its function and the spec's path; the
-    process that runs it loads the spec itself (validated, cheap), so stages travel as plain data."""
-    ref = {"spec": str(spec.path)}
+    """Every stage of a spec, upstream first. A stage carries the slice of the spec it reads and
+    names its function, so stages travel as plain data and any process can run one."""
+    need_targets = not all(m.pretrained for m in spec.models)  # targets are optional when none trains
     stages = [
-        Stage("data", "data", {"source": spec.data.source, "task": spec.data.task, "seed": spec.seed,
-                               "options": spec.data.options, "file": _data_file_digest(spec)},
-              DATA_CODE, "pipeline.steps.data:run_data", ref),
-        Stage("parity_set", "parity_set", {"parity": _parity_settings(spec), "seed": spec.seed},
-              DATA_CODE, "pipeline.steps.data:run_parity_set", ref, inputs=("data",)),
+        Stage("data", "data", code=DATA_CODE, fn="pipeline.steps.data:run_data",
+              **carried(spec, "seed", "data", need_targets=need_targets,
+                        settings={"file": _data_file_digest(spec), "need_targets": need_targets})),
+        Stage("parity_set", "parity_set", code=DATA_CODE, fn="pipeline.steps.data:run_parity_set", inputs=("data",),
+              **carried(spec, "seed", "parity.held_out_rows", "parity.random_rows", "parity.input_range",
+                        "parity.max_batch", "parity.inputs")),
     ]
     for m in spec.models:
-        mref = {**ref, "model": m.name}
         stages.append(Stage(
-            f"train:{m.name}", "train",
-            {"framework": m.framework, "factory": m.factory, "factory_source": m.factory_source_hash(),
-             "source": m.source_digest(),
-             "params": m.params, "train": m.train.__dict__ if m.train else None,
-             "accept": [b.__dict__ for b in m.accept],
-             "seed": spec.seed, "task": spec.data.task, "framework_versions": framework_versions(m)},
-            train_code(m), "pipeline.steps.train:run_train", mref, inputs=("data",), lane=side(m.framework)))
+            f"train:{m.name}", "train", code=train_code(m), fn="pipeline.steps.train:run_train",
+            inputs=("data",), lane=side(m.framework),
+            # the stated signature is checked by the reference stage, not here
+            **carried(spec, "seed", "data.task", models=(m,), model=m.name, drop_model=("signature",),
+                      settings={"factory_source": m.factory_source_hash(), "source": m.source_digest(),
+                                "framework_versions": framework_versions(m)})))
         stages.append(Stage(
-            f"reference:{m.name}", "reference", {"perturbation": PERTURBATION},
-            train_code(m), "pipeline.steps.train:run_reference", mref,
-            inputs=("data", "parity_set", f"train:{m.name}"), lane=side(m.framework)))
+            f"reference:{m.name}", "reference", code=train_code(m), fn="pipeline.steps.train:run_reference",
+            inputs=("data", "parity_set", f"train:{m.name}"), lane=side(m.framework),
+            **carried(spec, "seed", "data.task", models=(m,), model=m.name,
+                      settings={"perturbation": PERTURBATION})))
         stages += export_stages(spec, m)
         stages += verify_stages(spec, m)
         stages.append(bundle_stage(spec, m))
@@ -82,17 +98,12 @@ def _data_file_digest(spec: Spec) -> str | None:
     return file_digest(Path(path)) if path and Path(path).is_file() else None
 
 
-def _parity_settings(spec: Spec) -> dict:
-    p = spec.parity
-    return {"held_out_rows": p.held_out_rows, "random_rows": p.random_rows, "input_range": p.input_range,
-            "max_batch": p.max_batch, **({"inputs": p.inputs} if p.inputs else {})}
-
-
 def probe_stages(spec: Spec, input_shape: list[int], n_outputs: int) -> list[Stage]:
     """For `validate`: build each model from its factory and call it on rows shaped like the data."""
-    return [Stage(f"probe:{m.name}", "probe", {"model": m.name}, train_code(m), "pipeline.steps.train:run_probe",
-                  {"spec": str(spec.path), "model": m.name, "input_shape": input_shape, "n_outputs": n_outputs},
-                  lane=side(m.framework)) for m in spec.models]
+    return [Stage(f"probe:{m.name}", "probe", code=train_code(m), fn="pipeline.steps.train:run_probe",
+                  lane=side(m.framework),
+                  **carried(spec, "seed", models=(m,), model=m.name,
+                            input_shape=input_shape, n_outputs=n_outputs)) for m in spec.models]
 
 
 def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
@@ -112,13 +123,14 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         model_input = (f"train:{m.name}",) if needs_model else ()
         stages.append(Stage(
             f"export:{m.name}:{fmt}", "export",
-            {"format": fmt, "framework": m.framework, "options": export_options(spec, m, fmt),
-             "converters": package_versions(getattr(exporters.module(fmt), "CONVERTER_PACKAGES", {})
-                                            .get(family(m.framework), ()))},
-            step_code("export", f"exporters/{fmt}.py") + _converter_files(fmt), "pipeline.steps.export:run_export",
-            {"spec": str(spec.path), "model": m.name, "fmt": fmt},
+            code=step_code("export", f"exporters/{fmt}.py") + _converter_files(fmt),
+            fn="pipeline.steps.export:run_export",
             inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
-            lane=exporters.module(fmt).LANE[family(m.framework)]))
+            lane=exporters.module(fmt).LANE[family(m.framework)],
+            **carried(spec, "parity.max_batch", models=(m,), model=m.name, fmt=fmt, options=export_options(m, fmt),
+                      settings={"format": fmt, "options": export_options(m, fmt),
+                                "converters": package_versions(getattr(exporters.module(fmt), "CONVERTER_PACKAGES", {})
+                                                               .get(family(m.framework), ()))})))
     return stages
 
 
@@ -154,16 +166,15 @@ def verify_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         lane = exporters.module(fmt).RUNTIME_LANE
         stages.append(Stage(
             f"verify:{m.name}:{fmt}", "verify",
-            {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch,
-             # the verdict of an UNSUPPORTED cell turns on it: editing it must not reuse the old verdict
-             "allow_unsupported": [v for v in VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
-                                   if spec.parity.allows_unsupported(m.name, fmt, v)],
-             "runtimes": package_versions(getattr(exporters.module(fmt), "RUNTIME_PACKAGES", ()))},
-            step_code("verify", *VERIFY_ROOTS, f"exporters/{fmt}.py") + _runtime_files(fmt),
-            "pipeline.steps.verify:run_verify",
-            {"spec": str(spec.path), "model": m.name, "fmt": fmt},
-            inputs=(f"reference:{m.name}", f"export:{m.name}:{fmt}"),
-            lane=side(m.framework) if lane == "any" else lane))
+            code=step_code("verify", *VERIFY_ROOTS, f"exporters/{fmt}.py") + _runtime_files(fmt),
+            fn="pipeline.steps.verify:run_verify",
+            # the trained model is loaded only to localise a failed cell (pipeline/localization.py)
+            inputs=(f"reference:{m.name}", f"export:{m.name}:{fmt}", f"train:{m.name}"),
+            lane=side(m.framework) if lane == "any" else lane,
+            # an UNSUPPORTED cell's verdict turns on allow_unsupported: its own entries are carried
+            **carried(spec, "data.task", "parity.tolerances", "parity.max_batch", "parity.allow_unsupported",
+                      models=(m,), cell=(m.name, fmt), model=m.name, fmt=fmt,
+                      settings={"runtimes": package_versions(getattr(exporters.module(fmt), "RUNTIME_PACKAGES", ()))})))
     return stages
 
 
@@ -187,11 +198,11 @@ def bundle_stage(spec: Spec, m: ModelSpec) -> Stage:
     and the digest of every file (what the registry keeps, and what the gate and deploys read)."""
     import exporters
     formats = [f for f in exporters.FORMATS if f in spec.formats]
-    return Stage(f"bundle:{m.name}", "bundle",
-                 {"tolerances": spec.parity.tolerances, "task": spec.data.task, "max_batch": spec.parity.max_batch},
-                 BUNDLE_CODE, "pipeline.steps.bundle:run_bundle", {"spec": str(spec.path), "model": m.name},
+    return Stage(f"bundle:{m.name}", "bundle", code=BUNDLE_CODE, fn="pipeline.steps.bundle:run_bundle",
                  inputs=(f"reference:{m.name}",) + tuple(f"export:{m.name}:{f}" for f in formats)
-                 + tuple(f"verify:{m.name}:{f}" for f in formats))
+                 + tuple(f"verify:{m.name}:{f}" for f in formats),
+                 **carried(spec, "formats", "data.task", "parity.tolerances", "parity.max_batch", models=(m,),
+                           model=m.name))
 
 
 SERVING_CODE = step_code("deploy", "exporters/bundle.py", "serving/deploy.py")
@@ -199,9 +210,9 @@ SERVING_CODE = step_code("deploy", "exporters/bundle.py", "serving/deploy.py")
 
 def serving_stage(spec: Spec) -> Stage:
     """Every model to TF Serving: the deployment folder, a server, and the blessing of each model."""
-    return Stage("deploy:serving", "deploy", {"serving": spec.deploy["serving"]}, SERVING_CODE,
-                 "pipeline.steps.deploy:run_serving", {"spec": str(spec.path)},
-                 inputs=tuple(f"bundle:{m.name}" for m in spec.models), lane="tensorflow")
+    return Stage("deploy:serving", "deploy", code=SERVING_CODE, fn="pipeline.steps.deploy:run_serving",
+                 inputs=tuple(f"bundle:{m.name}" for m in spec.models), lane="tensorflow",
+                 **carried(spec, "deploy.serving", models=spec.models))
 
 
 # the browser page the web bundle runs is no Python module: named here
@@ -215,9 +226,9 @@ def edge_stage(spec: Spec) -> Stage:
     s = settings(spec.deploy["edge"], spec.path.parent)
     devices = {"file": s.devices, "content": _file_text_digest(s.devices)} if s.devices else None
     # cached like any stage: a rerun pushes again only when a bundle, the settings or the devices file changed
-    return Stage("deploy:edge", "deploy", {"edge": spec.deploy["edge"], "devices": devices},
-                 EDGE_CODE, "pipeline.steps.deploy:run_edge", {"spec": str(spec.path)},
-                 inputs=tuple(f"bundle:{m.name}" for m in spec.models))
+    return Stage("deploy:edge", "deploy", code=EDGE_CODE, fn="pipeline.steps.deploy:run_edge",
+                 inputs=tuple(f"bundle:{m.name}" for m in spec.models),
+                 **carried(spec, "deploy.edge", models=spec.models, settings={"devices": devices}))
 
 
 def _file_text_digest(path: str) -> str:
@@ -234,6 +245,5 @@ def report_stage(spec: Spec) -> Stage:
                      if fmt in spec.formats)
     inputs = verifies + tuple(f"{k}:{m.name}" for m in spec.models for k in ("train", "reference"))
     inputs += tuple(f"deploy:{t}" for t in ("serving", "edge") if t in spec.deploy)
-    return Stage("report", "report", {"spec": spec.name, "formats": list(spec.formats),
-                                      "tolerances": spec.parity.tolerances},
-                 REPORT_CODE, "pipeline.steps.report:run_report", {"spec": str(spec.path)}, inputs=inputs)
+    return Stage("report", "report", code=REPORT_CODE, fn="pipeline.steps.report:run_report", inputs=inputs,
+                 **carried(spec, "formats", "deploy", "data.task", "parity.tolerances", models=spec.models))

@@ -61,3 +61,45 @@ def test_an_upgraded_package_reruns_the_stages_it_decides_and_what_needs_them(mo
     monkeypatch.setattr(code_deps, "_version", lambda d: "99.0" if d == package else real(d))
     after = keys()
     assert {n for n in before if before[n] != after[n]} == downstream_of(decides)
+
+
+def keys_of(path) -> dict[str, str]:
+    stages = build_stages(spec_mod.load(str(path)))
+    runner.assign_keys(stages)
+    return {s.name: s.key for s in stages}
+
+
+@pytest.mark.parametrize("edit, reads", [
+    # a LiteRT batch size is read by the LiteRT export alone: nothing is retrained
+    (('litert_batch_sizes = [1, 16]', 'litert_batch_sizes = [1, 8]'), {"export:keras:litert", "export:torch:litert"}),
+    # tolerances decide verdicts, not models or artifacts
+    (('max_batch = 16', 'max_batch = 16\ntolerances = { fp16 = { atol = 0.5, rtol = 0.5 } }'),
+     {f"verify:{m}:{f}" for m in ("keras", "torch") for f in ("saved_model", "torchscript", "onnx", "litert", "tfjs")}
+     | {"bundle:keras", "bundle:torch", "report"}),
+    # allowing one cell's gap re-judges that cell alone
+    (('max_batch = 16', 'max_batch = 16\nallow_unsupported = ["torch/tfjs"]'), {"verify:torch:tfjs"}),
+    # a stated signature is checked by the reference stage
+    (('train = { optimizer = "sgd" }', 'train = { optimizer = "sgd" }\nsignature = { inputs = { x = "float32" } }'),
+     {"reference:torch"}),
+])
+def test_editing_a_spec_field_reruns_the_stages_that_read_it_and_no_other(tmp_path, edit, reads):
+    text = spec_mod.resolve("toy").read_text()
+    (tmp_path / "before.toml").write_text(text)
+    assert edit[0] in text
+    (tmp_path / "after.toml").write_text(text.replace(edit[0], edit[1], 1))
+    before, after = keys_of(tmp_path / "before.toml"), keys_of(tmp_path / "after.toml")
+    assert {n for n in before if before[n] != after[n]} == downstream_of(reads)
+
+
+def test_a_stage_carries_its_slice_of_the_spec_and_reading_beyond_it_fails_loudly(tmp_path):
+    from pipeline.spec_slice import from_slice
+    stage = next(s for s in build_stages(spec_mod.load("toy")) if s.name == "train:keras")
+    carried = stage.args["spec"]
+    assert isinstance(carried, dict) and [m["name"] for m in carried["models"]] == ["keras"]
+    assert stage.settings["spec"] == {k: v for k, v in carried.items() if k != "path"}  # the key hashes it
+    spec = from_slice(carried)
+    assert spec.seed == 0 and spec.data.task == "regression" and spec.model("keras").train.epochs == 200
+    with pytest.raises(RuntimeError, match="spec field parity is read by a stage whose slice does not carry it"):
+        spec.parity.tolerances.get("fp32")
+    with pytest.raises(RuntimeError, match="model.litert_batch_sizes"):
+        list(spec.model("keras").litert_batch_sizes)

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 
+from ..spec_slice import from_slice
 from ..stage_run import Context
-from .common import load_spec
 
 
-def run_bundle(ctx: Context, spec: str, model: str) -> dict:
+def run_bundle(ctx: Context, spec: dict, model: str) -> dict:
     import exporters
     from exporters.base import read_manifest
     from exporters.bundle import write_bundle
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     m = spec.model(model)
     artifacts, verdicts = {}, {}
     for fmt in exporters.FORMATS:

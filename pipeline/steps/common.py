@@ -1,9 +1,7 @@
-"""What the step bodies share: the spec a stage reads, the model it names, the arrays of the data
+"""What the step bodies share: the model a stage names, the arrays of the data
 stage, a trained model handed between the stages of one lane, and the facts the graph reads too
 (the lanes, the formats one converts from, the variants)."""
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
@@ -17,12 +15,6 @@ PERTURBATION = 1e-3  # relative weight noise of the "slightly perturbed model" t
 
 
 VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
-
-
-@functools.lru_cache(maxsize=8)
-def load_spec(path: str) -> Spec:
-    from ..spec import load
-    return load(path)
 
 
 def side(framework: str) -> str:
@@ -75,5 +67,5 @@ def converted_from(fmt: str, framework: str) -> tuple[str, ...]:
     return tuple(exporters.module(fmt).REQUIRES.get(family(framework), ()))
 
 
-def export_options(spec: Spec, m: ModelSpec, fmt: str) -> dict:
+def export_options(m: ModelSpec, fmt: str) -> dict:
     return {"batch_sizes": list(m.litert_batch_sizes)} if fmt == "litert" else {}

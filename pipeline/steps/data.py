@@ -6,14 +6,15 @@ import numpy as np
 from parity.feeds import is_multi, n_rows, pack, row_shapes
 
 from .. import data as data_mod
+from ..spec_slice import from_slice
 from ..stage_run import Context
 from ..training import n_outputs
-from .common import load_arrays, load_spec
+from .common import load_arrays
 
 
-def run_data(ctx: Context, spec: str) -> dict:
-    spec = load_spec(spec)
-    arrays = data_mod.load_arrays(spec)
+def run_data(ctx: Context, spec: dict, need_targets: bool) -> dict:
+    spec = from_slice(spec)
+    arrays = data_mod.load_arrays(spec, need_targets=need_targets)
     np.savez(ctx.out / "arrays.npz", **{k: v for name, a in arrays.items() for k, v in pack(name, a).items()})
     x, y = arrays["x_train"], arrays.get("y_train")
     shapes = row_shapes(x)
@@ -25,8 +26,8 @@ def run_data(ctx: Context, spec: str) -> dict:
                        f"{shapes if is_multi(x) else tuple(shapes)}"}
 
 
-def run_parity_set(ctx: Context, spec: str) -> dict:
-    spec = load_spec(spec)
+def run_parity_set(ctx: Context, spec: dict) -> dict:
+    spec = from_slice(spec)
     ps = data_mod.parity_inputs(spec, load_arrays(ctx))
     np.savez(ctx.out / "parity_inputs.npz", **pack("x", ps["x"]), kind=ps["kind"])
     return {"rows": n_rows(ps["x"]), "held_out": int((ps["kind"] == 0).sum()),

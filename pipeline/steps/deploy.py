@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 
+from ..spec_slice import from_slice
 from ..stage_run import Context
-from .common import load_spec
 
 
-def run_serving(ctx: Context, spec: str) -> dict:
+def run_serving(ctx: Context, spec: dict) -> dict:
     """Deploy the bundles, serve them, replay the parity inputs over gRPC and REST and compare the
     answers with the reference outputs: records.json (one record per model and transport) for the report."""
     from exporters.bundle import read_bundle
     from serving.deploy import deploy_and_bless, dump, settings
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     bundles = [read_bundle(ctx.input_dir(f"bundle:{m.name}") / "bundle") for m in spec.models]
     result = deploy_and_bless(bundles, ctx.out / "deployment", settings(spec.deploy["serving"]), log=ctx.log)
     dump(result, ctx.out / "blessing.json")
@@ -23,11 +23,11 @@ def run_serving(ctx: Context, spec: str) -> dict:
             "ready_s": result["server"]["ready_s"], "summary": result["summary"]}
 
 
-def run_edge(ctx: Context, spec: str) -> dict:
+def run_edge(ctx: Context, spec: dict) -> dict:
     from edge.deploy import deploy, settings
     from exporters.bundle import read_bundle
     from ..keys import private_key_path
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     s = settings(spec.deploy["edge"], spec.path.parent)
     bundles = [read_bundle(ctx.input_dir(f"bundle:{m.name}") / "bundle") for m in spec.models]
     result = deploy(bundles, s, ctx.out / "edge", private_key_path() if s.devices else None, log=ctx.log)

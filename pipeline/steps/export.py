@@ -7,18 +7,19 @@ import numpy as np
 
 from parity.feeds import take, unpack
 
+from ..spec_slice import from_slice
 from ..stage_run import Context
-from .common import converted_from, export_options, family, load_arrays, load_spec, trained_model
+from .common import converted_from, family, load_arrays, trained_model
 
 
-def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
+def run_export(ctx: Context, spec: dict, model: str, fmt: str, options: dict) -> dict:
     """Write one format's artifacts. A converter failure is recorded (and becomes a failed parity
     record with the converter's message), not raised: the other formats still get made and checked.
     A failure because the machine lacks the converter is not kept for later runs."""
     import exporters
     from exporters.base import read_manifest, size_of, write_manifest
     from exporters.verify import environment_problem
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     m = spec.model(model)
     requires = converted_from(fmt, m.framework)
     model_obj = None if requires else trained_model(ctx, spec, m)
@@ -39,7 +40,7 @@ def run_export(ctx: Context, spec: str, model: str, fmt: str) -> dict:
         upstream[req] = arts
     out_dir = ctx.out / fmt
     out_dir.mkdir()
-    options = export_options(spec, m, fmt)
+    options = dict(options)
     if fmt == "litert":  # rows for int8 calibration, from the training data
         options["calibration"] = take(arrays["x_train"], slice(0, 256))
     if requires and f"train:{m.name}" in ctx.stage.inputs:  # for a later route, loaded only if one runs

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..spec_slice import from_slice
 from ..stage_run import Context
 from ..spec import ModelSpec
-from .common import PERTURBATION, VARIANTS_BY_FORMAT, load_spec
+from .common import PERTURBATION, VARIANTS_BY_FORMAT
 
 
-def run_report(ctx: Context, spec: str) -> dict:
+def run_report(ctx: Context, spec: dict) -> dict:
     """parity.json, parity.md and junit.xml for the whole run, the discrimination of each model's
     parity set, and the plots a reviewer looks at."""
     import exporters
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     from parity.compare import ParityRecord, discrimination, task_hint, tolerance_for
     from ..plots import plot_model_parity, plot_training_curve
     from parity.report import ParityReport

@@ -10,16 +10,17 @@ import numpy as np
 
 from parity.feeds import flat_rows, is_multi, n_rows, pack, structure, take, unpack
 
+from ..spec_slice import from_slice
 from ..stage_run import Context
 from ..spec import ModelSpec, Spec
 from ..training import (ModelMismatch, bind_to_model, check_acceptance, probe_model, task_metrics,
                         write_history)
-from .common import PERTURBATION, load_arrays, load_spec, maker, trained_model, where
+from .common import PERTURBATION, load_arrays, maker, trained_model, where
 
 
-def run_train(ctx: Context, spec: str, model: str) -> dict:
+def run_train(ctx: Context, spec: dict, model: str) -> dict:
     from frameworks import adapter
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     m = spec.model(model)
     arrays = load_arrays(ctx)
     info = ctx.input_facts("data")
@@ -154,9 +155,9 @@ def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
         raise PretrainedLoadError(f"{where(m)}: {e}") from None
 
 
-def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_outputs: int) -> dict:
+def run_probe(ctx: Context, spec: dict, model: str, input_shape: list[int], n_outputs: int) -> dict:
     from frameworks import adapter
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     m = spec.model(model)
     fw = adapter(m.framework)
     make = maker(spec, m, input_shape, n_outputs)
@@ -172,11 +173,11 @@ def run_probe(ctx: Context, spec: str, model: str, input_shape: list[int], n_out
     return {"summary": f"{m.framework} model takes inputs shaped like the data ({input_shape})"}
 
 
-def run_reference(ctx: Context, spec: str, model: str) -> dict:
+def run_reference(ctx: Context, spec: dict, model: str) -> dict:
     """The trained model's outputs on the parity set, computed once; every artifact is compared with
     these arrays. Also the outputs of a slightly perturbed copy, to show the parity set can tell them apart."""
     from frameworks import adapter
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     m = spec.model(model)
     fw = adapter(m.framework)
     model = trained_model(ctx, spec, m)

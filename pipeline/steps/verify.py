@@ -9,19 +9,20 @@ import numpy as np
 
 from parity.feeds import unpack
 
+from ..spec_slice import from_slice
 from ..stage_run import Context
 from ..spec import ModelSpec, Spec
-from .common import VARIANTS_BY_FORMAT, load_spec
+from .common import VARIANTS_BY_FORMAT, trained_model
 
 
-def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
+def run_verify(ctx: Context, spec: dict, model: str, fmt: str) -> dict:
     """Load each artifact of one format in each of its runtimes, run the stored parity inputs, compare
     with the stored reference outputs. Writes records.json and the outputs (for plots)."""
     import exporters
     from exporters.base import read_manifest
     from parity.compare import ParityRecord
     from parity.signature import Signature
-    spec = load_spec(spec)
+    spec = from_slice(spec)
     m = spec.model(model)
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         ref = {k: f[k] for k in f.files if not k.startswith("x:")} | {"x": unpack(f, "x")}
@@ -50,6 +51,9 @@ def run_verify(ctx: Context, spec: str, model: str, fmt: str) -> dict:
             records.append(rec)
             if got is not None:
                 outputs[f"{artifact.label}@{runtime}"] = got
+        from ..localization import localize_failures
+        localize_failures(records, artifacts, ref, spec.parity.tolerances, framework=m.framework,
+                          load_model=lambda: trained_model(ctx, spec, m), log=ctx.log)
     np.savez(ctx.out / "outputs.npz", **outputs)
     return write_records(records, ctx.out)
 

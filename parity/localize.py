@@ -1,0 +1,208 @@
+"""Where an artifact first disagrees with its original model: the original's layers paired with the
+artifact's intermediate tensors, and the first layer (in the original's order) whose tensor already
+exceeds what the cell's tolerance allows.
+
+Framework-free: the original's layer outputs and the artifact's tensors arrive as arrays (frameworks/
+and exporters/ read them); this module pairs and judges them.
+
+Pairing, and every pair says which one made it:
+  "name"   the artifact's tensor carries the layer's name (torch module paths survive into ONNX node
+           metadata and litert-torch tensor names, Keras layer names into tf2onnx, SavedModel and TFLite
+           names); of several, the last one the artifact computes, since that is the layer's output.
+           A layer a converter fused away is then listed as unmatched, never guessed;
+  "output" the original's last layer and the artifact's output, when no name pairs them;
+  "order"  only for an artifact whose names carry none of the layers' (onnx2tf renames every op): the
+           one tensor after the previous pair's with the layer's number of elements;
+  "value"  as "order" where several tensors could be it: the one closest in direction (cosine, at
+           least MIN_COSINE), so a layer scaled wrong still pairs, and one computing something else does not.
+In all, a tensor laid out differently (NCHW against NHWC) is compared after the transpose that fits,
+and one a converter fused an activation into against the original's through that activation.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class Tap:
+    """One intermediate tensor of an artifact, in the order its runtime computes them."""
+    name: str                         # the artifact's tensor or node name
+    value: np.ndarray
+    hints: tuple[str, ...] = ()       # layer names the artifact attaches to it, outermost op first
+    is_output: bool = False           # one of the artifact's outputs
+
+
+@dataclass
+class Pair:
+    layer: str
+    node: str | None
+    matched_by: str                   # "name", "order" or "unmatched"
+    layout: str = ""                  # how the tensors were aligned: a transpose ("NCHW->NHWC"), a fused activation
+    max_abs: float | None = None
+    cosine: float | None = None
+    allowed: float | None = None      # the error the cell's tolerance allows at this layer
+    scale: float | None = None        # max |value| of the original's output of this layer
+
+    @property
+    def diverges(self) -> bool:
+        return self.max_abs is not None and self.allowed is not None and self.max_abs > self.allowed
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None and v != ""}
+
+
+@dataclass
+class Localization:
+    pairs: list[Pair] = field(default_factory=list)
+    first: Pair | None = None
+    note: str = ""                    # why nothing was named, when nothing was
+
+    def to_json(self) -> dict:
+        out = {"layers": [p.to_json() for p in self.pairs],
+               "unmatched": [p.layer for p in self.pairs if p.matched_by == "unmatched"]}
+        if self.first is not None:
+            out.update(layer=self.first.layer, node=self.first.node, max_abs=self.first.max_abs,
+                       matched_by=self.first.matched_by)
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def one_line(loc: dict, fmt: str) -> str:
+    """'first diverges at conv2 (onnx node /conv2/Conv): max abs 2.1e-01', or why none was named."""
+    if loc.get("layer"):
+        return (f"first diverges at {loc['layer']} ({fmt} node {loc['node']}): max abs {loc['max_abs']:.1e}"
+                f" (matched by {loc['matched_by']})")
+    return f"no diverging layer named: {loc.get('note') or 'no layer paired with the artifact'}"
+
+
+MODULE_SCOPE = re.compile(r"^(?:[\w.<>]+\.)?[A-Z]\w*_([\w.]+)$")  # litert-torch: 'torch.nn.modules.conv.Conv2d_conv2'
+
+
+def name_parts(text: str) -> list[str]:
+    """The scope components of a tensor or node name, each also without a trailing _<n> that graph
+    builders add ('functional_1/conv2_1/Relu' -> functional, conv2, Relu ...), and a torch module's
+    path where a converter wrote it after its class ('...Conv2d_layer1.0.conv1' -> layer1.0.conv1)."""
+    parts = [p for p in re.split(r"[/:;]", text) if p]
+    modules = [m.group(1) for m in map(MODULE_SCOPE.match, parts) if m]
+    return parts + [re.sub(r"_\d+$", "", p) for p in parts] + modules
+
+
+def allowed_error(reference: np.ndarray, atol: float | None, rtol: float | None) -> float:
+    """What a tolerance allows a tensor of this size: its absolute bound, or its relative one on the
+    tensor's largest magnitude, whichever is larger (as an element passes on either)."""
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    bounds = [b for b in (atol, None if rtol is None else rtol * scale) if b is not None]
+    return max(bounds) if bounds else 0.0
+
+
+def localize(layers: Sequence[tuple[str, np.ndarray]], taps: Sequence[Tap], *, atol: float | None,
+             rtol: float | None) -> Localization:
+    """Pair each of the original's layers (in its order, with its outputs on the same rows) with the
+    artifact's taps, measure each pair, and name the first that exceeds the tolerance."""
+    refs = [(layer, np.asarray(ref, dtype=np.float64)) for layer, ref in layers]
+    by_name: dict[str, int] = {}
+    for layer, ref in refs:
+        index = _by_name(layer, ref, taps, set(by_name.values()))
+        if index is not None:
+            by_name[layer] = index
+    pairs, after, used = [], -1, set(by_name.values())
+    for n, (layer, ref) in enumerate(refs):
+        index, how = by_name.get(layer), "name"
+        if index is None and n == len(refs) - 1:
+            index, how = _as_output(ref, taps, used)
+        if index is None and not by_name:  # the names say nothing here: the order and the values do
+            index, how = _by_order(ref, taps, after, used)
+        if index is None:
+            pairs.append(Pair(layer, None, "unmatched"))
+            continue
+        used.add(index)
+        after = max(after, index)
+        ref, got, layout = _aligned(ref, np.asarray(taps[index].value, dtype=np.float64))
+        diff = np.abs(got - ref)
+        pairs.append(Pair(layer, taps[index].name, how, layout, max_abs=float(diff.max()) if diff.size else 0.0,
+                          cosine=_cosine(ref, got), allowed=allowed_error(ref, atol, rtol),
+                          scale=float(np.max(np.abs(ref))) if ref.size else 0.0))
+    first = next((p for p in pairs if p.diverges), None)
+    note = ""
+    if first is None:
+        matched = sum(p.matched_by != "unmatched" for p in pairs)
+        note = (f"no paired layer exceeds the tolerance ({matched} of {len(pairs)} layers paired)" if matched
+                else f"none of the original's {len(pairs)} layers paired with the artifact's {len(taps)} tensors")
+    return Localization(pairs, first, note)
+
+
+def _same_size(ref: np.ndarray, value: np.ndarray) -> bool:
+    return value.size == ref.size and value.ndim >= 1
+
+
+def _by_name(layer: str, ref: np.ndarray, taps: Sequence[Tap], used: set[int]) -> int | None:
+    """The last tap whose own op (its first hint, or its name) carries the layer's name."""
+    found = None
+    for i, tap in enumerate(taps):
+        if i in used or not _same_size(ref, np.asarray(tap.value)):
+            continue
+        own = tap.hints[:1] if tap.hints else (tap.name,)
+        if any(layer in name_parts(h) or h == layer for h in own):
+            found = i
+    return found
+
+
+def _as_output(ref: np.ndarray, taps: Sequence[Tap], used: set[int]) -> tuple[int | None, str]:
+    outputs = [i for i, t in enumerate(taps) if t.is_output and i not in used and _same_size(ref, np.asarray(t.value))]
+    return (outputs[0], "output") if len(outputs) == 1 else (None, "output")
+
+
+MIN_COSINE = 0.9  # below it a tensor is not taken for the layer's output by its values
+
+
+def _by_order(ref: np.ndarray, taps: Sequence[Tap], after: int, used: set[int]) -> tuple[int | None, str]:
+    """The tap after `after` of the layer's size: the only one ("order"), else the closest in direction
+    ("value"); none when no candidate points the same way."""
+    candidates = [i for i in range(after + 1, len(taps)) if i not in used
+                  and _same_size(ref, np.asarray(taps[i].value))]
+    if len(candidates) == 1:
+        return candidates[0], "order"
+    scored = [(_cosine(*_aligned(ref, np.asarray(taps[i].value, dtype=np.float64))[:2]), i) for i in candidates]
+    best = max(scored, default=(0.0, None))
+    return (best[1], "value") if best[0] >= MIN_COSINE else (None, "value")
+
+
+LAYOUTS = {4: {"": (0, 1, 2, 3), "NCHW->NHWC": (0, 2, 3, 1), "NHWC->NCHW": (0, 3, 1, 2)},
+           3: {"": (0, 1, 2), "NCL->NLC": (0, 2, 1)}}
+
+
+# activations converters fuse into the op before them (TFLite, TF.js): the artifact's tensor is then
+# the activation's output, which the original computes outside the layer (torch.relu in forward)
+FUSED = {"": lambda a: a, "relu": lambda a: np.maximum(a, 0), "relu6": lambda a: np.clip(a, 0, 6)}
+
+
+def _aligned(ref: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(the original's tensor, the artifact's in the same layout, how they were aligned): the artifact's
+    as it is or transposed, against the original's as it is or through an activation fused after it;
+    whichever fits best, and the alignment says which."""
+    best, best_err = (ref, value.reshape(ref.shape), ""), math.inf
+    for name, axes in LAYOUTS.get(value.ndim, {"": tuple(range(value.ndim))}).items():
+        moved = np.transpose(value, axes)
+        if name and moved.shape != ref.shape:
+            continue
+        moved = moved.reshape(ref.shape)
+        for act, fn in FUSED.items():
+            target = fn(ref)
+            err = float(np.max(np.abs(moved - target))) if ref.size else 0.0
+            if err < best_err:
+                how = ", ".join(p for p in (name, f"{act} fused" if act else "") if p)
+                best, best_err = (target, moved, how), err
+    return best
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a.ravel(), b.ravel()) / (na * nb))
