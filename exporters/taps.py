@@ -109,9 +109,13 @@ def litert_taps(path: Path, x) -> list[Tap]:
     for d in details:
         interp.resize_tensor_input(d["index"], [1, *d["shape"][1:]])
     interp.allocate_tensors()
-    outputs = list(dict.fromkeys(i for op in interp._get_ops_details() for i in op["outputs"] if i >= 0))
-    final = {d["index"] for d in interp.get_output_details()}
     by_index = {t["index"]: t for t in interp.get_tensor_details()}
+    # the rows' tensors: fed one row at a time, they have a batch of 1 (a DEQUANTIZE of float16 weights
+    # is an op too, but its output is a weight)
+    outputs = list(dict.fromkeys(i for op in interp._get_ops_details() if op["op_name"] != "DEQUANTIZE"
+                                 for i in op["outputs"] if i >= 0 and len(by_index[i]["shape"])
+                                 and by_index[i]["shape"][0] == 1))
+    final = {d["index"] for d in interp.get_output_details()}
     per_row: dict[int, list] = {i: [] for i in outputs}
     for r in range(n):
         for d, value in zip(details, _litert_inputs(details, rows)):

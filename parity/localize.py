@@ -10,7 +10,8 @@ Pairing, and every pair says which one made it:
            metadata and litert-torch tensor names, Keras layer names into tf2onnx, SavedModel and TFLite
            names); of several, the last one the artifact computes, since that is the layer's output.
            A layer a converter fused away is then listed as unmatched, never guessed;
-  "output" the original's last layer and the artifact's output, when no name pairs them;
+  "output" the original's last layer and the artifact's output (the tensor named after that layer
+           may come before an activation the converter made an op of its own);
   "order"  only for an artifact whose names carry none of the layers' (onnx2tf renames every op): the
            one tensor after the previous pair's with the layer's number of elements;
   "value"  as "order" where several tensors could be it: the one closest in direction (cosine, at
@@ -113,9 +114,11 @@ def localize(layers: Sequence[tuple[str, np.ndarray]], taps: Sequence[Tap], *, a
             by_name[layer] = index
     pairs, after, used = [], -1, set(by_name.values())
     for n, (layer, ref) in enumerate(refs):
-        index, how = by_name.get(layer), "name"
-        if index is None and n == len(refs) - 1:
-            index, how = _as_output(ref, taps, used)
+        index, how = None, "name"
+        if n == len(refs) - 1:  # the model's output is the last layer's, whatever its name (a fused softmax)
+            index, how = _as_output(ref, taps, used - {by_name.get(layer)})
+        if index is None:
+            index, how = by_name.get(layer), "name"
         if index is None and not by_name:  # the names say nothing here: the order and the values do
             index, how = _by_order(ref, taps, after, used)
         if index is None:

@@ -176,6 +176,7 @@ class ParityReport:
                 lines.append(f"  - also: {_md(f)}")
             if r.artifact:
                 lines.append(f"  - artifact: `{r.artifact}`")
+            lines += _layer_lines((r.details or {}).get("localization"))
         if failed:
             lines.append("")
         lines += self._artifact_lines()
@@ -385,3 +386,19 @@ def merge_reports(reports: Iterable[ParityReport], **meta) -> ParityReport:
 def _first_line(text: str, limit: int) -> str:
     line = (str(text).strip().splitlines() or [""])[0]
     return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _layer_lines(loc: Mapping[str, Any] | None) -> list[str]:
+    """A localised failure's layers in the original's order: max abs against what its tolerance allows,
+    the first divergence in bold, an unmatched layer said so."""
+    if not loc or not loc.get("layers"):
+        return []
+    shown = []
+    for p in loc["layers"]:
+        if p.get("matched_by") == "unmatched":
+            shown.append(f"{p['layer']} (unmatched)")
+            continue
+        text = f"{p['layer']} {_e(p.get('max_abs'))}/{_e(p.get('allowed'))}"
+        shown.append(f"**{text}**" if p["layer"] == loc.get("layer") else text)
+    return [f"  - per layer, max abs / allowed: {', '.join(shown)}"]
+

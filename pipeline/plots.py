@@ -161,3 +161,40 @@ def plot_training_curve(history: Mapping[str, Sequence[float]], path, title: str
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def plot_layer_errors(localized: Mapping[str, Mapping], path, title: str = "Error per layer") -> Path:
+    """One PNG: for each failed artifact (label -> its record's localization), the max abs error of
+    every paired layer in the original model's order on a log axis, what its tolerance allows dashed,
+    and the first diverging layer marked."""
+    plt = _pyplot()
+    layers: list[str] = []
+    for loc in localized.values():
+        for p in loc.get("layers", []):
+            if p["layer"] not in layers:
+                layers.append(p["layer"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 3), 4.4))
+    for label, loc in localized.items():
+        xs = [layers.index(p["layer"]) for p in loc.get("layers", []) if "max_abs" in p]
+        ys = [max(p["max_abs"], ZERO_FLOOR) for p in loc.get("layers", []) if "max_abs" in p]
+        line, = ax.plot(xs, ys, marker="o", ms=4, lw=1.5, label=label)
+        allowed = [max(p["allowed"], ZERO_FLOOR) for p in loc.get("layers", []) if "max_abs" in p]
+        ax.plot(xs, allowed, ls="--", lw=1, color=line.get_color(), alpha=0.6)
+        if loc.get("layer") in layers:
+            x = layers.index(loc["layer"])
+            ax.scatter([x], [max(loc["max_abs"], ZERO_FLOOR)], s=120, facecolors="none", edgecolors="red", zorder=5)
+            ax.annotate(f"first diverges: {loc['layer']}", (x, max(loc["max_abs"], ZERO_FLOOR)),
+                        textcoords="offset points", xytext=(6, 8), fontsize=8, color="red")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("max abs error (dashed: allowed)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

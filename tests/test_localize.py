@@ -195,3 +195,73 @@ def test_the_first_layer_over_its_tolerance_is_named_not_the_largest_error():
     taps = [Tap(f"m/l{i}/op", x + err, (f"m/l{i}/op",)) for i, err in enumerate((0.0, 0.01, 0.5))]
     loc = localize([(f"l{i}", x) for i in range(3)], taps, **FP32).to_json()
     assert loc["layer"] == "l1" and loc["max_abs"] == pytest.approx(0.01, rel=1e-3)
+
+
+SPEC = """
+[pipeline]
+name = "strict"
+seed = 0
+
+[data]
+source = "digits"
+task = "classification"
+test_fraction = 0.25
+
+[train]
+optimizer = "adam"
+lr = 0.01
+epochs = 3
+batch_size = 64
+loss = "sparse_categorical_crossentropy"
+
+[[model]]
+name = "keras"
+framework = "keras"
+factory = "pipeline.zoo:mlp_keras"
+params = { hidden = 32 }
+
+[[model]]
+name = "torch"
+framework = "torch"
+factory = "pipeline.zoo:mlp_torch"
+params = { hidden = 32 }
+
+[export]
+formats = ["saved_model", "onnx", "litert"]
+litert_batch_sizes = [1, 16]
+
+[parity]
+held_out_rows = 32
+random_rows = 16
+input_range = [0.0, 1.0]
+max_batch = 16
+
+[parity.tolerances]   # float16 weights cannot meet this: the fp16 cells fail where the weights first act
+litert-fp16 = { atol = 1e-7, rtol = 1e-7 }
+"""
+
+
+def test_a_failed_cell_of_a_run_names_its_first_diverging_layer_in_the_record_the_report_and_junit(tmp_path):
+    import json
+    import xml.etree.ElementTree as ET
+    from tests.conftest import run_cli
+    (tmp_path / "strict.toml").write_text(SPEC)
+    r = run_cli("run", str(tmp_path / "strict.toml"), "--no-track", home=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    report_dir = next((tmp_path / ".pipeline" / "runs").glob("*/parity.json")).parent
+    records = json.loads((report_dir / "parity.json").read_text())["records"]
+    failed = {rec["label"]: rec for rec in records if rec["status"] == "failed"}
+    assert set(failed) == {"keras/litert-fp16", "torch/litert-fp16"}, sorted(failed)
+    # the first Dense (Keras names it dense) and the first Linear (module 1 of the Sequential) hold
+    # the first float16 weights; Flatten before them computes exactly
+    first = {"keras": "dense", "torch": "1"}
+    for label, rec in failed.items():
+        loc = rec["details"]["localization"]
+        assert loc["layer"] == first[rec["model"]] and loc["matched_by"] == "name", loc
+        assert f"first diverges at {loc['layer']} (litert node" in rec["message"]
+    markdown = (report_dir / "parity.md").read_text()
+    assert markdown.count("first diverges at") == 2 and "per layer, max abs / allowed" in markdown
+    junit = ET.parse(report_dir / "junit.xml").getroot()
+    assert sum("first diverges at" in f.get("message", "") for f in junit.iter("failure")) == 2
+    assert (report_dir / "layers_keras.png").stat().st_size > 10_000
+    assert "first diverges at dense" in r.stdout + r.stderr

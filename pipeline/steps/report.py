@@ -18,7 +18,7 @@ def run_report(ctx: Context, spec: dict) -> dict:
     import exporters
     spec = from_slice(spec)
     from parity.compare import ParityRecord, discrimination, task_hint, tolerance_for
-    from ..plots import plot_model_parity, plot_training_curve
+    from ..plots import plot_layer_errors, plot_model_parity, plot_training_curve
     from parity.report import ParityReport
     report = ParityReport(spec=spec.name, metadata={"spec_path": str(spec.path)})
     plots = []
@@ -49,6 +49,11 @@ def run_report(ctx: Context, spec: dict) -> dict:
         if hint:
             report.discrimination[m.name]["task_hint"] = hint
         plots.append(plot_model_parity(m.name, y_ref, outs, ctx.out / f"parity_{m.name}.png"))
+        localized = {f"{r.label}@{r.runtime}": r.details["localization"] for r in report.records
+                     if r.model == m.name and (r.details or {}).get("localization", {}).get("layers")}
+        if localized:
+            plots.append(plot_layer_errors(localized, ctx.out / f"layers_{m.name}.png",
+                                           title=f"{spec.name} / {m.name}: error per layer of the failed artifacts"))
         history = json.loads((ctx.input_dir(f"train:{m.name}") / "history.json").read_text())
         curves = {k: v for k, v in history.items() if isinstance(v, list) and (v or k == "loss")}
         plots.append(plot_training_curve(curves, ctx.out / f"training_{m.name}.png",
