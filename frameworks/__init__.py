@@ -78,6 +78,15 @@ def takes_folder(name: str, path) -> bool:
     return bool(marker) and Path(path).is_dir() and (Path(path) / marker[0]).is_file()
 
 
+def for_file(path) -> str | None:
+    """The framework that loads this model file or folder: the first whose folder marker or file
+    suffix it has (None when none does)."""
+    from pathlib import Path
+    path = Path(path)
+    return next((fw for fw in names() if takes_folder(fw, path)), None) or \
+        next((fw for fw in names() if path.suffix in module(fw).PRETRAINED_SUFFIXES), None)
+
+
 def pretrained_forms(name: str) -> str:
     """What `source =` may name for the framework, for a message."""
     mod = module(name)

@@ -62,6 +62,7 @@ class Localization:
     pairs: list[Pair] = field(default_factory=list)
     first: Pair | None = None
     note: str = ""                    # why nothing was named, when nothing was
+    expected: np.ndarray | None = None  # what the first diverging tensor should hold, in the artifact's layout
 
     def to_json(self) -> dict:
         out = {"layers": [p.to_json() for p in self.pairs],
@@ -113,6 +114,7 @@ def localize(layers: Sequence[tuple[str, np.ndarray]], taps: Sequence[Tap], *, a
         if index is not None:
             by_name[layer] = index
     pairs, after, used = [], -1, set(by_name.values())
+    expected: dict[str, np.ndarray] = {}
     for n, (layer, ref) in enumerate(refs):
         index, how = None, "name"
         if n == len(refs) - 1:  # the model's output is the last layer's, whatever its name (a fused softmax)
@@ -126,8 +128,10 @@ def localize(layers: Sequence[tuple[str, np.ndarray]], taps: Sequence[Tap], *, a
             continue
         used.add(index)
         after = max(after, index)
-        ref, got, layout = _aligned(ref, np.asarray(taps[index].value, dtype=np.float64))
+        value = np.asarray(taps[index].value, dtype=np.float64)
+        ref, got, layout, axes = _aligned(ref, value)
         diff = np.abs(got - ref)
+        expected[layer] = np.transpose(ref, np.argsort(axes)).reshape(value.shape)
         pairs.append(Pair(layer, taps[index].name, how, layout, max_abs=float(diff.max()) if diff.size else 0.0,
                           cosine=_cosine(ref, got), allowed=allowed_error(ref, atol, rtol),
                           scale=float(np.max(np.abs(ref))) if ref.size else 0.0))
@@ -137,7 +141,7 @@ def localize(layers: Sequence[tuple[str, np.ndarray]], taps: Sequence[Tap], *, a
         matched = sum(p.matched_by != "unmatched" for p in pairs)
         note = (f"no paired layer exceeds the tolerance ({matched} of {len(pairs)} layers paired)" if matched
                 else f"none of the original's {len(pairs)} layers paired with the artifact's {len(taps)} tensors")
-    return Localization(pairs, first, note)
+    return Localization(pairs, first, note, expected.get(first.layer) if first else None)
 
 
 def _same_size(ref: np.ndarray, value: np.ndarray) -> bool:
@@ -185,22 +189,24 @@ LAYOUTS = {4: {"": (0, 1, 2, 3), "NCHW->NHWC": (0, 2, 3, 1), "NHWC->NCHW": (0, 3
 FUSED = {"": lambda a: a, "relu": lambda a: np.maximum(a, 0), "relu6": lambda a: np.clip(a, 0, 6)}
 
 
-def _aligned(ref: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """(the original's tensor, the artifact's in the same layout, how they were aligned): the artifact's
-    as it is or transposed, against the original's as it is or through an activation fused after it;
-    whichever fits best, and the alignment says which."""
-    best, best_err = (ref, value.reshape(ref.shape), ""), math.inf
+def _aligned(ref: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, str, tuple[int, ...]]:
+    """(the original's tensor, the artifact's in the same layout, how they were aligned, the axes that
+    moved the artifact's): the artifact's as it is or transposed, against the original's as it is or
+    through an activation fused after it; whichever fits best, and the alignment says which."""
+    same = tuple(range(ref.ndim))
+    best, best_err = (ref, value.reshape(ref.shape), "", same), math.inf
     for name, axes in LAYOUTS.get(value.ndim, {"": tuple(range(value.ndim))}).items():
         moved = np.transpose(value, axes)
         if name and moved.shape != ref.shape:
             continue
-        moved = moved.reshape(ref.shape)
+        if moved.shape != ref.shape:  # the same size in another shape (a flatten the converter left out)
+            moved, axes = moved.reshape(ref.shape), same
         for act, fn in FUSED.items():
             target = fn(ref)
             err = float(np.max(np.abs(moved - target))) if ref.size else 0.0
             if err < best_err:
                 how = ", ".join(p for p in (name, f"{act} fused" if act else "") if p)
-                best, best_err = (target, moved, how), err
+                best, best_err = (target, moved, how, axes), err
     return best
 
 

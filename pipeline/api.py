@@ -233,8 +233,7 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
         framework, path = found.framework, None
     else:
         path = Path(model_path).resolve()
-        framework = next((fw for fw in frameworks.names() if frameworks.takes_folder(fw, path)), None) or \
-            next((fw for fw, suffixes in suffixes_of.items() if path.suffix in suffixes), None)
+        framework = frameworks.for_file(path)
     if framework is None and path is None:
         raise spec_mod.SpecError(f"{model_path}: version {found.version} of {found.name} has no framework tag; "
                                  f"expected one registered by a pipeline run (or write a spec with framework = ...)")

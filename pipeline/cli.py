@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
                                              "graph order, each one's command and environment as the YAML says")
     rc.add_argument("yaml")
 
+    xp = sub.add_parser("explain", help="where an artifact first disagrees with its original: a run's failed "
+                                        "cells, or --file ARTIFACT --model ORIGINAL --example INPUTS.npz "
+                                        "(a per-layer table, a plot and a minimal repro)")
+    xp.add_argument("run", nargs="?", help="a run id (default: the latest run)")
+    xp.add_argument("--artifact", metavar="LABEL", help="one artifact of the run, e.g. keras/litert-fp16")
+    xp.add_argument("--file", metavar="ARTIFACT", help="an artifact made anywhere: .onnx, .tflite or a SavedModel folder")
+    xp.add_argument("--model", metavar="ORIGINAL", help="with --file: the model it was converted from (.keras, .h5, .pt, .pt2)")
+    xp.add_argument("--example", metavar="INPUTS.npz", help="with --file: inputs to run both on (an array x)")
+    xp.add_argument("--variant", default="fp32", choices=("fp32", "fp16", "int8"), help="whose tolerance applies")
+    xp.add_argument("--tolerance", action="append", default=[], metavar="KEY=FIELD:VALUE[,FIELD:VALUE]",
+                    help="a tolerance override, as for `export`")
+    xp.add_argument("--out", metavar="DIR", help="with --file: where the table, plot and repro go "
+                                                 "(default: explain-<artifact name>)")
+
     v = sub.add_parser("validate", help="check a spec, its data and its model factories without running it")
     v.add_argument("spec")
     v.add_argument("--quick", action="store_true", help="skip building the models (no framework import)")
@@ -221,6 +235,48 @@ def parse_tolerances(items: list[str]) -> dict[str, dict[str, float]]:
         except ValueError:
             raise SpecError(f"--tolerance {item}: expected KEY=FIELD:VALUE[,FIELD:VALUE], e.g. fp32=atol:1e-4") from None
     return out
+
+
+def cmd_explain(args) -> int:
+    from parity.localize import one_line
+    from . import api, explain
+    if args.file:
+        if not (args.model and args.example):
+            print("error: explain --file needs --model ORIGINAL and --example INPUTS.npz too", file=sys.stderr)
+            return EXIT_USAGE
+        out = Path(args.out or f"explain-{Path(args.file).name}")
+        loc = explain.explain_file(args.file, args.model, args.example, out=out, variant=args.variant,
+                                   tolerances=parse_tolerances(args.tolerance))
+        print(one_line(loc, loc["format"]))
+        print_layers(loc)
+        print(f"table: {out / 'localization.json'}  plot: {out / 'layers.png'}"
+              + (f"  repro: {loc['repro']} (python repro.py there)" if loc.get("repro") else ""))
+        return EXIT_FAILED if loc.get("layer") else EXIT_OK
+    failed = explain.explain_run(api.load_record(args.run), args.artifact)
+    if not failed:
+        print("no failed artifact in this run" + (f" for {args.artifact}" if args.artifact else ""))
+        return EXIT_OK
+    for r in failed:
+        loc = (r.get("details") or {}).get("localization") or {"note": "not localised (it failed to load or run)"}
+        print(f"{r['label']} on {r.get('runtime') or '-'}: {one_line(loc, r['format'])}")
+        print_layers(loc)
+    return EXIT_FAILED
+
+
+def print_layers(loc: dict) -> None:
+    """The per-layer table of a localization: the original's layers in order, each with its pair."""
+    rows = loc.get("layers") or []
+    if not rows:
+        return
+    width = max(len(p["layer"]) for p in rows)
+    print(f"  {'layer':<{width}}  {'max abs':>9}  {'allowed':>9}  {'cosine':>9}  matched by  artifact tensor")
+    for p in rows:
+        mark = "  <- first diverges" if p["layer"] == loc.get("layer") else ""
+        if p["matched_by"] == "unmatched":
+            print(f"  {p['layer']:<{width}}  {'-':>9}  {'-':>9}  {'-':>9}  unmatched")
+            continue
+        print(f"  {p['layer']:<{width}}  {p['max_abs']:9.2e}  {p['allowed']:9.2e}  {p['cosine']:9.6f}  "
+              f"{p['matched_by'] + (' ' + p['layout'] if p.get('layout') else ''):<10}  {p['node']}{mark}")
 
 
 def cmd_check(args) -> int:
@@ -480,4 +536,5 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "tensorboard": cmd_tensorboard, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate, "stage": cmd_stage, "compile": cmd_compile, "run-compiled": cmd_run_compiled}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "tensorboard": cmd_tensorboard, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate, "stage": cmd_stage, "compile": cmd_compile, "run-compiled": cmd_run_compiled,
+            "explain": cmd_explain}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from parity.localize import Tap, localize, one_line
 
@@ -29,23 +30,23 @@ def keras_cnn():
     return keras.Model(inp, keras.layers.Dense(3, name="fc")(h))
 
 
+class TorchCNN(torch.nn.Module):  # at module level: a pickled module of it loads in another process
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.pool(torch.relu(self.conv2(x))).flatten(1))
+
+
 def torch_cnn():
-    import torch
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
-            self.bn1 = torch.nn.BatchNorm2d(4)
-            self.conv2 = torch.nn.Conv2d(4, 8, 3, padding=1)
-            self.pool = torch.nn.AdaptiveAvgPool2d(1)
-            self.fc = torch.nn.Linear(8, 3)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            return self.fc(self.pool(torch.relu(self.conv2(x))).flatten(1))
     torch.manual_seed(0)
-    net = Net()
+    net = TorchCNN()
     with torch.no_grad():  # statistics that are not the identity, so BatchNorm folds into something real
         net.bn1.running_mean.uniform_(-0.5, 0.5)
         net.bn1.running_var.uniform_(0.5, 2.0)
@@ -93,10 +94,10 @@ def planted_weight(framework: str, model) -> np.ndarray:
 KERNEL_LAYOUTS = ((0, 1, 2, 3), (2, 3, 1, 0), (3, 2, 0, 1), (0, 2, 3, 1), (3, 0, 1, 2))
 
 
-def plant(artifact: str, weight: np.ndarray, out: Path) -> Path:
+def plant(artifact: str, weight: np.ndarray, out: Path, factor: float = 1.5) -> Path:
     if (Path(artifact) / "variables" / "variables.index").is_file() and _holds_variable(artifact, weight):
         return plant_variable(artifact, weight, out)
-    return plant_bytes(artifact, weight, out)
+    return plant_bytes(artifact, weight, out, factor)
 
 
 def _holds_variable(folder: str, weight: np.ndarray) -> bool:
@@ -115,11 +116,12 @@ def plant_variable(folder: str, weight: np.ndarray, out: Path) -> Path:
     return out / "saved_model"
 
 
-def plant_bytes(artifact: str, weight: np.ndarray, out: Path) -> Path:
-    """A copy of the artifact (a file or a folder) whose copy of `weight` is scaled by 1.5 where it sits
+def plant_bytes(artifact: str, weight: np.ndarray, out: Path, factor: float = 1.5) -> Path:
+    """A copy of the artifact (a file or a folder) whose copy of `weight` is scaled by `factor` where it sits
     in the file's bytes, in whichever layout the converter stored it: the fault is planted inside the
     artifact, not in the model it came from."""
     src = Path(artifact)
+    out.mkdir(parents=True, exist_ok=True)
     root = out / src.name
     (shutil.copytree if src.is_dir() else shutil.copy2)(src, root)
     files = [f for f in ([root] if root.is_file() else sorted(root.rglob("*"))) if f.is_file()]
@@ -128,7 +130,7 @@ def plant_bytes(artifact: str, weight: np.ndarray, out: Path) -> Path:
         for f in files:
             data = f.read_bytes()
             if stored.tobytes() in data:  # every copy (a Keras SavedModel keeps two)
-                f.write_bytes(data.replace(stored.tobytes(), (stored * 1.5).tobytes()))
+                f.write_bytes(data.replace(stored.tobytes(), (stored * np.float32(factor)).tobytes()))
                 return root
     raise AssertionError(f"the planted layer's weights were not found in {artifact}")
 
@@ -265,3 +267,38 @@ def test_a_failed_cell_of_a_run_names_its_first_diverging_layer_in_the_record_th
     assert sum("first diverges at" in f.get("message", "") for f in junit.iter("failure")) == 2
     assert (report_dir / "layers_keras.png").stat().st_size > 10_000
     assert "first diverges at dense" in r.stdout + r.stderr
+    told = run_cli("explain", "--artifact", "keras/litert-fp16", home=tmp_path)  # the latest run, on demand
+    assert told.returncode == 1 and told.stdout.startswith(
+        "keras/litert-fp16 on litert-interpreter: first diverges at dense (litert node"), told.stdout + told.stderr
+    assert "<- first diverges" in told.stdout and "torch/" not in told.stdout
+
+
+@pytest.mark.parametrize("framework, fmt", [("keras", "onnx"), ("torch", "litert"), ("keras", "saved_model")])
+def test_explain_names_a_planted_layer_of_any_artifact_and_its_repro_fails_until_the_weights_are_restored(
+        made, tmp_path, framework, fmt):
+    import subprocess
+    import sys
+    from tests.conftest import run_cli
+    model, path, x = made[framework, fmt]
+    original = tmp_path / ("cnn.keras" if framework == "keras" else "cnn.pt")
+    model.save(original) if framework == "keras" else torch.save(model, original)
+    np.savez(tmp_path / "rows.npz", x=x)
+    weight = planted_weight(framework, model)
+    bad = plant(path, weight, tmp_path / "planted")
+    r = run_cli("explain", "--file", str(bad), "--model", str(original), "--example", str(tmp_path / "rows.npz"),
+                "--out", str(tmp_path / "why"), home=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.startswith(f"first diverges at {PLANTED} ({fmt} node "), r.stdout
+    assert "<- first diverges" in r.stdout and (tmp_path / "why" / "layers.png").is_file()
+    repro = tmp_path / "why" / "repro"
+    shown = subprocess.run([sys.executable, "repro.py"], cwd=repro, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 1 and "max abs" in shown.stdout, shown.stdout + shown.stderr
+    if fmt == "onnx":  # the repro is the graph up to the diverging tensor, no further
+        import onnx
+        assert len(onnx.load(str(repro / "repro.onnx")).graph.node) < len(onnx.load(str(bad)).graph.node)
+    if fmt != "saved_model":  # the planted weights put back inside the repro's own file: it passes
+        piece = next(f for f in repro.iterdir() if f.suffix in (".onnx", ".tflite"))
+        fixed = plant_bytes(str(piece), weight * np.float32(1.5), tmp_path / "fixed", factor=1 / 1.5)
+        shutil.copy2(fixed, piece)
+        healed = subprocess.run([sys.executable, "repro.py"], cwd=repro, capture_output=True, text=True, timeout=300)
+        assert healed.returncode == 0, healed.stdout + healed.stderr
