@@ -13,7 +13,7 @@ import numpy as np
 
 from parity.localize import Tap
 
-FORMATS_WITH_TAPS = ("onnx", "litert", "saved_model")
+FORMATS_WITH_TAPS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
 
 
 def artifact_taps(fmt: str, path: str | Path, x) -> list[Tap]:
@@ -24,6 +24,10 @@ def artifact_taps(fmt: str, path: str | Path, x) -> list[Tap]:
         return litert_taps(Path(path), x)
     if fmt == "saved_model":
         return saved_model_taps(Path(path), x)
+    if fmt == "tfjs":
+        return tfjs_taps(Path(path), x)
+    if fmt == "torchscript":
+        return torchscript_taps(Path(path), x)
     raise NotImplementedError(f"reading intermediate tensors of a {fmt} artifact is not built yet; "
                               f"it is for {', '.join(FORMATS_WITH_TAPS)}")
 
@@ -196,3 +200,82 @@ def _saved_model_feeds(names: list[str], x) -> dict:
     if isinstance(x, dict):
         return {n: np.asarray(x[n]) for n in names if n in x} or dict(zip(names, map(np.asarray, x.values())))
     return {names[0]: np.asarray(x)}
+
+
+# ------------------------------------------------------------------------------------------- TF.js
+
+def tfjs_taps(path: Path, x) -> list[Tap]:
+    """Every op node of the graph model, fetched by name in one execute() on the cpu backend of the
+    shared Node runner (node names keep the SavedModel's scopes)."""
+    from .tfjs import _b64, _from_b64, node_process
+
+    node = node_process()
+    folder = path if path.is_dir() else path.parent
+    loaded = _ok(node.request({"cmd": "load", "path": str(folder.resolve()), "backend": "cpu"}, 120, "load"))
+    handle = loaded["handle"]
+    try:
+        names = [n["name"] for n in _ok(node.request({"cmd": "nodes", "handle": handle}, 60, "nodes"))["nodes"]]
+        finals = {o["name"].split(":")[0] for o in loaded["outputs"]}
+        rows = x if isinstance(x, dict) else {loaded["inputs"][0]["name"]: x}
+        shape = loaded["inputs"][0]["shape"] or [None]
+        n = len(next(iter(rows.values())))
+        step = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else n  # a fixed batch: pieces of it
+        pieces = []
+        for start in range(0, n, step):
+            inputs = []
+            for spec, value in zip(loaded["inputs"], rows.values()):
+                value = fit_layout(np.asarray(value[start:start + step], np.float32),
+                                   [None, *(spec["shape"] or [None])[1:]])
+                inputs.append({"name": spec["name"], "shape": list(value.shape), "dtype": "float32",
+                               "b64": _b64(value, "float32")})
+            pieces.append(_ok(node.request({"cmd": "predict", "handle": handle, "inputs": inputs, "fetch": names},
+                                           300, "predict of every node"))["outputs"])
+    finally:
+        node.request({"cmd": "close", "handle": handle}, 30, "close")
+    return [Tap(o["name"], np.concatenate([_from_b64(p[j]) for p in pieces]), (o["name"],),
+                o["name"].split(":")[0] in finals) for j, o in enumerate(pieces[0])]
+
+
+def _ok(res: dict) -> dict:
+    if not res.get("ok"):
+        raise RuntimeError(f"the TF.js runner refused: {res.get('error')}")
+    return res
+
+
+# ------------------------------------------------------------------------------------- TorchScript
+
+def torchscript_taps(path: Path, x) -> list[Tap]:
+    """Every tensor an op of the inlined forward graph computes, returned by a copy of that graph run on
+    the loaded module; an op is hinted with the module whose parameters it reads (a loaded archive keeps
+    the module tree, not the scopes)."""
+    import torch
+
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+    graph = module.inlined_graph.copy()
+    owner = {next(graph.inputs()).unique(): ""}  # value -> the module path it is, or whose parameter it is
+    tapped, hints = [], []
+    for node in graph.nodes():
+        if node.kind() == "prim::GetAttr":
+            parent = owner.get(node.input().unique())
+            if parent is not None:
+                out = node.output()
+                owner[out.unique()] = parent if out.type().kind() == "TensorType" else \
+                    ".".join(p for p in (parent, node.s("name")) if p)
+            continue
+        for out in node.outputs():
+            if out.type().kind() == "TensorType" and node.kind().startswith("aten::"):
+                tapped.append(out)
+                hints.append(tuple(dict.fromkeys(owner[i.unique()] for i in node.inputs()
+                                                 if owner.get(i.unique()))))
+    final = next(graph.outputs()).unique()
+    graph.eraseOutput(0)
+    pack = graph.create("prim::TupleConstruct", tapped, 1)
+    graph.insertNode(pack)
+    pack.output().setType(torch._C.TupleType([v.type() for v in tapped]))
+    graph.registerOutput(pack.output())
+    run = torch._C._create_function_from_graph("taps", graph)
+    rows = list(x.values()) if isinstance(x, dict) else [x]
+    with torch.no_grad():
+        values = run(module._c, *[torch.from_numpy(np.ascontiguousarray(r)) for r in rows])
+    return [Tap(v.debugName(), out.detach().numpy(), h, v.unique() == final)
+            for v, out, h in zip(tapped, values, hints)]

@@ -13,9 +13,10 @@ Pairing, and every pair says which one made it:
   "output" the original's last layer and the artifact's output (the tensor named after that layer
            may come before an activation the converter made an op of its own);
   "order"  only for an artifact whose names carry none of the layers' (onnx2tf renames every op): the
-           one tensor after the previous pair's with the layer's number of elements;
-  "value"  as "order" where several tensors could be it: the one closest in direction (cosine, at
-           least MIN_COSINE), so a layer scaled wrong still pairs, and one computing something else does not.
+           one tensor with the layer's number of elements, in the original's order;
+  "value"  as "order" where several tensors could be it: the closest fits are paired first, each
+           tensor once, in order, and only a tensor pointing the layer's way (cosine at least
+           MIN_COSINE): a layer scaled wrong still pairs, one folded into the next stays unmatched.
 In all, a tensor laid out differently (NCHW against NHWC) is compared after the transpose that fits,
 and one a converter fused an activation into against the original's through that activation.
 """
@@ -113,21 +114,25 @@ def localize(layers: Sequence[tuple[str, np.ndarray]], taps: Sequence[Tap], *, a
         index = _by_name(layer, ref, taps, set(by_name.values()))
         if index is not None:
             by_name[layer] = index
-    pairs, after, used = [], -1, set(by_name.values())
+    used = set(by_name.values())
+    found: dict[int, tuple[int, str]] = {}
+    last = len(refs) - 1
+    if refs:  # the model's output is the last layer's, whatever its name (a fused softmax)
+        index, _ = _as_output(refs[last][1], taps, used - {by_name.get(refs[last][0])})
+        if index is not None:
+            found[last] = (index, "output")
+    for n, (layer, _) in enumerate(refs):
+        if n not in found and layer in by_name and by_name[layer] not in {i for i, _ in found.values()}:
+            found[n] = (by_name[layer], "name")
+    if not by_name:  # the names say nothing here: the order and the values do
+        found.update(_by_values(refs, taps, found))
+    pairs = []
     expected: dict[str, np.ndarray] = {}
     for n, (layer, ref) in enumerate(refs):
-        index, how = None, "name"
-        if n == len(refs) - 1:  # the model's output is the last layer's, whatever its name (a fused softmax)
-            index, how = _as_output(ref, taps, used - {by_name.get(layer)})
-        if index is None:
-            index, how = by_name.get(layer), "name"
-        if index is None and not by_name:  # the names say nothing here: the order and the values do
-            index, how = _by_order(ref, taps, after, used)
+        index, how = found.get(n, (None, ""))
         if index is None:
             pairs.append(Pair(layer, None, "unmatched"))
             continue
-        used.add(index)
-        after = max(after, index)
         value = np.asarray(taps[index].value, dtype=np.float64)
         ref, got, layout, axes = _aligned(ref, value)
         diff = np.abs(got - ref)
@@ -168,16 +173,30 @@ def _as_output(ref: np.ndarray, taps: Sequence[Tap], used: set[int]) -> tuple[in
 MIN_COSINE = 0.9  # below it a tensor is not taken for the layer's output by its values
 
 
-def _by_order(ref: np.ndarray, taps: Sequence[Tap], after: int, used: set[int]) -> tuple[int | None, str]:
-    """The tap after `after` of the layer's size: the only one ("order"), else the closest in direction
-    ("value"); none when no candidate points the same way."""
-    candidates = [i for i in range(after + 1, len(taps)) if i not in used
-                  and _same_size(ref, np.asarray(taps[i].value))]
-    if len(candidates) == 1:
-        return candidates[0], "order"
-    scored = [(_cosine(*_aligned(ref, np.asarray(taps[i].value, dtype=np.float64))[:2]), i) for i in candidates]
-    best = max(scored, default=(0.0, None))
-    return (best[1], "value") if best[0] >= MIN_COSINE else (None, "value")
+def _by_values(refs, taps: Sequence[Tap], fixed: dict[int, tuple[int, str]]) -> dict[int, tuple[int, str]]:
+    """Layers paired with unnamed tensors of their size: the closest fits first (smallest error for the
+    layer's scale), each tensor to one layer, keeping the original's order in the artifact's; "order"
+    where a layer had one candidate, "value" where it had several. A tensor that fits a later layer
+    better is left to it, so a layer the converter folded into the next one stays unmatched."""
+    options = []
+    sizes: dict[int, int] = {}
+    for n, (_, ref) in enumerate(refs):
+        if n in fixed:
+            continue
+        candidates = [i for i, t in enumerate(taps) if _same_size(ref, np.asarray(t.value))]
+        sizes[n] = len(candidates)
+        scale = float(np.max(np.abs(ref))) or 1.0
+        for i in candidates:
+            target, got, _, _ = _aligned(ref, np.asarray(taps[i].value, dtype=np.float64))
+            if _cosine(target, got) >= MIN_COSINE:
+                options.append((float(np.max(np.abs(got - target))) / scale, n, i))
+    chosen = dict(fixed)
+    for _, n, i in sorted(options):
+        if n in chosen or i in {t for t, _ in chosen.values()}:
+            continue
+        if all((m < n) == (t < i) for m, (t, _) in chosen.items()):  # the artifact computes them in order
+            chosen[n] = (i, "order" if sizes[n] == 1 else "value")
+    return {n: p for n, p in chosen.items() if n not in fixed}
 
 
 LAYOUTS = {4: {"": (0, 1, 2, 3), "NCHW->NHWC": (0, 2, 3, 1), "NHWC->NCHW": (0, 3, 1, 2)},

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(a per-layer table, a plot and a minimal repro)")
     xp.add_argument("run", nargs="?", help="a run id (default: the latest run)")
     xp.add_argument("--artifact", metavar="LABEL", help="one artifact of the run, e.g. keras/litert-fp16")
-    xp.add_argument("--file", metavar="ARTIFACT", help="an artifact made anywhere: .onnx, .tflite or a SavedModel folder")
+    xp.add_argument("--file", metavar="ARTIFACT", help="an artifact made anywhere: .onnx, .tflite, TorchScript .pt, "
+                                                      "a SavedModel or a TF.js folder")
     xp.add_argument("--model", metavar="ORIGINAL", help="with --file: the model it was converted from (.keras, .h5, .pt, .pt2)")
     xp.add_argument("--example", metavar="INPUTS.npz", help="with --file: inputs to run both on (an array x)")
     xp.add_argument("--variant", default="fp32", choices=("fp32", "fp16", "int8"), help="whose tolerance applies")

@@ -17,17 +17,20 @@ import numpy as np
 
 from .spec import SpecError
 
-ARTIFACT_KINDS = {".onnx": "onnx", ".tflite": "litert"}
+ARTIFACT_KINDS = {".onnx": "onnx", ".tflite": "litert", ".pt": "torchscript", ".ts": "torchscript"}
+REPRO_FORMATS = ("onnx", "litert", "saved_model")  # a script runs these in their bare Python runtime
 
 
 def artifact_format(path: Path) -> str:
     if path.is_dir() and (path / "saved_model.pb").is_file():
         return "saved_model"
+    if path.is_dir() and (path / "model.json").is_file():
+        return "tfjs"
     fmt = ARTIFACT_KINDS.get(path.suffix)
     if fmt is None:
-        raise SpecError(f"{path}: expected an artifact whose intermediate tensors can be read: a .onnx file, "
-                        f"a .tflite file or a SavedModel folder; found "
-                        f"{'a folder without saved_model.pb' if path.is_dir() else repr(path.suffix or 'no suffix')}")
+        raise SpecError(f"{path}: expected an artifact whose intermediate tensors can be read: a .onnx, .tflite "
+                        f"or TorchScript .pt file, a SavedModel folder or a TF.js folder (model.json); found "
+                        f"{'a folder without either' if path.is_dir() else repr(path.suffix or 'no suffix')}")
     return fmt
 
 
@@ -76,7 +79,7 @@ def explain_file(artifact: str, model: str, example: str, *, out: Path, variant:
     from .plots import plot_layer_errors
     plot_layer_errors({f"{art.name} ({fmt})": loc}, out / "layers.png",
                       title=f"{art.name}: error per layer against {original.name}")
-    if found.first is not None:
+    if found.first is not None and fmt in REPRO_FORMATS:
         loc["repro"] = str(write_repro(fmt, art, x, found.first.node, found.expected, found.first.allowed,
                                        out / "repro"))
     return loc

@@ -56,28 +56,36 @@ def torch_cnn():
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """Each model with its artifacts: {(framework, format): (model, artifact path, rows)}."""
-    from exporters import litert, onnx as onnx_format, saved_model
+    from exporters import litert, onnx as onnx_format, saved_model, tfjs, torchscript
     out = tmp_path_factory.mktemp("localize")
     rng = np.random.default_rng(0)
     x_nhwc = rng.random((6, 8, 8, 1), dtype=np.float32)
     x_nchw = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     k, t = keras_cnn(), torch_cnn()
     found = {}
-    found["keras", "onnx"] = (k, onnx_format.export(k, framework="keras", name="k", example=x_nhwc,
-                                                    out_dir=out / "k-onnx")[0].path, x_nhwc)
+    k_onnx = onnx_format.export(k, framework="keras", name="k", example=x_nhwc, out_dir=out / "k-onnx")
+    found["keras", "onnx"] = (k, k_onnx[0].path, x_nhwc)
+    found["keras", "torchscript"] = (k, torchscript.export(k, framework="keras", name="k", example=x_nhwc,
+                                                           out_dir=out / "k-ts", upstream={"onnx": k_onnx})[0].path, x_nhwc)
     sm = saved_model.export(k, framework="keras", name="k", example=x_nhwc, out_dir=out / "k-sm", upstream={})
     arts = litert.export(None, framework="keras", name="k", example=x_nhwc, out_dir=out / "k-litert",
                          upstream={"saved_model": sm}, options={"calibration": x_nhwc})
     found["keras", "litert"] = (k, next(a.path for a in arts if a.variant == "fp32"), x_nhwc)
     found["keras", "saved_model"] = (k, sm[0].path, x_nhwc)
+    found["keras", "tfjs"] = (k, tfjs.export(None, framework="keras", name="k", example=x_nhwc, out_dir=out / "k-tfjs",
+                                             upstream={"saved_model": sm})[0].path, x_nhwc)
     onnx_artifact = onnx_format.export(t, framework="torch", name="t", example=x_nchw, out_dir=out / "t-onnx")[0]
     found["torch", "onnx"] = (t, onnx_artifact.path, x_nchw)
     arts = litert.export(t, framework="torch", name="t", example=x_nchw, out_dir=out / "t-litert",
                          options={"calibration": x_nchw, "batch_sizes": [1]})
     found["torch", "litert"] = (t, next(a.path for a in arts if a.variant == "fp32"), x_nchw)
-    found["torch", "saved_model"] = (t, saved_model.export(
-        t, framework="torch", name="t", example=x_nchw, out_dir=out / "t-sm",
-        upstream={"onnx": [onnx_artifact]})[0].path, x_nchw)
+    t_sm = saved_model.export(t, framework="torch", name="t", example=x_nchw, out_dir=out / "t-sm",
+                              upstream={"onnx": [onnx_artifact]})
+    found["torch", "saved_model"] = (t, t_sm[0].path, x_nchw)
+    found["torch", "tfjs"] = (t, tfjs.export(None, framework="torch", name="t", example=x_nchw, out_dir=out / "t-tfjs",
+                                             upstream={"saved_model": t_sm})[0].path, x_nchw)
+    found["torch", "torchscript"] = (t, torchscript.export(t, framework="torch", name="t", example=x_nchw,
+                                                           out_dir=out / "t-ts", upstream={})[0].path, x_nchw)
     return found
 
 
@@ -137,8 +145,10 @@ def plant_bytes(artifact: str, weight: np.ndarray, out: Path, factor: float = 1.
 
 # ------------------------------------------------------------------------------------- tests
 
-BY = {("torch", "saved_model"): "value"}
-CELLS = [(fw, fmt) for fw in ("keras", "torch") for fmt in ("saved_model", "onnx", "litert")]
+# onnx2tf (torch -> SavedModel -> TF.js) and onnx2fx (Keras -> ONNX -> TorchScript) rename every op:
+# those artifacts pair by sizes and values, the others by the layers' names
+BY = {("torch", "saved_model"): "value", ("torch", "tfjs"): "order", ("keras", "torchscript"): "value"}
+CELLS = [(fw, fmt) for fw in ("keras", "torch") for fmt in ("saved_model", "torchscript", "onnx", "litert", "tfjs")]
 
 
 @pytest.mark.parametrize("framework, fmt", CELLS)
@@ -151,7 +161,6 @@ def test_a_fault_planted_in_one_layer_is_named_as_the_first_divergence(made, tmp
     assert "layer" not in clean and "no paired layer exceeds" in clean["note"]  # the unchanged artifact
     bad = plant(path, planted_weight(framework, model), tmp_path)
     loc = localize(layers, artifact_taps(fmt, bad, x), **FP32).to_json()
-    # onnx2tf renames every op: its SavedModel pairs by order and values, the rest by the layers' names
     assert loc["layer"] == PLANTED and loc["matched_by"] == BY.get((framework, fmt), "name"), loc
     names = [p["layer"] for p in loc["layers"]]
     before = names[:names.index(PLANTED)]

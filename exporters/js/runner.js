@@ -15,6 +15,10 @@
 //   "backend" is what the backend object that ran the model says it is (backendFacts below), not the name asked
 //   for nor the name it was registered under: {"kind": "cpu" | "wasm" | "unknown", "registered", "class",
 //   "threads" and "simd" (wasm only: XNNPACK's thread count from the wasm module, the SIMD binary)}.
+//   A predict may name graph nodes to return instead of the model's outputs ("fetch": ["node", ...]): the
+//   intermediate tensors a failed cell is localised with; nodes of other dtypes than float32 are left out.
+//   {"id": 6, "cmd": "nodes", "handle": "m1"}
+//       -> {"id": 6, "ok": true, "nodes": [{"name", "op"}]}   (the graph's op nodes in its order, no constants)
 //   {"id": 4, "cmd": "close", "handle": "m1"}  -> {"id": 4, "ok": true}      (disposes the model's weights)
 //   {"id": 5, "cmd": "shutdown"}               -> {"id": 5, "ok": true} and the process exits
 //   Any failure: {"id": n, "ok": false, "error": "<message>", "kind": "load" | "predict" | "protocol"}
@@ -207,7 +211,8 @@ async function predict(req) {
       created.push(t);
       feed[s.name || entry.inputs[i].name] = t;
     });
-    const outNames = entry.outputs.map((o) => o.name);
+    const fetching = Array.isArray(req.fetch);
+    const outNames = fetching ? req.fetch : entry.outputs.map((o) => o.name);
     const t0 = process.hrtime.bigint();
     let y;
     try {
@@ -222,6 +227,7 @@ async function predict(req) {
     for (let i = 0; i < outs.length; i++) {
       const t = outs[i];
       const data = await t.data();
+      if (fetching && t.dtype !== 'float32') continue;
       if (!(data instanceof Float32Array || data instanceof Int32Array)) {
         throw new Error(`output ${outNames[i]} has dtype ${t.dtype}, which this runner does not return`);
       }
@@ -236,6 +242,15 @@ async function predict(req) {
     for (const t of created) t.dispose();
     for (const t of outs) if (t && typeof t.dispose === 'function') t.dispose();
   }
+}
+
+function nodes(req) {
+  const entry = models.get(req.handle);
+  if (!entry) throw new Error(`no model loaded under handle ${JSON.stringify(req.handle)}`);
+  const graph = entry.model.executor && entry.model.executor.graph;
+  if (!graph || !graph.nodes) throw new Error('this TF.js version does not expose the graph of a loaded model');
+  return { nodes: Object.values(graph.nodes).filter((n) => n.op !== 'Const' && n.op !== 'Placeholder')
+                                            .map((n) => ({ name: n.name, op: n.op })) };
 }
 
 function close(req) {
@@ -265,6 +280,7 @@ async function handle(line) {
       case 'load': body = await load(req); break;
       case 'predict': body = await predict(req); break;
       case 'close': body = close(req); break;
+      case 'nodes': body = nodes(req); break;
       case 'shutdown': body = {}; break;
       default: throw Object.assign(new Error(`unknown cmd ${JSON.stringify(req.cmd)}`), { kind: 'protocol' });
     }
