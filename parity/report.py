@@ -165,6 +165,8 @@ class ParityReport:
                      f"{m['top1_agreement']:.4f}" if "top1_agreement" in m else "-",
                      tol, _verdict(r)]
             lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+            for name, v in _per_output(r):  # a model of several outputs: each one's error too
+                lines.append("| " + " | ".join(["", "", "", _md(f"output {name}"), _e(v), "", "", "", "", ""]) + " |")
         lines.append("")
         failed = self.failed_records
         lines += ["## Failures", ""]
@@ -345,9 +347,13 @@ def print_table(report: ParityReport, file=None, width: int | None = None) -> st
         else:
             verdict = "FAIL " + (r.error if r.error is not None else
                                  (_brief(r.comparison.failures[0]) if r.comparison.failures else ""))
+        first = ((r.details or {}).get("localization") or {}).get("layer")
+        if r.status == "failed" and first:
+            verdict = f"FAIL first diverges at {first}: " + verdict[5:]
         rows.append([r.model, r.format, r.variant, r.runtime or "-",
                      _e(m.get("max_abs")) if m else "-", _f6(m.get("cosine")) if m else "-",
                      f"{m['top1_agreement']:.4f}" if "top1_agreement" in m else "-", " ".join(verdict.split())])
+        rows += [["", "", "", f"  output {name}", _e(v), "-", "-", ""] for name, v in _per_output(r)]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols[:-1])]
     fixed = sum(widths) + 2 * len(widths)
     if width is None:
@@ -401,4 +407,10 @@ def _layer_lines(loc: Mapping[str, Any] | None) -> list[str]:
         text = f"{p['layer']} {_e(p.get('max_abs'))}/{_e(p.get('allowed'))}"
         shown.append(f"**{text}**" if p["layer"] == loc.get("layer") else text)
     return [f"  - per layer, max abs / allowed: {', '.join(shown)}"]
+
+
+def _per_output(r: ParityRecord) -> list[tuple[str, float]]:
+    """Each output's max abs error of a record of a model with several outputs (none for one output)."""
+    per = (r.details or {}).get("outputs_max_abs") or {}
+    return list(per.items()) if len(per) > 1 else []
 

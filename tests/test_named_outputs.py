@@ -170,6 +170,10 @@ def test_a_torch_model_returning_a_dict_goes_to_every_format_each_output_matched
         assert "logits <- " in rec["details"]["mapping"] and "embedding <- " in rec["details"]["mapping"]
     by_label = {(x["label"], x["runtime"]): x for x in parity["records"]}
     assert "logits <- logits; embedding <- embedding" in by_label[("two_heads/onnx", "onnxruntime-cpu")]["details"]["mapping"]
+    # each output's error in the console table and parity.md, under its artifact's row
+    assert sum(line.split()[:2] == ["output", "embedding"] for line in r.stdout.splitlines()) == 8, r.stdout
+    markdown = next((tmp_path / ".pipeline" / "runs").glob("*/parity.md")).read_text()
+    assert markdown.count("| output probs |") == 8
     # exported with the default task: the softmax head is named as the one judged without a top-1 check
     hint, = [w for w in parity["warnings"] if "look" in w]
     assert hint.startswith("two_heads: output probs looks like class probabilities") and "--task classification" in hint
