@@ -61,6 +61,10 @@ QUANTIZATION = {
 }
 
 
+QUANTIZATION_WITH_FALLBACK = ("int8 weights and activations calibrated on training rows, float32 inputs/outputs; "
+                              "the layers int8_fallback names left in float")
+
+
 # --------------------------------------------------------------------------------------------- export
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict | None = None,
@@ -71,7 +75,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     options = dict(options or {})
     family = family_of(framework, family)
     if family in ("tensorflow", "jax"):  # jax: the jax2tf SavedModel (one XlaCallModule op), which it lowers
-        made = _export_saved_model(name, out_dir, upstream or {})
+        made = _export_saved_model(name, out_dir, upstream or {}, options, example, expected)
     elif family == "torch":
         made = _export_torch(model, name, example, out_dir, options)
     else:
@@ -86,7 +90,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         dynamic = any(s["batch"] is None for s in sigs.values())
         details: dict[str, Any] = {
             "signatures": sigs,
-            "quantization": QUANTIZATION[variant],
+            "quantization": QUANTIZATION_WITH_FALLBACK if "int8_fallback" in extra else QUANTIZATION[variant],
             "tensor_dtypes": _tensor_dtypes(interp),
             **extra,
         }
@@ -113,7 +117,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _export_saved_model(name: str, out_dir: Path, upstream: dict) -> dict:
+def _export_saved_model(name: str, out_dir: Path, upstream: dict, options: dict | None = None, example=None,
+                        expected=None) -> dict:
     sms = upstream.get("saved_model") or []
     if not sms:
         raise ExportError(f"litert artifact {name}: the keras route converts the SavedModel artifact, expected "
@@ -127,8 +132,12 @@ def _export_saved_model(name: str, out_dir: Path, upstream: dict) -> dict:
 
     versions = {"tensorflow": tf.__version__, "ai_edge_litert": package_version("ai-edge-litert")}
     made = {}
+    fallback = (options or {}).get("int8_fallback")
     for variant in VARIANTS:
         t0 = time.perf_counter()
+        if variant == "int8" and fallback and example is not None and expected is not None:
+            made[variant] = _int8_with_fallback(name, sm_path, out_dir, fallback, options, example, expected, versions)
+            continue
         try:
             converter = tf.lite.TFLiteConverter.from_saved_model(str(sm_path))
             if variant == "fp16":
@@ -148,6 +157,33 @@ def _export_saved_model(name: str, out_dir: Path, upstream: dict) -> dict:
         made[variant] = (path, route, time.perf_counter() - t0,
                          {"source_saved_model": str(sm_path), "versions": versions})
     return made
+
+
+def _int8_with_fallback(name: str, sm_path: Path, out_dir: Path, fallback: dict, options: dict, example, expected,
+                        versions: dict) -> tuple:
+    """The int8 variant quantized with calibration rows, its worst layers left in float until it meets
+    the cell's tolerance (exporters/int8_fallback.py)."""
+    from .int8_fallback import quantize_with_fallback
+    t0 = time.perf_counter()
+    if isinstance(example, dict) or options.get("calibration") is None:
+        raise ExportError(f"litert artifact {name} (int8): int8_fallback needs one input array and calibration "
+                          f"rows; this model has {'several inputs' if isinstance(example, dict) else 'no calibration rows'}")
+    try:
+        data, found = quantize_with_fallback(  # on every parity row where the caller gives them
+            str(sm_path), options["calibration"], np.asarray(fallback.get("x", example)),
+            np.asarray(fallback.get("y", expected)),
+            tolerance=fallback["tolerance"], task=fallback.get("task", "regression"),
+            max_float_layers=int(fallback.get("max_float_layers", 8)))
+    except Exception as e:  # noqa: BLE001 - the converter's or debugger's words, with what was being done
+        raise ExportError(f"litert artifact {name} (int8): quantization with int8_fallback = \"auto\" failed: "
+                          f"{type(e).__name__}: {e}") from e
+    path = out_dir / FILES["int8"]
+    _write_atomic(path, data)
+    kept = found["float_layers"]
+    route = (f"tf.lite.TFLiteConverter.from_saved_model + Optimize.DEFAULT + representative_dataset "
+             f"({found['calibration_rows']} rows), int8_fallback: {len(kept)} layer(s) left in float")
+    return path, route, time.perf_counter() - t0, {"source_saved_model": str(sm_path), "versions": versions,
+                                                   "int8_fallback": found}
 
 
 def _export_torch(model, name: str, example: np.ndarray, out_dir: Path, options: dict) -> dict:

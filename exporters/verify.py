@@ -85,7 +85,7 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
                                details={"route": artifact.route, "batch_sizes": artifact.batch_sizes,
                                         "feeds": [b - a for a, b in cuts],
                                         "input_layout": artifact.input_layout, "size_bytes": artifact.size_bytes,
-                                        **{k: artifact.details[k] for k in ("note", "route_taken", "routes_left")
+                                        **{k: artifact.details[k] for k in ("note", "route_taken", "routes_left", "int8_fallback")
                                            if artifact.details.get(k)}})
     if several and got.shape == y_ref.shape:
         per_row = {t.name: t.shape[1:] for t in model_outputs}

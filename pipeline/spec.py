@@ -96,6 +96,7 @@ class ModelSpec:
     litert_batch_sizes: tuple[int, ...]
     source: str | None = None      # a pretrained model file (absolute path), used as it is
     signature: dict | None = None  # what the spec states: {"inputs": {name: dtype}, "outputs": [name, ...]}
+    int8_fallback: dict | None = None  # [export.litert] int8_fallback = "auto": {"max_float_layers": n}
 
     @property
     def pretrained(self) -> bool:
@@ -279,7 +280,9 @@ class _Validator:
         models_raw = raw.get("model")
         if not isinstance(models_raw, list) or not models_raw:
             self.fail("model", "one or more [[model]] tables", models_raw, show_found=models_raw is not None)
-        export = self.table(raw, "export", "export", {"formats", "litert_batch_sizes"}, required=False)
+        export = self.table(raw, "export", "export", {"formats", "litert_batch_sizes", "litert"}, required=False)
+        int8_fallback = self._int8_fallback(self.table(export, "litert", "export.litert",
+                                                       {"int8_fallback", "int8_max_float_layers"}, required=False))
         formats = tuple(self.get(export, "formats", "export", list, list(FORMATS)))
         for f in formats:
             if f not in FORMATS:
@@ -317,7 +320,8 @@ class _Validator:
                                   f"{where}.accept")
             batches = self._batch_sizes(m, where) if "litert_batch_sizes" in m else litert_batches
             stated = self._signature(m, where) if "signature" in m else None
-            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches, pretrained, stated))
+            models.append(ModelSpec(mname, framework, factory, params, train, accept, batches, pretrained, stated,
+                                    int8_fallback))
 
         parity = self._parity(self.table(raw, "parity", "parity", {"held_out_rows", "random_rows",
                                                                   "input_range", "max_batch",
@@ -398,6 +402,17 @@ class _Validator:
         if not all(isinstance(o, str) and o for o in outputs) or len(set(outputs)) != len(outputs):
             self.fail(f"{where}.outputs", "a list of distinct output names", outputs)
         return {"inputs": dict(inputs), "outputs": list(outputs)}
+
+    def _int8_fallback(self, table: dict) -> dict | None:
+        """[export.litert] int8_fallback = "auto": the int8 variant keeps its worst layers in float, at
+        most int8_max_float_layers of them (default 8); "off" (the default) leaves it all int8."""
+        mode = self.get(table, "int8_fallback", "export.litert", str, "off")
+        if mode not in ("off", "auto"):
+            self.fail("export.litert.int8_fallback", '"auto" or "off"', mode)
+        limit = self.get(table, "int8_max_float_layers", "export.litert", int, 8)
+        if isinstance(limit, bool) or limit < 1:
+            self.fail("export.litert.int8_max_float_layers", "a positive integer", limit)
+        return {"max_float_layers": limit} if mode == "auto" else None
 
     def _batch_sizes(self, table: dict, where: str) -> tuple[int, ...]:
         sizes = self.get(table, "litert_batch_sizes", where, list, [1, 16])

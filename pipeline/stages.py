@@ -39,9 +39,9 @@ def framework_versions(m: ModelSpec) -> dict[str, str]:
     return package_versions(frameworks.module(m.framework).PACKAGES)
 
 
-# model fields no step reads from the slice: the LiteRT export gets its batch sizes as its options
-# (export_options), so changing them reruns that export alone
-NOT_CARRIED_MODEL_FIELDS = ("litert_batch_sizes",)
+# model fields no step reads from the slice: the LiteRT export gets its batch sizes and int8 fallback
+# as its options (export_options), so changing them reruns that export alone
+NOT_CARRIED_MODEL_FIELDS = ("litert_batch_sizes", "int8_fallback")
 
 
 def carried(spec: Spec, *fields: str, models: tuple[ModelSpec, ...] = (), settings: dict | None = None,
@@ -127,8 +127,9 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
             fn="pipeline.steps.export:run_export",
             inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
             lane=exporters.module(fmt).LANE[family(m.framework)],
-            **carried(spec, "parity.max_batch", models=(m,), model=m.name, fmt=fmt, options=export_options(m, fmt),
-                      settings={"format": fmt, "options": export_options(m, fmt),
+            **carried(spec, "parity.max_batch", models=(m,), model=m.name, fmt=fmt,
+                      options=export_options(m, fmt, spec.parity.tolerances, spec.data.task),
+                      settings={"format": fmt, "options": export_options(m, fmt, spec.parity.tolerances, spec.data.task),
                                 "converters": package_versions(getattr(exporters.module(fmt), "CONVERTER_PACKAGES", {})
                                                                .get(family(m.framework), ()))})))
     return stages

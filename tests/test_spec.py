@@ -68,6 +68,11 @@ def test_malformed_toml_names_file_and_line(tmp_path):
     ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo"', "expected 'module:function'"),
     ('epochs = 3', 'epochs = -3', "train.epochs: expected a positive number"),
     ('source = "linear"', 'source = "csv"', "data.source: expected one of linear, digits, npz"),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo:linear_torch"\n[export.litert]\nint8_fallback = "sometimes"',
+     'export.litert.int8_fallback: expected "auto" or "off", found \'sometimes\''),
+    ('factory = "pipeline.zoo:linear_torch"',
+     'factory = "pipeline.zoo:linear_torch"\n[export.litert]\nint8_fallback = "auto"\nint8_max_float_layers = 0',
+     "export.litert.int8_max_float_layers: expected a positive integer, found 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, old, new, needle):
     p = write(tmp_path, GOOD.replace(old, new))

@@ -72,6 +72,9 @@ def keys_of(path) -> dict[str, str]:
 @pytest.mark.parametrize("edit, reads", [
     # a LiteRT batch size is read by the LiteRT export alone: nothing is retrained
     (('litert_batch_sizes = [1, 16]', 'litert_batch_sizes = [1, 8]'), {"export:keras:litert", "export:torch:litert"}),
+    # the int8 fallback is the Keras model's LiteRT export's (TFLiteConverter's denylist)
+    (('litert_batch_sizes = [1, 16]', 'litert_batch_sizes = [1, 16]\n[export.litert]\nint8_fallback = "auto"'),
+     {"export:keras:litert"}),
     # tolerances decide verdicts, not models or artifacts
     (('max_batch = 16', 'max_batch = 16\ntolerances = { fp16 = { atol = 0.5, rtol = 0.5 } }'),
      {f"verify:{m}:{f}" for m in ("keras", "torch") for f in ("saved_model", "torchscript", "onnx", "litert", "tfjs")}

@@ -67,5 +67,13 @@ def converted_from(fmt: str, framework: str) -> tuple[str, ...]:
     return tuple(exporters.module(fmt).REQUIRES.get(family(framework), ()))
 
 
-def export_options(m: ModelSpec, fmt: str) -> dict:
-    return {"batch_sizes": list(m.litert_batch_sizes)} if fmt == "litert" else {}
+def export_options(m: ModelSpec, fmt: str, tolerances: dict, task: str) -> dict:
+    """What an export reads besides the model: LiteRT's batch sizes, and its int8 fallback with the
+    tolerance the int8 cell is judged by (its fallback stops once the cell meets it)."""
+    if fmt != "litert":
+        return {}
+    from parity.compare import tolerance_for
+    # the fallback is TFLiteConverter's (its QuantizationDebugger and denylist): the SavedModel route only
+    fallback = m.int8_fallback and family(m.framework) == "tensorflow" and {
+        **m.int8_fallback, "task": task, "tolerance": tolerance_for("int8", "litert", tolerances).to_json()}
+    return {"batch_sizes": list(m.litert_batch_sizes), **({"int8_fallback": fallback} if fallback else {})}

@@ -43,6 +43,9 @@ def run_export(ctx: Context, spec: dict, model: str, fmt: str, options: dict) ->
     options = dict(options)
     if fmt == "litert":  # rows for int8 calibration, from the training data
         options["calibration"] = take(arrays["x_train"], slice(0, 256))
+    if "int8_fallback" in options:  # judged on every parity row, as the verify stage will judge it
+        with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
+            options["int8_fallback"] = {**options["int8_fallback"], "x": unpack(f, "x"), "y": f["y"]}
     if requires and f"train:{m.name}" in ctx.stage.inputs:  # for a later route, loaded only if one runs
         options["load_model"] = lambda: callable_form(trained_model(ctx, spec, m))
         options["trained_dir"] = str(ctx.input_dir(f"train:{m.name}"))
