@@ -11,7 +11,7 @@ from .code_deps import closure, package_versions
 from .runner import Stage
 from .spec import ModelSpec, Spec
 from .spec_slice import hashed, spec_slice
-from .steps.common import PERTURBATION, VARIANTS_BY_FORMAT, converted_from, export_options, family, side
+from .steps.common import PERTURBATION, converted_from, export_options, family, side
 
 def step_code(step: str, *roots: str) -> tuple[str, ...]:
     """A stage's code: its step's module and the steps' shared one, the files that do its work, and
@@ -121,15 +121,15 @@ def export_stages(spec: Spec, m: ModelSpec) -> list[Stage]:
         # an exporter whose later routes convert the model itself (nobuco) takes it too, loaded only then
         needs_model = not requires or family(m.framework) in getattr(exporters.module(fmt), "LATER_ROUTES_TAKE_MODEL", ())
         model_input = (f"train:{m.name}",) if needs_model else ()
+        options = export_options(m, fmt, spec.parity.tolerances, spec.data.task)
         stages.append(Stage(
             f"export:{m.name}:{fmt}", "export",
             code=step_code("export", f"exporters/{fmt}.py") + _converter_files(fmt),
             fn="pipeline.steps.export:run_export",
             inputs=("data", f"reference:{m.name}") + model_input + tuple(f"export:{m.name}:{r}" for r in requires),
             lane=exporters.module(fmt).LANE[family(m.framework)],
-            **carried(spec, "parity.max_batch", models=(m,), model=m.name, fmt=fmt,
-                      options=export_options(m, fmt, spec.parity.tolerances, spec.data.task),
-                      settings={"format": fmt, "options": export_options(m, fmt, spec.parity.tolerances, spec.data.task),
+            **carried(spec, "parity.max_batch", models=(m,), model=m.name, fmt=fmt, options=options,
+                      settings={"format": fmt, "options": options,
                                 "converters": package_versions(getattr(exporters.module(fmt), "CONVERTER_PACKAGES", {})
                                                                .get(family(m.framework), ()))})))
     return stages
