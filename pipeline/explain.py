@@ -18,7 +18,7 @@ import numpy as np
 from .spec import SpecError
 
 ARTIFACT_KINDS = {".onnx": "onnx", ".tflite": "litert", ".pt": "torchscript", ".ts": "torchscript"}
-REPRO_FORMATS = ("onnx", "litert", "saved_model")  # a script runs these in their bare Python runtime
+REPRO_FORMATS = ("onnx", "litert", "saved_model", "torchscript")  # run by a script in their bare runtime
 
 
 def artifact_format(path: Path) -> str:
@@ -99,6 +99,8 @@ def write_repro(fmt: str, artifact: Path, x, node: str, expected: np.ndarray, al
         model_file, run = _onnx_piece(artifact, node, out), ONNX_RUN
     elif fmt == "litert":
         model_file, run = shutil.copy2(artifact, out / artifact.name), LITERT_RUN
+    elif fmt == "torchscript":
+        model_file, run = shutil.copy2(artifact, out / artifact.name), TORCHSCRIPT_RUN
     else:
         model_file, run = shutil.copytree(artifact, out / "saved_model"), SAVED_MODEL_RUN
     script = REPRO.format(node=node, fmt=fmt, model=Path(model_file).name, allowed=repr(float(allowed)),
@@ -182,6 +184,18 @@ SAVED_MODEL_RUN = '''
     with tf.compat.v1.Session(graph=graph) as session:
         got = np.concatenate([session.run(graph.get_tensor_by_name(NODE), {feed: rows[i:i + step]})
                               for i in range(0, len(rows), step)])
+'''
+
+TORCHSCRIPT_RUN = '''
+    import torch
+    module = torch.jit.load(MODEL, map_location="cpu").eval()
+    graph = module.inlined_graph.copy()  # forward with every call inlined: the tensor is one of its values
+    value = next(v for node in graph.nodes() for v in node.outputs() if v.debugName() == NODE)
+    graph.eraseOutput(0)
+    graph.registerOutput(value)
+    tap = torch._C._create_function_from_graph("tap", graph)
+    with torch.no_grad():
+        got = tap(module._c, *[torch.from_numpy(v) for v in inputs.values()]).numpy()
 '''
 
 

@@ -282,7 +282,8 @@ def test_a_failed_cell_of_a_run_names_its_first_diverging_layer_in_the_record_th
     assert "<- first diverges" in told.stdout and "torch/" not in told.stdout
 
 
-@pytest.mark.parametrize("framework, fmt", [("keras", "onnx"), ("torch", "litert"), ("keras", "saved_model")])
+@pytest.mark.parametrize("framework, fmt", [("keras", "onnx"), ("torch", "litert"), ("keras", "saved_model"),
+                                            ("torch", "torchscript")])
 def test_explain_names_a_planted_layer_of_any_artifact_and_its_repro_fails_until_the_weights_are_restored(
         made, tmp_path, framework, fmt):
     import subprocess
@@ -306,7 +307,7 @@ def test_explain_names_a_planted_layer_of_any_artifact_and_its_repro_fails_until
         import onnx
         assert len(onnx.load(str(repro / "repro.onnx")).graph.node) < len(onnx.load(str(bad)).graph.node)
     if fmt != "saved_model":  # the planted weights put back inside the repro's own file: it passes
-        piece = next(f for f in repro.iterdir() if f.suffix in (".onnx", ".tflite"))
+        piece = next(f for f in repro.iterdir() if f.suffix in (".onnx", ".tflite", ".pt"))
         fixed = plant_bytes(str(piece), weight * np.float32(1.5), tmp_path / "fixed", factor=1 / 1.5)
         shutil.copy2(fixed, piece)
         healed = subprocess.run([sys.executable, "repro.py"], cwd=repro, capture_output=True, text=True, timeout=300)
