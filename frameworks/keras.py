@@ -177,6 +177,24 @@ class Adapter:
         values = values if isinstance(values, (list, tuple)) else [values]
         return [(name, np.asarray(v)) for (name, _), v in zip(outs, values)]
 
+    def output_layers(self, model) -> dict[str, list[str]]:
+        """For a model of several outputs: each output (by its last layer) with the layers it is computed
+        from, in the model's order, found by cutting the functional graph at that output; {} otherwise."""
+        import keras
+        outputs = getattr(model, "outputs", None) or []
+        if len(outputs) < 2:
+            return {}
+        found = {}
+        for tensor in outputs:
+            try:
+                layers = [l.name for l in keras.Model(model.inputs, tensor).layers
+                          if not isinstance(l, keras.layers.InputLayer)]
+            except (AttributeError, ValueError):
+                return {}
+            if layers:
+                found[layers[-1]] = layers
+        return found
+
     def load_pretrained(self, path: Path, *, where: str, make=None, input_shape=None):
         import keras
         try:

@@ -76,6 +76,18 @@ class Localization:
         return out
 
 
+def per_output(loc: dict, groups: dict[str, list[str]]) -> dict[str, dict]:
+    """Each output's own first diverging layer, among the layers it is computed from (`groups`:
+    output -> its layers), from the pairs already measured."""
+    found = {}
+    for output, layers in groups.items():
+        pairs = [p for p in loc.get("layers", []) if p["layer"] in layers]
+        first = next((p for p in pairs if "max_abs" in p and p["max_abs"] > p["allowed"]), None)
+        found[output] = ({k: first[k] for k in ("layer", "node", "max_abs", "matched_by")} if first else
+                         {"note": f"none of its {len(pairs)} layers exceeds the tolerance"})
+    return found
+
+
 def one_line(loc: dict, fmt: str) -> str:
     """'first diverges at conv2 (onnx node /conv2/Conv): max abs 2.1e-01', or why none was named."""
     if loc.get("layer"):

@@ -406,7 +406,11 @@ def _layer_lines(loc: Mapping[str, Any] | None) -> list[str]:
             continue
         text = f"{p['layer']} {_e(p.get('max_abs'))}/{_e(p.get('allowed'))}"
         shown.append(f"**{text}**" if p["layer"] == loc.get("layer") else text)
-    return [f"  - per layer, max abs / allowed: {', '.join(shown)}"]
+    lines = [f"  - per layer, max abs / allowed: {', '.join(shown)}"]
+    for output, first in (loc.get("outputs") or {}).items():
+        lines.append(f"  - output {output}: " + (f"first diverges at {first['layer']}, max abs {_e(first['max_abs'])}"
+                                                  if first.get("layer") else first.get("note", "")))
+    return lines
 
 
 def _per_output(r: ParityRecord) -> list[tuple[str, float]]:

@@ -31,7 +31,12 @@ def localize_artifact(fw, load_model, fmt: str, path: str, x, tolerance) -> dict
     layers = fw.layer_outputs(model, x)
     if not layers:
         return {"note": "the original model exposes no layers to compare (a subclassed model, say)"}
-    return localize(layers, artifact_taps(fmt, path, x), atol=tolerance.atol, rtol=tolerance.rtol).to_json()
+    loc = localize(layers, artifact_taps(fmt, path, x), atol=tolerance.atol, rtol=tolerance.rtol).to_json()
+    groups = fw.output_layers(model) if hasattr(fw, "output_layers") else {}
+    if groups:  # a model of several outputs: each one's own first divergence too
+        from parity.localize import per_output
+        loc["outputs"] = per_output(loc, groups)
+    return loc
 
 
 def localize_failures(records: list, artifacts: list, ref: dict, tolerances: dict, *, framework: str, load_model,

@@ -98,8 +98,9 @@ def planted_weight(framework: str, model) -> np.ndarray:
     return getattr(model, PLANTED).weight.detach().numpy()
 
 
-# the layouts converters store a 4-d kernel in, from the framework's: as it is, OIHW <-> HWIO, OHWI
-KERNEL_LAYOUTS = ((0, 1, 2, 3), (2, 3, 1, 0), (3, 2, 0, 1), (0, 2, 3, 1), (3, 0, 1, 2))
+# the layouts converters store a kernel in, from the framework's: as it is, OIHW <-> HWIO, OHWI; a
+# dense kernel as it is or transposed
+KERNEL_LAYOUTS = {4: ((0, 1, 2, 3), (2, 3, 1, 0), (3, 2, 0, 1), (0, 2, 3, 1), (3, 0, 1, 2)), 2: ((0, 1), (1, 0))}
 
 
 def plant(artifact: str, weight: np.ndarray, out: Path, factor: float = 1.5) -> Path:
@@ -133,7 +134,7 @@ def plant_bytes(artifact: str, weight: np.ndarray, out: Path, factor: float = 1.
     root = out / src.name
     (shutil.copytree if src.is_dir() else shutil.copy2)(src, root)
     files = [f for f in ([root] if root.is_file() else sorted(root.rglob("*"))) if f.is_file()]
-    for axes in KERNEL_LAYOUTS:
+    for axes in KERNEL_LAYOUTS[weight.ndim]:
         stored = np.ascontiguousarray(weight.transpose(axes)).astype(np.float32)
         for f in files:
             data = f.read_bytes()
@@ -312,3 +313,24 @@ def test_explain_names_a_planted_layer_of_any_artifact_and_its_repro_fails_until
         shutil.copy2(fixed, piece)
         healed = subprocess.run([sys.executable, "repro.py"], cwd=repro, capture_output=True, text=True, timeout=300)
         assert healed.returncode == 0, healed.stdout + healed.stderr
+
+
+def test_a_model_of_two_heads_names_each_output_s_own_first_divergence(tmp_path):
+    import keras
+    from exporters import onnx as onnx_format
+    from frameworks import adapter
+    from parity.compare import tolerance_for
+    from pipeline.localization import localize_artifact
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,), name="x")
+    trunk = keras.layers.Dense(8, activation="relu", name="trunk")(inp)
+    head_a = keras.layers.Dense(3, name="head_a")(trunk)
+    head_b = keras.layers.Dense(2, name="head_b")(keras.layers.Dense(4, activation="relu", name="b_hidden")(trunk))
+    model = keras.Model(inp, {"a": head_a, "b": head_b})
+    x = np.random.default_rng(0).normal(size=(6, 6)).astype(np.float32)
+    path = onnx_format.export(model, framework="keras", name="two", example=x, out_dir=tmp_path / "onnx")[0].path
+    bad = plant(path, np.asarray(model.get_layer("b_hidden").kernel), tmp_path / "planted")
+    loc = localize_artifact(adapter("keras"), lambda: model, "onnx", str(bad), x, tolerance_for("fp32", "onnx"))
+    assert loc["layer"] == "b_hidden", loc
+    assert loc["outputs"]["head_b"]["layer"] == "b_hidden"
+    assert "layer" not in loc["outputs"]["head_a"] and "exceeds" in loc["outputs"]["head_a"]["note"]
