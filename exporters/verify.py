@@ -33,18 +33,41 @@ def environment_problem(error: BaseException) -> str | None:
 
 
 def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str, np.ndarray], tolerance: Tolerance,
-                   *, task: str, max_batch: int, model: str | None = None, model_signature: Signature | None = None
-                   ) -> tuple[ParityRecord, np.ndarray | None, str | None]:
+                   *, task: str, max_batch: int, model: str | None = None, model_signature: Signature | None = None,
+                   profiled: bool = True) -> tuple[ParityRecord, np.ndarray | None, str | None]:
     """One artifact in one runtime. Returns (record, outputs or None, environment problem or None).
-    With the model's signature, the record says how the artifact's inputs and outputs map to it."""
+    With the model's signature, the record says how the artifact's inputs and outputs map to it; a
+    passing one carries its profile (exporters/profile.py) unless `profiled` is false."""
     model = model or artifact.model
-    x, y_ref, labels, kinds = reference["x"], reference["y"], reference.get("labels"), reference["kind"]
     t0 = time.perf_counter()
     try:
         runner = module.load(artifact, runtime)
     except Exception as e:
         return (ParityRecord.failed_to_load(model, artifact.format, artifact.variant, runtime, artifact.path, e),
                 None, environment_problem(e))
+    load_s = time.perf_counter() - t0
+    try:
+        rec, got, env = _checked(runner, artifact, runtime, reference, tolerance, task=task, max_batch=max_batch,
+                                 model=model, model_signature=model_signature, t0=t0)
+        if rec.passed and profiled:  # how fast and how big, on the runner that just passed
+            from .profile import profile
+            try:
+                rec.details["profile"] = profile(runner, reference["x"], max_batch=max_batch, load_s=load_s,
+                                                 size_bytes=artifact.size_bytes)
+            except Exception as e:  # noqa: BLE001 - the verdict stands; the profile says why it is missing
+                rec.details["profile"] = {"error": f"not measured: {type(e).__name__}: {str(e)[:200]}"}
+        return rec, got, env
+    finally:
+        close = getattr(runner, "close", None)
+        if close:
+            close()
+
+
+def _checked(runner, artifact: Artifact, runtime: str, reference: dict[str, np.ndarray], tolerance: Tolerance, *,
+             task: str, max_batch: int, model: str, model_signature: Signature | None, t0: float
+             ) -> tuple[ParityRecord, np.ndarray | None, str | None]:
+    """The parity record of a loaded artifact on the reference's rows."""
+    x, y_ref, labels, kinds = reference["x"], reference["y"], reference.get("labels"), reference["kind"]
     rows = n_rows(x)
     cuts = feed_cuts(rows, max_batch)
     model_outputs = model_signature.outputs if model_signature is not None else ()
@@ -72,10 +95,6 @@ def check_artifact(module, artifact: Artifact, runtime: str, reference: dict[str
         if isinstance(e, OpNotImplemented):  # the runtime lacks a kernel: the caller may report it UNSUPPORTED
             rec.details.update(outcome="unsupported", runtime_error=str(e))
         return rec, None, environment_problem(e)
-    finally:
-        close = getattr(runner, "close", None)
-        if close:
-            close()
     seen = getattr(runner, "signature", None)
     # several outputs are compared as one concatenation (top-1 means nothing across them); each is told apart below
     comparison = compare(y_ref, got, tolerance=tolerance, task="regression" if several else task,

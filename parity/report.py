@@ -182,6 +182,7 @@ class ParityReport:
         if failed:
             lines.append("")
         lines += self._artifact_lines()
+        lines += self._profile_lines()
         lines += ["## Discrimination of the parity set", ""]
         if not self.discrimination:
             lines += ["Not measured.", ""]
@@ -191,6 +192,27 @@ class ParityReport:
         if self.discrimination:
             lines.append("")
         return "\n".join(lines)
+
+    def _profile_lines(self) -> list[str]:
+        """Each passing artifact's speed and size in its runtime (exporters/profile.py)."""
+        rows = [(r, (r.details or {}).get("profile")) for r in self.records]
+        rows = [(r, p) for r, p in rows if p and "batch_1" in p]
+        if not rows:
+            return []
+        lines = ["## Profile", "",
+                 "Warm latency over a fixed number of repetitions (p99 / p50 is the spread); memory is the peak "
+                 "of the process that ran it.", "",
+                 "| artifact | runtime | size KiB | load ms | batch 1 p50 / p99 ms | batch N | p50 / p99 ms "
+                 "| rows/s at N | peak MB | threads |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r, p in rows:
+            b1, bn = p["batch_1"], p["max_batch"]
+            size = f"{p['size_bytes'] / 1024:.1f}" if p.get("size_bytes") else "-"
+            lines.append(f"| `{r.label}` | {r.runtime} | {size} | {p['load_ms']:.1f} | {b1['p50_ms']:.3f} / "
+                         f"{b1['p99_ms']:.3f} | {bn['rows']} | {bn['p50_ms']:.3f} / {bn['p99_ms']:.3f} | "
+                         f"{bn['rows_per_s']:,.0f} | {p['peak_rss_mb'] if p.get('peak_rss_mb') is not None else '-'} "
+                         f"| {_md(p.get('threads', '-'))} |")
+        return lines + [""]
 
     def _artifact_lines(self) -> list[str]:
         """How each artifact was made (from the records' details), with any converter note."""

@@ -35,6 +35,23 @@ def test_every_format_of_both_models_passes_in_its_runtime(toy_run):
     assert "PASS" in out.stdout
 
 
+def test_every_passed_artifact_has_a_plausible_profile_in_the_record_and_parity_md(toy_run):
+    home, _ = toy_run
+    parity = json.loads((report_dir(home) / "parity.json").read_text())
+    passed = [r for r in parity["records"] if r["status"] == "passed"]
+    assert passed
+    for r in passed:
+        p = r["details"]["profile"]
+        assert p["load_ms"] > 0 and p["repetitions"] == {"batch_1": 20, "max_batch": 10}, r["label"]
+        for key in ("batch_1", "max_batch"):
+            assert 0 < p[key]["p50_ms"] <= p[key]["p99_ms"] and p[key]["rows_per_s"] > 0, (r["label"], p)
+        assert p["max_batch"]["rows"] == 16 and p["threads"]
+        if not r["runtime"].startswith("tf-serving"):
+            assert p["peak_rss_mb"] > 0 and p["size_bytes"] > 0, (r["label"], p)
+    markdown = (report_dir(home) / "parity.md").read_text()
+    assert "## Profile" in markdown and markdown.count("| `keras/onnx` | onnxruntime-cpu |") == 1
+
+
 def test_reports_are_written_and_junit_is_valid(toy_run):
     home, _ = toy_run
     d = report_dir(home)
