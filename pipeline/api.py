@@ -181,7 +181,8 @@ def verify(run_ref: str | None = None, *, home: Path | None = None, track: bool 
     return run(record["spec_path"], home=home, from_stage="verify", track=track)
 
 
-def check(target: str, *, home: Path | None = None, out_dir: Path | None = None, track: bool = True) -> dict:
+def check(target: str, *, home: Path | None = None, out_dir: Path | None = None, track: bool = True,
+          against: str | None = None, thresholds: dict | None = None) -> dict:
     """The release gate; writes parity.json, junit.xml and summary.md into `out_dir` (default: reports/).
 
     `target` is a spec (built-in name or .toml path): every stage runs or is reused from the cache, and
@@ -191,6 +192,9 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
     from . import gate
     home = home or home_dir()
     spec_ref = None
+    if (against or thresholds) and (Path(target, "manifest.json").is_file() or not any(c in target for c in "@/")):
+        raise spec_mod.SpecError(f"check {target} --against: expected a registered version (NAME@ALIAS or "
+                                 f"NAME/VERSION) to compare with another; found a spec or a bundle folder")
     if Path(target, "manifest.json").is_file():  # a bundle folder, as a deploy would take it
         with home_lock(work_dir(home), f"check {target}"):
             record = gate.check_bundle(Path(target).resolve(), target, work_dir(home))
@@ -204,7 +208,8 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
             record = run(spec_ref, home=home, from_stage="verify", track=track)
         else:
             with home_lock(work_dir(home), f"check {target}"):
-                record = gate.check_version(home, target, work_dir(home), track=track)
+                record = gate.check_version(home, target, work_dir(home), track=track, against=against,
+                                            thresholds=thresholds)
     out = (out_dir or home / "reports").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if record.get("report_dir"):
@@ -320,6 +325,8 @@ def _summary_markdown(record: dict, parity_md: Path) -> str:
     head = f"## Parity gate: `{record['spec']}` {verdict}\n\nrun `{record['run_id']}`\n\n"
     if record.get("error"):
         head += f"> {record['error']}\n\n"
+    if record.get("against"):
+        head += f"Compared {record['against']}.\n\n"
     return head + parity_md.read_text()
 
 

@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or a bundle folder")
     c.add_argument("--out", default=None, help="folder for parity.json, junit.xml, summary.md (default: reports/)")
     c.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    c.add_argument("--against", metavar="ALIAS", help="a registered version only: also compare it with the "
+                                                      "model's version under ALIAS (e.g. production): task "
+                                                      "metric, latency and size of every artifact")
+    c.add_argument("--max-metric-drop", type=float, help="with --against: how much worse the task metric may be "
+                                                          "(accuracy down, mse up; default 0.01)")
+    c.add_argument("--max-latency-ratio", type=float, help="with --against: candidate / baseline latency p50 "
+                                                            "(default 1.5)")
+    c.add_argument("--max-size-ratio", type=float, help="with --against: candidate / baseline size (default 1.25)")
 
     pr = sub.add_parser("promote", help="move the 'production' alias to a version whose parity passed")
     pr.add_argument("model", help="NAME, NAME@ALIAS or NAME/VERSION (default alias: candidate)")
@@ -283,7 +291,10 @@ def print_layers(loc: dict) -> None:
 def cmd_check(args) -> int:
     from pathlib import Path
     from . import api
-    record = api.check(args.target, out_dir=Path(args.out) if args.out else None, track=not args.no_track)
+    thresholds = {k: v for k in ("max_metric_drop", "max_latency_ratio", "max_size_ratio")
+                  if (v := getattr(args, k)) is not None}
+    record = api.check(args.target, out_dir=Path(args.out) if args.out else None, track=not args.no_track,
+                       against=args.against, thresholds=thresholds)
     print_summary(record)
     print(f"gate reports: {record['reports']}/parity.json, junit.xml, summary.md")
     return exit_code(record)

@@ -21,12 +21,18 @@ GATE_CODE = closure("pipeline/steps/verify.py", "pipeline/steps/common.py", "exp
                     "exporters/verify.py", "parity/compare.py")
 
 
+AGAINST_CODE = closure("pipeline/steps/against.py", "exporters/bundle.py", "exporters/profile.py", "parity/against.py")
+
+
 class GateError(RuntimeError):
     """The version cannot be checked at all (no bundle, a changed manifest): the gate fails (exit 1)."""
 
 
-def check_version(home: Path, ref: str, work: Path, *, track: bool = True) -> dict:
-    """Verify the bundle of the registered version `ref`; returns a record like a pipeline run's."""
+def check_version(home: Path, ref: str, work: Path, *, track: bool = True, against: str | None = None,
+                  thresholds: dict | None = None) -> dict:
+    """Verify the bundle of the registered version `ref`; with `against` (an alias such as production),
+    also compare it with that version of the same model (parity/against.py). Returns a record like a
+    pipeline run's."""
     from . import tracking
     version = tracking.resolve_version(home, ref)
     label = f"{version.name}/{version.version}"
@@ -42,17 +48,42 @@ def check_version(home: Path, ref: str, work: Path, *, track: bool = True) -> di
         bundle_dir = tracking.download_bundle(home, run_id, download)
     except LookupError as e:
         raise GateError(f"model version {label}: {e}") from None
+    baseline_dir, note = None, None
+    if against:
+        baseline_dir, note = _baseline(home, version, against, download / "baseline")
+        print(f"gate {label}: {note}", flush=True)
     try:
-        record = check_bundle(bundle_dir, label, work, expected_manifest_sha256=sha, gate_id=gate_id)
+        record = check_bundle(bundle_dir, label, work, expected_manifest_sha256=sha, gate_id=gate_id,
+                              baseline=baseline_dir, against=against, thresholds=thresholds)
     finally:
         shutil.rmtree(download, ignore_errors=True)
+    if note:
+        record["against"] = note
     if track:
         tracking.tag_gate_result(home, version, record["status"], gate_id, record["summary"])
     return record
 
 
+def _baseline(home: Path, version, alias: str, dest: Path) -> tuple[Path | None, str]:
+    """The bundle of the model's version under `alias` and a sentence on what the gate compares; no
+    bundle when there is no such version yet (a first release is judged on parity alone)."""
+    from . import tracking
+    try:
+        base = tracking.resolve_version(home, f"{version.name}@{alias}")
+    except LookupError:
+        return None, f"no {alias} version of {version.name} yet: a first release, judged on parity alone"
+    if base.version == version.version:
+        return None, f"version {version.version} is {alias} already: judged on parity alone"
+    run_id = base.tags.get("bundle.run_id")
+    if not run_id:
+        raise GateError(f"{version.name}/{base.version} ({alias}) carries no registered bundle to compare with")
+    return (tracking.download_bundle(home, run_id, dest),
+            f"against {alias} (version {base.version}): task metric, latency and size of every artifact")
+
+
 def check_bundle(bundle_dir: Path, label: str, work: Path, *, expected_manifest_sha256: str | None = None,
-                 gate_id: str | None = None) -> dict:
+                 gate_id: str | None = None, baseline: Path | None = None, against: str | None = None,
+                 thresholds: dict | None = None) -> dict:
     """Verify a bundle folder: every file against its manifest (and the manifest against the expected
     digest, when one is known), every artifact in its runtime against the stored reference outputs."""
     from exporters.bundle import BundleError, read_bundle
@@ -65,8 +96,9 @@ def check_bundle(bundle_dir: Path, label: str, work: Path, *, expected_manifest_
         raise GateError(f"{label}: {e}") from None
     error, results = None, []
     try:
-        results = execute(gate_stages(bundle.root, bundle.manifest), Cache(dest / "cache"),
-                          set(STAGE_ORDER) | {"gate_verify", "gate_report"})
+        results = execute(gate_stages(bundle.root, bundle.manifest, baseline=baseline, against=against,
+                                      thresholds=thresholds), Cache(dest / "cache"),
+                          set(STAGE_ORDER) | {"gate_verify", "gate_against", "gate_report"})
     except StageFailed as e:
         error = str(e)
         results = getattr(e, "results", [e.result])
@@ -94,17 +126,24 @@ def _gate_id() -> str:
     return time.strftime("gate-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
 
 
-def gate_stages(bundle_root: Path, manifest: dict) -> list[Stage]:
+def gate_stages(bundle_root: Path, manifest: dict, *, baseline: Path | None = None, against: str | None = None,
+                thresholds: dict | None = None) -> list[Stage]:
     import exporters
     from .steps.common import side
     arg = {"bundle": str(bundle_root)}
     stages = []
     for fmt in sorted(manifest["formats"], key=lambda f: exporters.FORMATS.index(f) if f in exporters.FORMATS else 99):
         lane = exporters.module(fmt).RUNTIME_LANE
+        lane = side(manifest["framework"]) if lane == "any" else lane
         stages.append(Stage(f"verify:{manifest['model']}:{fmt}", "gate_verify", {"format": fmt},
                             GATE_CODE + closure(f"exporters/{fmt}.py"), "pipeline.steps.verify:run_bundle_verify",
-                            {**arg, "fmt": fmt},
-                            lane=side(manifest["framework"]) if lane == "any" else lane))
+                            {**arg, "fmt": fmt}, lane=lane))
+        if baseline is not None:
+            stages.append(Stage(f"against:{manifest['model']}:{fmt}", "gate_against",
+                                {"format": fmt, "baseline": str(baseline), "thresholds": thresholds or {}},
+                                AGAINST_CODE + closure(f"exporters/{fmt}.py"), "pipeline.steps.against:run_against",
+                                {"candidate": str(bundle_root), "baseline": str(baseline), "fmt": fmt,
+                                 "against": against, "thresholds": thresholds or {}}, lane=lane))
     stages.append(Stage("report", "gate_report", {}, closure("pipeline/steps/report.py", "pipeline/steps/common.py",
                                                              "parity/report.py", "parity/compare.py"),
                         "pipeline.steps.report:run_gate_report", arg, inputs=tuple(s.name for s in stages)))

@@ -81,3 +81,46 @@ def test_gate_passes_then_fails_on_tamper_and_promotion_follows_verdict(toy_run,
 def test_check_unknown_target_is_a_usage_error(tmp_path):
     r = run_cli("check", "nope", home=tmp_path)
     assert r.returncode == 2
+
+
+def _toy_variant(tmp_path: Path, epochs: int) -> Path:
+    """toy (same name, so the same registered models) with the Keras model trained `epochs` epochs and
+    no acceptance bounds, so a worse model still registers as the candidate."""
+    text = (ROOT / "pipeline" / "specs" / "toy.toml").read_text()
+    text = text.replace('train = { optimizer = "adam" }', f'train = {{ optimizer = "adam", epochs = {epochs} }}')
+    text = text[:text.index("[accept]")] + text[text.index("[[model]]"):]
+    path = tmp_path / f"toy_{epochs}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.e2e
+def test_check_against_production_stops_a_worse_candidate_and_passes_a_better_one(toy_run, tmp_path):
+    home = copy_home(toy_run[0], tmp_path / "home")
+    first = run_cli("check", "toy-keras@candidate", "--against", "production", "--no-track", home=home)
+    assert first.returncode == 0 and "no production version of toy-keras yet" in first.stdout, first.stdout
+    assert run_cli("promote", "toy-keras@candidate", home=home).returncode == 0  # version 1 in production
+    loose = ("--max-latency-ratio", "1000", "--max-size-ratio", "1000")  # here: the metric decides
+    worse = run_cli("run", str(_toy_variant(tmp_path, 3)), home=home)
+    assert worse.returncode == 0, worse.stdout + worse.stderr
+    stopped = run_cli("check", "toy-keras@candidate", "--against", "production", *loose,
+                      "--out", str(tmp_path / "worse"), home=home)
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "against production: mse" in stopped.stderr and "> max_metric_drop 0.01" in stopped.stderr
+    suite = ET.parse(tmp_path / "worse" / "junit.xml").getroot()
+    names = [c.get("name") for c in suite.iter("testcase")]
+    assert any("vs production: metric" in n for n in names) and any("vs production: size" in n for n in names)
+    assert "against production (version 1)" in (tmp_path / "worse" / "summary.md").read_text()
+
+    better = run_cli("run", str(_toy_variant(tmp_path, 400)), home=home)
+    assert better.returncode == 0, better.stdout + better.stderr
+    passed = run_cli("check", "toy-keras@candidate", "--against", "production", *loose, home=home)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    too_big = run_cli("check", "toy-keras@candidate", "--against", "production", "--max-size-ratio", "0.5",
+                      "--max-latency-ratio", "1000", home=home)
+    assert too_big.returncode == 1 and "> max_size_ratio 0.5" in too_big.stderr, too_big.stdout + too_big.stderr
+
+
+def test_a_spec_cannot_be_compared_against_production(tmp_path):
+    r = run_cli("check", "toy", "--against", "production", home=tmp_path)
+    assert r.returncode == 2 and "expected a registered version" in r.stderr

@@ -193,10 +193,11 @@ def run_reference(ctx: Context, spec: dict, model: str) -> dict:
     if m.signature:
         check_stated_signature(m, signature)
     y, y_perturbed = flat_rows(y), flat_rows(fw.predict(fw.perturbed(model, PERTURBATION, spec.seed), x))
-    labels = _labels_for(ctx, spec, kind)
+    labels, targets = _labels_for(ctx, spec, kind), _targets_for(ctx, spec, kind, y)
     # several outputs are stored as one row-wise concatenation; the signature says how to split it
     np.savez(ctx.out / "reference.npz", **pack("x", x), y=y, kind=kind, y_perturbed=y_perturbed,
-             **({"labels": labels} if labels is not None else {}))
+             **({"labels": labels} if labels is not None else {}),
+             **({"targets": targets} if targets is not None else {}))
     (ctx.out / "reference.json").write_text(json.dumps({"shape": list(y.shape), "dtype": str(y.dtype),
                                                         "signature": signature.to_json()}))
     return {"rows": n_rows(x), "output_shape": list(y.shape[1:]),
@@ -228,6 +229,22 @@ def _listed(specs: dict) -> str:
 
 def _shown(outputs: dict) -> str:
     return "{" + ", ".join(f"{k}: {dtype} {list(shape)}" for k, (shape, dtype) in outputs.items()) + "}"
+
+
+def _targets_for(ctx: Context, spec: Spec, kind: np.ndarray, y: np.ndarray):
+    """Held-out regression targets for the parity rows that are held-out data, NaN elsewhere: what a
+    candidate and the version in production are both scored on (pipeline/against.py)."""
+    arrays = load_arrays(ctx)
+    if spec.data.task != "regression" or "y_train" not in arrays or is_multi(arrays["y_train"]):
+        return None
+    source = arrays["y_test"] if n_rows(arrays["x_test"]) else arrays["y_train"]
+    n_held = int((kind == 0).sum())
+    held = np.asarray(source[:n_held], dtype=np.float32).reshape(n_held, -1)
+    if held.shape[1] != y.reshape(len(y), -1).shape[1]:
+        return None
+    targets = np.full((len(kind), held.shape[1]), np.nan, dtype=np.float32)
+    targets[:n_held] = held
+    return targets
 
 
 def _labels_for(ctx: Context, spec: Spec, kind: np.ndarray):
