@@ -11,7 +11,7 @@ from ..stage_run import Context
 def run_against(ctx: Context, candidate: str, baseline: str, fmt: str, against: str, thresholds: dict) -> dict:
     import exporters
     from exporters.bundle import read_bundle
-    from parity.against import judge, task_metric
+    from parity.against import judge
     from parity.compare import ParityRecord
     from .verify import write_records
     new, old = read_bundle(Path(candidate)), read_bundle(Path(baseline))
