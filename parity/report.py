@@ -234,6 +234,46 @@ class ParityReport:
     def write_markdown(self, path) -> Path:
         return _write_atomic(Path(path), self.to_markdown() + "\n")
 
+    # -- one self-contained HTML page -----------------------------------------------------------
+    def to_html(self, plots: Iterable[Path] = ()) -> str:
+        """The verdict, every record, the failures, the profiles and the plots (inlined as data URIs)
+        in one file a person opens in a browser, with nothing else beside it."""
+        import base64
+        import html
+        esc = html.escape
+        verdict = {"passed": "PASS", "failed": "FAIL"}.get(self.verdict, "INCONCLUSIVE")
+        head = ["model", "format", "variant", "runtime", "max abs", "cosine", "top-1", "verdict"]
+        rows = []
+        for r in self.records:
+            m = r.comparison.metrics if r.comparison is not None else {}
+            cells = [r.model, r.format, r.variant, r.runtime or "-", _e(m.get("max_abs")) if m else "-",
+                     _f6(m.get("cosine")) if m else "-",
+                     f"{m['top1_agreement']:.4f}" if "top1_agreement" in m else "-", _verdict(r)]
+            rows.append(f'<tr class="{r.status}">' + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+        failures = "".join(f"<li>{esc(r.message)}</li>" for r in self.failed_records) or "<li>None.</li>"
+        profile = _markdown_table_html(self._profile_lines())
+        images = "".join(
+            f'<figure><img alt="{esc(p.stem)}" src="data:image/png;base64,'
+            f'{base64.b64encode(Path(p).read_bytes()).decode("ascii")}"><figcaption>{esc(p.stem)}</figcaption></figure>'
+            for p in plots)
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(self.spec or "parity")}: {verdict}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:left}} tr.failed td{{background:#fde2e2}}
+tr.skipped td{{color:#888}} .verdict{{font-size:1.3em;font-weight:bold}} img{{max-width:900px}}
+figure{{display:inline-block;margin:0.5em}}</style></head><body>
+<h1>Parity report{": " + esc(self.spec) if self.spec else ""}</h1>
+<p class="verdict" id="verdict">{verdict}</p><p>{esc(self.summary_line())}{" · run " + esc(self.run_id) if self.run_id else ""}</p>
+<table id="records"><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{"".join(rows)}</table>
+<h2>Failures</h2><ul id="failures">{failures}</ul>
+{profile}
+<h2>Plots</h2><div id="plots">{images or "<p>None.</p>"}</div>
+</body></html>
+"""
+
+    def write_html(self, path, plots: Iterable[Path] = ()) -> Path:
+        return _write_atomic(Path(path), self.to_html(plots))
+
     # -- JUnit XML ----------------------------------------------------------------------------
     def to_junit(self) -> ET.Element:
         """One <testsuite> per model, one <testcase> per record. A comparison that failed is a
@@ -439,4 +479,19 @@ def _per_output(r: ParityRecord) -> list[tuple[str, float]]:
     """Each output's max abs error of a record of a model with several outputs (none for one output)."""
     per = (r.details or {}).get("outputs_max_abs") or {}
     return list(per.items()) if len(per) > 1 else []
+
+
+def _markdown_table_html(lines: list[str]) -> str:
+    """A section of Markdown lines (a heading, a sentence, one pipe table) as HTML."""
+    import html
+    out, table = [], []
+    for line in lines:
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("|") and not set(line) <= set("|-: "):
+            table.append("<tr>" + "".join(f"<td>{html.escape(c.strip().strip('`'))}</td>"
+                                          for c in line.strip("|").split("|")) + "</tr>")
+        elif line and not line.startswith("|"):
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "".join(out) + (f'<table id="profile">{"".join(table)}</table>' if table else "")
 

@@ -215,6 +215,10 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
     if record.get("report_dir"):
         gate.copy_reports(Path(record["report_dir"]), out)
         (out / "summary.md").write_text(_summary_markdown(record, out / "parity.md"))
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:  # GitHub Actions shows what a step appends there on the job's page
+            with open(step_summary, "a") as f:
+                f.write((out / "summary.md").read_text() + "\n")
     record["reports"] = str(out)
     return record
 
@@ -414,6 +418,7 @@ def _snapshot_reports(home: Path, run_id: str, report_dir: Path) -> Path:
     report.write_json(dest / "parity.json")
     report.write_junit(dest / "junit.xml")
     report.write_markdown(dest / "parity.md")
+    report.write_html(dest / "report.html", sorted(dest.glob("*.png")))
     return dest
 
 

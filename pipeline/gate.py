@@ -152,6 +152,7 @@ def gate_stages(bundle_root: Path, manifest: dict, *, baseline: Path | None = No
 
 def copy_reports(report_dir: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("parity.json", "junit.xml", "parity.md"):
-        shutil.copy2(report_dir / name, out / name)
+    for name in ("parity.json", "junit.xml", "parity.md", "report.html"):
+        if (report_dir / name).is_file():  # report.html: reports made before it existed have none
+            shutil.copy2(report_dir / name, out / name)
 

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from .conftest import copy_home, run_cli
+from .conftest import ROOT, copy_home, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +50,31 @@ def test_every_passed_artifact_has_a_plausible_profile_in_the_record_and_parity_
             assert p["peak_rss_mb"] > 0 and p["size_bytes"] > 0, (r["label"], p)
     markdown = (report_dir(home) / "parity.md").read_text()
     assert "## Profile" in markdown and markdown.count("| `keras/onnx` | onnxruntime-cpu |") == 1
+
+
+def test_report_html_is_one_file_a_browser_shows_with_its_tables_and_plots(toy_run):
+    from playwright.sync_api import sync_playwright
+    from edge.web import CHROMIUM, CHROMIUM_ARGS
+    home, _ = toy_run
+    page_file = report_dir(home) / "report.html"
+    shots = ROOT / "test-artifacts"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_file.as_uri())
+            assert page.inner_text("#verdict") == "PASS"
+            assert page.locator("#records tr").count() == 21  # a header and 20 records
+            assert page.locator("#profile tr").count() > 10
+            widths = page.eval_on_selector_all("#plots img", "imgs => imgs.map(i => i.naturalWidth)")
+            assert len(widths) >= 4 and all(w > 100 for w in widths)  # parity and training plots, decoded
+            assert requests == [page_file.as_uri()]  # self-contained: nothing else fetched
+            page.screenshot(path=str(shots / "report_html.png"), full_page=True)
+        finally:
+            browser.close()
 
 
 def test_reports_are_written_and_junit_is_valid(toy_run):

@@ -44,8 +44,14 @@ def _tamper_registered_tfjs_shard(home: Path, name: str) -> Path:
 @pytest.mark.e2e
 def test_gate_passes_then_fails_on_tamper_and_promotion_follows_verdict(toy_run, tmp_path):
     home = copy_home(toy_run[0], tmp_path / "home")
-    ok = run_cli("check", "toy", "--out", str(tmp_path / "ok"), home=home)
+    step_summary = tmp_path / "step_summary.md"
+    step_summary.write_text("earlier step\n")
+    ok = run_cli("check", "toy", "--out", str(tmp_path / "ok"), home=home,
+                 env={"GITHUB_STEP_SUMMARY": str(step_summary)})
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    # the job summary GitHub Actions shows: appended to, not replaced
+    assert step_summary.read_text().startswith("earlier step\n## Parity gate: `toy` passed")
+    assert (tmp_path / "ok" / "report.html").is_file()
     suite = ET.parse(tmp_path / "ok" / "junit.xml").getroot()
     cases = suite.findall(".//testcase")
     assert len(cases) == 20 and not suite.findall(".//failure")  # 16 artifact cells, 4 served (2 models x 2 transports)

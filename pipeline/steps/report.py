@@ -68,11 +68,13 @@ def run_report(ctx: Context, spec: dict) -> dict:
 
 
 def write_report(report, out: Path) -> dict:
-    """parity.json, parity.md and junit.xml, and the facts the verdict is read from (pipeline/verdict.py):
+    """parity.json, parity.md, junit.xml and report.html (with the plots beside them inlined), and the
+    facts the verdict is read from (pipeline/verdict.py):
     the one report writer the pipeline's report and the release gate's share."""
     report.write_json(out / "parity.json")
     report.write_markdown(out / "parity.md")
     report.write_junit(out / "junit.xml")
+    report.write_html(out / "report.html", sorted(out.glob("*.png")))
     return {"passed": report.passed, "verdict": report.verdict, "inconclusive": report.inconclusive,
             "counts": report.counts, "failures": [r.message for r in report.failed_records],
             "summary": report.summary_line()}
