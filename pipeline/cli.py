@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="move the 'production' alias to a version whose parity passed")
     pr.add_argument("model", help="NAME, NAME@ALIAS or NAME/VERSION (default alias: candidate)")
     pr.add_argument("--alias", default="production")
+    pr.add_argument("--force", action="store_true", help="promote although its gate against the alias failed")
+    pr.add_argument("--reason", help="with --force: why (kept as the version's promote.forced tag)")
 
     d = sub.add_parser("diff", help="changes in metrics and parity between two runs")
     d.add_argument("run_a")
@@ -302,8 +304,11 @@ def cmd_check(args) -> int:
 
 def cmd_promote(args) -> int:
     from . import api, tracking
+    if args.force and not args.reason:
+        print("error: --force needs --reason \"...\" (kept with the version)", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        done = tracking.promote(api.home_dir(), args.model, args.alias)
+        done = tracking.promote(api.home_dir(), args.model, args.alias, args.reason if args.force else None)
     except tracking.PromotionRefused as e:
         print(f"refused: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -60,8 +60,24 @@ def check_version(home: Path, ref: str, work: Path, *, track: bool = True, again
     if note:
         record["against"] = note
     if track:
-        tracking.tag_gate_result(home, version, record["status"], gate_id, record["summary"])
+        parity_failed, against_failed = _failed_checks(record)
+        tracking.tag_gate_result(home, version, "failed" if parity_failed or (record["status"] == "failed" and
+                                                                             not against_failed) else "passed",
+                                 gate_id, record["summary"],
+                                 against=(against, "failed" if against_failed else "passed", note)
+                                 if baseline_dir is not None else None)
     return record
+
+
+def _failed_checks(record: dict) -> tuple[bool, bool]:
+    """(did a parity check fail, did a comparison with the baseline fail), from the gate's report."""
+    import json
+    report = Path(record.get("report_dir") or "") / "parity.json"
+    if not report.is_file():
+        return True, False
+    failed = [r for r in json.loads(report.read_text())["records"] if r["status"] == "failed"]
+    against = [r for r in failed if "against" in (r.get("details") or {})]
+    return len(failed) > len(against), bool(against)
 
 
 def _baseline(home: Path, version, alias: str, dest: Path) -> tuple[Path | None, str]:

@@ -232,6 +232,8 @@ class Recorder:
                          "pipeline.spec_path": run["spec_path"], "framework": info["framework"]})
         for k, v in tags.items():
             client.set_model_version_tag(version.name, version.version, k, v)
+        client.update_model_version(version.name, version.version,
+                                    description=_version_description(version.name, run, rows, tags["parity.verdict"]))
         client.set_registered_model_alias(version.name, "candidate", version.version)
 
     # A bundle (identified by the digest of its manifest) is logged once, in the child run that first
@@ -339,6 +341,27 @@ def _description(run: dict) -> str:
     return "\n".join(lines)
 
 
+def _version_description(name: str, run: dict, rows: list[dict], verdict: str) -> str:
+    """What a reviewer reads first on the version's page: the verdict, every artifact's parity and
+    profile, and where the plots are."""
+    lines = [f"**Parity: {verdict.upper()}** ({sum(r['status'] == 'passed' for r in rows)} of {len(rows)} checks "
+             f"passed) · pipeline run `{run['run_id']}` of spec `{run['spec']}`", "",
+             "| format | variant | runtime | max abs | p50 ms at batch N | size KiB | verdict |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        m = (r.get("comparison") or {}).get("metrics", {})
+        p = (r.get("details") or {}).get("profile") or {}
+        latency = f"{p['max_batch']['p50_ms']:.3f} (N={p['max_batch']['rows']})" if "max_batch" in p else "-"
+        size = f"{p['size_bytes'] / 1024:.1f}" if p.get("size_bytes") else "-"
+        shown = f"{m['max_abs']:.2e}" if isinstance(m.get("max_abs"), (int, float)) else "-"
+        lines.append(f"| {r['format']} | {r['variant']} | {r.get('runtime') or '-'} | {shown} | {latency} | {size} | "
+                     f"{r['status'].upper()} |")
+    lines += ["", f"Plots: `plots/parity_{name.rsplit('-', 1)[-1]}.png`, `plots/layers_*.png` (failed cells) and "
+                  f"the training curves in the artifacts of the pipeline's MLflow run; `report.html` beside "
+                  f"`parity.md` in the run's report folder."]
+    return "\n".join(lines)
+
+
 class PromotionRefused(RuntimeError):
     """A model version whose parity verdict did not pass (or that does not exist)."""
 
@@ -373,18 +396,31 @@ def download_bundle(home: Path, run_id: str, dest: Path) -> Path:
     return Path(path)
 
 
-def tag_gate_result(home: Path, version, status: str, gate_id: str, summary: str) -> None:
-    """What the gate found about the version's own bundle becomes its verdict, both ways."""
+def tag_gate_result(home: Path, version, status: str, gate_id: str, summary: str,
+                    against: tuple[str, str, str] | None = None) -> None:
+    """What the gate found about the version's own bundle becomes its verdict, both ways; with
+    `against` (alias, verdict, what was compared), its comparison with that version too."""
     configure(home)
     from mlflow import MlflowClient
     client = MlflowClient()
-    for k, v in {"gate.verdict": status, "gate.id": gate_id, "parity.summary": f"gate {gate_id}: {summary}"[:5000],
-                 "parity.verdict": status}.items():
+    tags = {"gate.verdict": status, "gate.id": gate_id, "parity.summary": f"gate {gate_id}: {summary}"[:5000],
+            "parity.verdict": status}
+    if against:
+        alias, verdict, note = against
+        tags.update({"gate.against": alias, "gate.against.verdict": verdict,
+                     "gate.against.summary": f"gate {gate_id}: {note}"[:5000]})
+    for k, v in tags.items():
         client.set_model_version_tag(version.name, version.version, k, v)
+    if against:  # the reviewer's page says what the last gate found, above the table
+        described = client.get_model_version(version.name, version.version).description or ""
+        kept = described.split("\n\n**Gate", 1)[0]
+        client.update_model_version(version.name, version.version, description=(
+            f"{kept}\n\n**Gate {gate_id} against {against[0]}: {against[1].upper()}** ({against[2]}): {summary}"))
 
 
-def promote(home: Path, ref: str, alias: str = "production") -> dict:
-    """Move `alias` to the version `ref` names, only if its parity verdict passed."""
+def promote(home: Path, ref: str, alias: str = "production", force_reason: str | None = None) -> dict:
+    """Move `alias` to the version `ref` names, only if its parity verdict passed and no gate against
+    that alias failed (a failed comparison may be overridden with a reason, kept as a tag)."""
     from mlflow import MlflowClient
     mv = resolve_version(home, ref)
     verdict = mv.tags.get("parity.verdict", "missing")
@@ -392,7 +428,14 @@ def promote(home: Path, ref: str, alias: str = "production") -> dict:
         raise PromotionRefused(f"{mv.name} version {mv.version}: parity verdict is '{verdict}' "
                                f"({mv.tags.get('parity.summary', 'no parity summary')}); "
                                f"only a version whose artifacts all passed parity can become '{alias}'")
-    MlflowClient().set_registered_model_alias(mv.name, alias, mv.version)
+    client = MlflowClient()
+    if mv.tags.get("gate.against") == alias and mv.tags.get("gate.against.verdict") == "failed":
+        if not force_reason:
+            raise PromotionRefused(f"{mv.name} version {mv.version}: its gate against '{alias}' failed "
+                                   f"({mv.tags.get('gate.against.summary', '')}); promote with --force --reason "
+                                   f"\"...\" to override, the reason is kept with the version")
+        client.set_model_version_tag(mv.name, mv.version, "promote.forced", force_reason[:5000])
+    client.set_registered_model_alias(mv.name, alias, mv.version)
     return {"name": mv.name, "version": mv.version, "alias": alias, "summary": mv.tags.get("parity.summary")}
 
 

@@ -89,6 +89,16 @@ def test_check_unknown_target_is_a_usage_error(tmp_path):
     assert r.returncode == 2
 
 
+def _description_of(home: Path, name: str, version: int) -> str:
+    import sqlite3
+    con = sqlite3.connect(home / "mlruns" / "mlflow.db")
+    try:
+        return con.execute("select description from model_versions where name=? and version=?",
+                           (name, version)).fetchone()[0] or ""
+    finally:
+        con.close()
+
+
 def _toy_variant(tmp_path: Path, epochs: int) -> Path:
     """toy (same name, so the same registered models) with the Keras model trained `epochs` epochs and
     no acceptance bounds, so a worse model still registers as the candidate."""
@@ -117,6 +127,11 @@ def test_check_against_production_stops_a_worse_candidate_and_passes_a_better_on
     names = [c.get("name") for c in suite.iter("testcase")]
     assert any("vs production: metric" in n for n in names) and any("vs production: size" in n for n in names)
     assert "against production (version 1)" in (tmp_path / "worse" / "summary.md").read_text()
+    described = _description_of(home, "toy-keras", 2)
+    assert described.startswith("**Parity: PASSED**") and "| onnx | fp32 | onnxruntime-cpu |" in described
+    assert "**Gate gate-" in described and "against production: FAILED**" in described
+    refused = run_cli("promote", "toy-keras@candidate", home=home)  # its parity passed; the comparison did not
+    assert refused.returncode == 1 and "its gate against 'production' failed" in refused.stderr, refused.stderr
 
     better = run_cli("run", str(_toy_variant(tmp_path, 400)), home=home)
     assert better.returncode == 0, better.stdout + better.stderr
@@ -125,6 +140,10 @@ def test_check_against_production_stops_a_worse_candidate_and_passes_a_better_on
     too_big = run_cli("check", "toy-keras@candidate", "--against", "production", "--max-size-ratio", "0.5",
                       "--max-latency-ratio", "1000", home=home)
     assert too_big.returncode == 1 and "> max_size_ratio 0.5" in too_big.stderr, too_big.stdout + too_big.stderr
+    assert run_cli("promote", "toy-keras@candidate", home=home).returncode == 1  # the last gate decides
+    forced = run_cli("promote", "toy-keras@candidate", "--force", "--reason", "same model, size limit too tight",
+                     home=home)
+    assert forced.returncode == 0 and "is now 'production'" in forced.stdout, forced.stdout + forced.stderr
 
 
 def test_a_spec_cannot_be_compared_against_production(tmp_path):
