@@ -335,9 +335,10 @@ def _summary_markdown(record: dict, parity_md: Path) -> str:
 
 
 def diff(run_a: str, run_b: str, home: Path | None = None) -> list[tuple[str, str, object, object]]:
-    """What changed between two runs: (section, what, value in A, value in B) for metrics and parity."""
+    """What changed between two runs: (section, what, value in A, value in B): first the causes (the
+    settings that changed), then metrics and parity."""
     a, b = load_record(run_a, home), load_record(run_b, home)
-    rows: list[tuple[str, str, object, object]] = []
+    rows: list[tuple[str, str, object, object]] = _causes(a, b)
     for model in sorted(set(a["models"]) | set(b["models"])):
         ma = a["models"].get(model, {}).get("metrics", {})
         mb = b["models"].get(model, {}).get("metrics", {})
@@ -352,6 +353,47 @@ def diff(run_a: str, run_b: str, home: Path | None = None) -> list[tuple[str, st
     if a["status"] != b["status"]:
         rows.append(("run", "status", a["status"], b["status"]))
     return rows
+
+
+def _causes(a: dict, b: dict) -> list[tuple[str, str, object, object]]:
+    """Why the two runs differ, before what differs: each setting a stage's key hashes (the spec's
+    fields it reads, file digests, converter and runtime versions) that changed, once, at the first stage
+    (upstream first) that reads it; a stage whose settings and inputs are the same but whose key is
+    not changed code. Read from the stages' cache entries, where they still exist."""
+    from .entry_files import META_FILE
+    stages_a = {s["name"]: s for s in a.get("stages", [])}
+    stages_b = {s["name"]: s for s in b.get("stages", [])}
+    rows, seen = [], set()
+    for name, sb in stages_b.items():
+        sa = stages_a.get(name)
+        if sa is None or sa["key"] == sb["key"]:
+            continue
+        metas = [json.loads((Path(s["path"]) / META_FILE).read_text()) if s.get("path") and
+                 (Path(s["path"]) / META_FILE).is_file() else None for s in (sa, sb)]
+        if None in metas:
+            continue
+        changed = [(k, va, vb) for k, va, vb in _leaf_changes(metas[0]["settings"], metas[1]["settings"])]
+        for what, va, vb in changed:
+            if what not in seen:
+                seen.add(what)
+                rows.append(("cause", what, va, vb))
+        upstream_moved = any(stages_a.get(i, {}).get("key") != stages_b.get(i, {}).get("key")
+                             for i in metas[1].get("inputs", []))
+        if not changed and not upstream_moved:
+            rows.append(("cause", f"{name}: its code", sa["key"][:10], sb["key"][:10]))
+    return rows
+
+
+def _leaf_changes(x, y, path: str = ""):
+    """(dotted path, old, new) for every leaf that differs between two JSON values."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        for k in sorted(set(x) | set(y)):
+            yield from _leaf_changes(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+    elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        for i, (u, v) in enumerate(zip(x, y)):
+            yield from _leaf_changes(u, v, f"{path}[{i}]")
+    elif x != y:
+        yield path, x, y
 
 
 def _parity_cells(record: dict) -> dict[str, tuple[str, float | None]]:

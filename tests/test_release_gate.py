@@ -119,6 +119,11 @@ def test_check_against_production_stops_a_worse_candidate_and_passes_a_better_on
     loose = ("--max-latency-ratio", "1000", "--max-size-ratio", "1000")  # here: the metric decides
     worse = run_cli("run", str(_toy_variant(tmp_path, 3)), home=home)
     assert worse.returncode == 0, worse.stdout + worse.stderr
+    runs = sorted(p.stem for p in (home / ".pipeline" / "runs").glob("*.json"))
+    why = run_cli("diff", runs[0], runs[-1], home=home)  # the cold toy run against the worse one
+    causes = [line.split() for line in why.stdout.splitlines() if line.startswith("cause")]
+    assert ["cause", "spec.models[0].train.epochs", "200", "3"] in causes, why.stdout
+    assert why.stdout.index("cause") < why.stdout.index("metric")  # why, then what
     stopped = run_cli("check", "toy-keras@candidate", "--against", "production", *loose,
                       "--out", str(tmp_path / "worse"), home=home)
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
