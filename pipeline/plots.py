@@ -198,3 +198,36 @@ def plot_layer_errors(localized: Mapping[str, Mapping], path, title: str = "Erro
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def plot_profiles(profiles: Mapping[str, Mapping], path, title: str = "Artifacts: latency and size") -> Path:
+    """One PNG of every profiled artifact (label@runtime -> its record's profile): latency p50 with its
+    p99 at batch 1 and at the largest batch, and file size, side by side on log axes."""
+    plt = _pyplot()
+    labels = list(profiles)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.5 * len(labels) + 4), 4.8))
+    x = np.arange(len(labels))
+    for offset, key in ((-0.2, "batch_1"), (0.2, "max_batch")):
+        p50 = np.array([profiles[k][key]["p50_ms"] for k in labels])
+        p99 = np.array([profiles[k][key]["p99_ms"] for k in labels])
+        rows = profiles[labels[0]][key]["rows"] if labels else 1
+        axes[0].bar(x + offset, p50, width=0.4, label=f"batch {rows}: p50 (bar), p99 (tick)")
+        axes[0].errorbar(x + offset, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt="none", ecolor="black",
+                         capsize=2, lw=0.8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("latency, ms")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(x, [(profiles[k].get("size_bytes") or 0) / 1024 for k in labels], color="tab:gray")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("size, KiB")
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -50,6 +50,7 @@ def test_every_passed_artifact_has_a_plausible_profile_in_the_record_and_parity_
             assert p["peak_rss_mb"] > 0 and p["size_bytes"] > 0, (r["label"], p)
     markdown = (report_dir(home) / "parity.md").read_text()
     assert "## Profile" in markdown and markdown.count("| `keras/onnx` | onnxruntime-cpu |") == 1
+    assert (report_dir(home) / "profiles.png").stat().st_size > 10_000
 
 
 def test_report_html_is_one_file_a_browser_shows_with_its_tables_and_plots(toy_run):

@@ -18,7 +18,7 @@ def run_report(ctx: Context, spec: dict) -> dict:
     import exporters
     spec = from_slice(spec)
     from parity.compare import ParityRecord, discrimination, task_hint, tolerance_for
-    from ..plots import plot_layer_errors, plot_model_parity, plot_training_curve
+    from ..plots import plot_layer_errors, plot_model_parity, plot_profiles, plot_training_curve
     from parity.report import ParityReport
     report = ParityReport(spec=spec.name, metadata={"spec_path": str(spec.path)})
     plots = []
@@ -58,6 +58,11 @@ def run_report(ctx: Context, spec: dict) -> dict:
         curves = {k: v for k, v in history.items() if isinstance(v, list) and (v or k == "loss")}
         plots.append(plot_training_curve(curves, ctx.out / f"training_{m.name}.png",
                                          title=f"{spec.name} / {m.name} ({m.framework}): training loss"))
+    profiles = {f"{r.label}@{r.runtime}": r.details["profile"] for r in report.records
+                if "batch_1" in (r.details or {}).get("profile", {})}
+    if profiles:  # also in MLflow, with the other plots
+        plots.append(plot_profiles(profiles, ctx.out / "profiles.png",
+                                   title=f"{spec.name}: latency and size of every passing artifact"))
     if "edge" in spec.deploy:
         import shutil
         for shot in sorted((ctx.input_dir("deploy:edge") / "edge" / "screenshots").glob("*.png")):
