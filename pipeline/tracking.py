@@ -226,14 +226,23 @@ class Recorder:
         served = [r for r in rows if r.get("format") == "tf_serving"]
         if served:  # blessed for TF Serving: the served answers matched over every transport
             tags["serving.blessed"] = "true" if all(r["status"] == "passed" for r in served) else "false"
-        if run["status"] == "passed" and bundle:
+        registered = (getattr(version, "tags", None) or {}).get("bundle.sha256")
+        if run["status"] == "passed" and bundle and registered and registered != bundle["sha256"]:
+            # what was verified and registered stays what the version ships: a rerun of the same trained
+            # model whose converters made other bytes is noted, and changes nothing the gate reads
+            tags = {"bundle.rerun_sha256": bundle["sha256"], "bundle.rerun_run_id": run["run_id"]}
+            print(f"{version.name} version {version.version} keeps the bundle it was registered with "
+                  f"({registered[:12]}); this run's bundle of the same model differs ({bundle['sha256'][:12]}): "
+                  f"its converters did not reproduce the bytes", flush=True)
+        elif run["status"] == "passed" and bundle:
             tags.update({"bundle.run_id": bundle["run_id"], "bundle.sha256": bundle["sha256"],
                          "formats": ",".join(sorted(info.get("exports", {}))), "pipeline.run_id": run["run_id"],
                          "pipeline.spec_path": run["spec_path"], "framework": info["framework"]})
         for k, v in tags.items():
             client.set_model_version_tag(version.name, version.version, k, v)
-        client.update_model_version(version.name, version.version,
-                                    description=_version_description(version.name, run, rows, tags["parity.verdict"]))
+        if "parity.verdict" in tags:
+            client.update_model_version(version.name, version.version,
+                                        description=_version_description(version.name, run, rows, tags["parity.verdict"]))
         client.set_registered_model_alias(version.name, "candidate", version.version)
 
     # A bundle (identified by the digest of its manifest) is logged once, in the child run that first

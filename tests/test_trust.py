@@ -251,3 +251,14 @@ def test_each_home_configured_in_one_process_gets_its_own_store_and_the_environm
                             env={**env, "MLFLOW_TRACKING_URI": "sqlite:////tmp/team.db"}, capture_output=True,
                             text=True, check=True, timeout=120).stdout.split()[-3:]
     assert shared == ["sqlite:////tmp/team.db"] * 3  # a URI the user set is everyone's, and stays set
+
+
+def test_a_registered_version_keeps_the_bundle_it_was_verified_with(toy_run, tmp_path):
+    home = copy_home(toy_run[0], tmp_path / "home")
+    before = version_tags(home, "toy-keras")
+    r = run_cli("run", "toy", "--force", home=home)  # the same trained model, every stage run again
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = version_tags(home, "toy-keras")
+    assert (after["bundle.sha256"], after["bundle.run_id"]) == (before["bundle.sha256"], before["bundle.run_id"])
+    if after.get("bundle.rerun_sha256", before["bundle.sha256"]) != before["bundle.sha256"]:
+        assert "keeps the bundle it was registered with" in r.stdout  # other bytes: noted, not swapped in
