@@ -206,6 +206,7 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
                 raise
         if spec_ref is not None:
             record = run(spec_ref, home=home, from_stage="verify", track=track)
+            record = _against_baseline(spec_mod.load(spec_ref), record, home, track, out_dir)
         else:
             with home_lock(work_dir(home), f"check {target}"):
                 record = gate.check_version(home, target, work_dir(home), track=track, against=against,
@@ -322,6 +323,35 @@ def validate(spec_ref: str, *, models: bool = True) -> dict:
                 raise spec_mod.SpecError(e.result.error if e.result.error_kind == "usage" else
                                          f"{spec.path}: {e.result.name}: {e.result.error}") from None
     return facts
+
+
+def _against_baseline(spec, record: dict, home: Path, track: bool, out_dir: Path | None) -> dict:
+    """With [gate] baseline in the spec: each model's candidate (the version this run registered)
+    against the model's version under that alias, as `check NAME@candidate --against ALIAS` does; its
+    reports go beside the spec's, under against-<model>/."""
+    from . import gate, tracking
+    baseline = spec.gate.get("baseline")
+    if not baseline or record["status"] != "passed":
+        return record
+    if not track:
+        record["against"] = f"[gate] baseline = {baseline!r} not compared: nothing is registered with --no-track"
+        return record
+    thresholds = {k: v for k, v in spec.gate.items() if k != "baseline"}
+    notes, failed = [], []
+    for m in spec.models:
+        ref = f"{tracking.registered_name(spec.name, m.name)}@candidate"
+        with home_lock(work_dir(home), f"check {ref}"):
+            found = gate.check_version(home, ref, work_dir(home), track=track, against=baseline,
+                                       thresholds=thresholds)
+        if found.get("report_dir"):
+            gate.copy_reports(Path(found["report_dir"]), (out_dir or home / "reports").resolve() / f"against-{m.name}")
+        notes.append(f"{m.name}: {found.get('against', '')} ({found['status']})")
+        if found["status"] != "passed":
+            failed.append(f"{ref} against {baseline}: {found.get('error') or found['summary']}")
+    record["against"] = "; ".join(notes)
+    if failed:
+        record.update(status="failed", error="; ".join(failed))
+    return record
 
 
 def _summary_markdown(record: dict, parity_md: Path) -> str:

@@ -161,6 +161,7 @@ class Spec:
     deploy: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
     executor: str | None = None   # [pipeline] executor: where its stages run unless the command says
+    gate: dict = field(default_factory=dict)  # [gate]: baseline alias and thresholds for `check SPEC`
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
@@ -240,7 +241,7 @@ class _Validator:
 
     def spec(self, raw: dict) -> Spec:
         self.known_keys(raw, "", {"pipeline", "data", "model", "train", "accept", "export", "parity",
-                                  "deploy"})
+                                  "deploy", "gate"})
         head = self.table(raw, "pipeline", "pipeline", {"name", "seed", "description", "executor"})
         name = self.get(head, "name", "pipeline", str)
         seed = self.get(head, "seed", "pipeline", int, 0)
@@ -331,7 +332,8 @@ class _Validator:
         deploy = self.get(raw, "deploy", "", dict, {})
         self._deploy_targets(deploy)
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
-                    parity, deploy, raw, executor)
+                    parity, deploy, raw, executor, self._gate(self.table(raw, "gate", "gate", set(GATE_KEYS),
+                                                                         required=False)))
 
     def _framework(self, m: dict, where: str) -> str:
         """One of frameworks/' modules, with its packages installed (checked without importing them)."""
@@ -402,6 +404,23 @@ class _Validator:
         if not all(isinstance(o, str) and o for o in outputs) or len(set(outputs)) != len(outputs):
             self.fail(f"{where}.outputs", "a list of distinct output names", outputs)
         return {"inputs": dict(inputs), "outputs": list(outputs)}
+
+    def _gate(self, table: dict) -> dict:
+        """[gate] baseline = "production" (an alias of each model's registered versions) and the
+        thresholds `check SPEC` compares each model's candidate with it under."""
+        gate = {}
+        if "baseline" in table:
+            gate["baseline"] = self.get(table, "baseline", "gate", str)
+        for key in GATE_KEYS[1:]:
+            if key in table:
+                value = self.get(table, key, "gate", (int, float))
+                if isinstance(value, bool) or value < 0:
+                    self.fail(f"gate.{key}", "a number >= 0", value)
+                gate[key] = float(value)
+        if len(gate) > ("baseline" in gate) and "baseline" not in gate:
+            self.fail("gate.baseline", "the alias to compare with (e.g. \"production\") when thresholds are set",
+                      None, show_found=False)
+        return gate
 
     def _int8_fallback(self, table: dict) -> dict | None:
         """[export.litert] int8_fallback = "auto": the int8 variant keeps its worst layers in float, at
@@ -599,6 +618,9 @@ def _top_level_names(source: Path) -> set[str]:
 
 _TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads", "validation_split",
                "early_stopping", "checkpoint", "reduce_lr", "tensorboard"}
+
+
+GATE_KEYS = ("baseline", "max_metric_drop", "max_latency_ratio", "max_size_ratio")
 
 
 def raise_missing(path: Path, key: str) -> None:

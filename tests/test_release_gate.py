@@ -150,6 +150,15 @@ def test_check_against_production_stops_a_worse_candidate_and_passes_a_better_on
                      home=home)
     assert forced.returncode == 0 and "is now 'production'" in forced.stdout, forced.stdout + forced.stderr
 
+    # the same from a spec: [gate] baseline compares each model's new candidate with production
+    gated = _toy_variant(tmp_path, 3)
+    gated.write_text(gated.read_text() + '\n[gate]\nbaseline = "production"\nmax_latency_ratio = 1000\n'
+                                        'max_size_ratio = 1000\n')
+    spec_gate = run_cli("check", str(gated), "--out", str(tmp_path / "spec_gate"), home=home)
+    assert spec_gate.returncode == 1, spec_gate.stdout + spec_gate.stderr
+    assert "toy-keras@candidate against production" in spec_gate.stderr and "mse" in spec_gate.stderr
+    assert (tmp_path / "spec_gate" / "against-keras" / "junit.xml").is_file()
+
 
 def test_a_spec_cannot_be_compared_against_production(tmp_path):
     r = run_cli("check", "toy", "--against", "production", home=tmp_path)

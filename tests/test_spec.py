@@ -70,6 +70,10 @@ def test_malformed_toml_names_file_and_line(tmp_path):
     ('source = "linear"', 'source = "csv"', "data.source: expected one of linear, digits, npz"),
     ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo:linear_torch"\n[export.litert]\nint8_fallback = "sometimes"',
      'export.litert.int8_fallback: expected "auto" or "off", found \'sometimes\''),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo:linear_torch"\n[gate]\nmax_size_ratio = 1.5',
+     "gate.baseline: expected the alias to compare with"),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo:linear_torch"\n[gate]\nbaseline = "production"'
+                                              '\nmax_metric_drop = -1', "gate.max_metric_drop: expected a number >= 0"),
     ('factory = "pipeline.zoo:linear_torch"',
      'factory = "pipeline.zoo:linear_torch"\n[export.litert]\nint8_fallback = "auto"\nint8_max_float_layers = 0',
      "export.litert.int8_max_float_layers: expected a positive integer, found 0"),
