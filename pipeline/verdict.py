@@ -10,7 +10,9 @@ def verdict_error(report_facts: dict) -> str | None:
     tell a right artifact from a wrong one (INCONCLUSIVE, a failure for the gate)."""
     if not report_facts["passed"]:
         failures = report_facts["failures"]
-        return (f"parity failed: {len(failures)} artifact check(s) failed; first: "
+        # a candidate that keeps parity but is worse than its baseline fails the comparison, not parity
+        what = "the comparison with the baseline" if failures and all(" against " in f for f in failures) else "parity"
+        return (f"{what} failed: {len(failures)} artifact check(s) failed; first: "
                 + (failures[0] if failures else "no artifact was checked"))
     if report_facts.get("verdict") == "inconclusive":
         return (f"parity inconclusive: every check passed, but the parity set of "

@@ -14,6 +14,9 @@ def test_verdict_errors():
     from pipeline.api import verdict_error
     assert verdict_error({"passed": True, "verdict": "passed"}) is None
     assert verdict_error({"passed": False, "failures": ["FAIL m/onnx: x"]}).startswith("parity failed: 1 ")
+    worse = ["FAIL m/onnx on onnxruntime-cpu against production: mse 9.3 against 0.013 in production"]
+    assert verdict_error({"passed": False, "failures": worse}).startswith("the comparison with the baseline failed: 1 ")
+    assert verdict_error({"passed": False, "failures": worse + ["FAIL m/onnx: x"]}).startswith("parity failed: 2 ")
     assert "no artifact was checked" in verdict_error({"passed": False, "failures": []})
     assert verdict_error({"passed": True, "verdict": "inconclusive", "inconclusive": ["m"]}).startswith(
         "parity inconclusive")
