@@ -63,7 +63,13 @@ def explain_file(artifact: str, model: str, example: str, *, out: Path, variant:
                         f"found {'nothing' if not original.exists() else repr(original.suffix)}")
     x = rows_to_run(read_example(Path(example)), None)
     fw = adapter(framework)
-    loaded = fw.load_pretrained(original, where=f"--model {model}")
+    if not hasattr(fw, "layer_outputs"):
+        raise SpecError(f"--model {model}: the layer outputs of {framework} models are not read yet; expected "
+                        f"a Keras or torch model")
+    try:
+        loaded = fw.load_pretrained(original, where=f"--model {model}")
+    except ValueError as e:  # the framework's loader refused the file: said as a usage error
+        raise SpecError(str(e)) from None
     tolerance = tolerance_for(variant, fmt, tolerances or {})
     from exporters.taps import artifact_taps
     from parity.localize import localize

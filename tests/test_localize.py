@@ -334,3 +334,13 @@ def test_a_model_of_two_heads_names_each_output_s_own_first_divergence(tmp_path)
     assert loc["layer"] == "b_hidden", loc
     assert loc["outputs"]["head_b"]["layer"] == "b_hidden"
     assert "layer" not in loc["outputs"]["head_a"] and "exceeds" in loc["outputs"]["head_a"]["note"]
+
+
+def test_explain_refuses_a_model_file_that_holds_no_model_and_names_it(tmp_path):
+    from tests.conftest import run_cli
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    (tmp_path / "model.onnx").write_bytes(b"")
+    np.savez(tmp_path / "rows.npz", x=np.zeros((2, 3), np.float32))
+    r = run_cli("explain", "--file", "model.onnx", "--model", "broken.keras", "--example", "rows.npz", home=tmp_path)
+    assert r.returncode == 2 and "--model broken.keras" in r.stderr and "keras.models.load_model failed" in r.stderr, \
+        r.stdout + r.stderr
