@@ -38,9 +38,15 @@ def test_an_artifact_is_fed_batch_1_then_the_largest_batch_then_the_rest():
     module, art = SpyModule(), Artifact("m", "onnx", "fp32", "/nowhere", "torch", "test")
     rec, got, env = check_artifact(module, art, "spy", reference(40), tolerance_for("fp32", "onnx"),
                                    task="regression", max_batch=16)
-    assert module.log == [1, 16, 23, "closed"]
+    # the parity feeds first; then, the artifact having passed, its profile times batch 1 and the
+    # largest batch (2 warm-ups each and 20 and 10 timed calls) before the runner is closed
+    assert module.log == [1, 16, 23] + [1] * 22 + [16] * 12 + ["closed"]
     assert rec.passed and env is None and got.shape == (40, 1)
-    assert rec.details["feeds"] == [1, 16, 23]
+    assert rec.details["feeds"] == [1, 16, 23] and rec.details["profile"]["max_batch"]["rows"] == 16
+    module = SpyModule()
+    check_artifact(module, art, "spy", reference(40), tolerance_for("fp32", "onnx"), task="regression",
+                   max_batch=16, profiled=False)
+    assert module.log == [1, 16, 23, "closed"]
 
 
 def test_feeding_small_parity_sets():
