@@ -20,6 +20,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay the figure out, write it as a PNG (its folder made if need be) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def _variant_of(label: str) -> str:
     """'keras/litert-int8@litert-interpreter' -> 'int8'; no variant suffix -> 'fp32'."""
     tail = label.split("@", 1)[0].rsplit("/", 1)[-1].rsplit("-", 1)[-1]
@@ -106,12 +116,7 @@ def plot_model_parity(model_name: str, reference, outputs_by_label: Mapping[str,
     if skipped:
         title += "\nnot drawn (shape differs from reference): " + "; ".join(skipped)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _atol_for(label: str, tolerances) -> float | None:
@@ -155,12 +160,7 @@ def plot_training_curve(history: Mapping[str, Sequence[float]], path, title: str
     if not groups:
         axes[0][0].text(0.5, 0.5, "no history", ha="center", va="center", transform=axes[0][0].transAxes)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_layer_errors(localized: Mapping[str, Mapping], path, title: str = "Error per layer") -> Path:
@@ -192,12 +192,7 @@ def plot_layer_errors(localized: Mapping[str, Mapping], path, title: str = "Erro
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_profiles(profiles: Mapping[str, Mapping], path, title: str = "Artifacts: latency and size") -> Path:
@@ -225,9 +220,4 @@ def plot_profiles(profiles: Mapping[str, Mapping], path, title: str = "Artifacts
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
