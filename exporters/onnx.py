@@ -12,6 +12,7 @@ dimension; if a converter wrote a fixed batch, the artifact says so in `batch_si
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     else:
         raise unsupported_family(FORMAT, name, family, REQUIRES)
     export_s = time.perf_counter() - t0
+    _drop_function_counter(path)
 
     batch_dim, io = _describe(path, name, framework, route)
     details.update(io)
@@ -70,6 +72,21 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     return [Artifact(model=name, format=FORMAT, variant="fp32", path=str(path), framework=framework,
                      route=route, batch_sizes=batch_sizes, size_bytes=size_of(path), export_s=export_s,
                      details=details)]
+
+
+_TRACED_NAME = re.compile(r"(__inference_\w*?)_\d+\b")
+
+
+def _drop_function_counter(path: Path) -> None:
+    """tf2onnx writes "converted from __inference___call___4087" into the graph's doc string: the number is
+    a counter of the TensorFlow process, which other work in it moves. Without it, the same model makes
+    the same bytes; the doc string is a note, which no runtime reads."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    plain = _TRACED_NAME.sub(r"\1", model.graph.doc_string)
+    if plain != model.graph.doc_string:
+        model.graph.doc_string = plain
+        onnx.save(model, str(path))
 
 
 def _export_tensorflow(model, name: str, example, path: Path) -> tuple[str, dict[str, Any]]:

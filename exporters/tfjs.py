@@ -39,7 +39,7 @@ from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError
                             family_of, graph_order, pick_runtime, size_of)
 from parity.signature import Signature, TensorSpec
 
-from .tfjs_graph import rank1_fused_biases, unfused_hard_swish, widened_scalar_biases
+from .tfjs_graph import rank1_fused_biases, sorted_node_attributes, unfused_hard_swish, widened_scalar_biases
 
 FORMAT = "tfjs"
 # jax: jax2tf's SavedModel is one XlaCallModule op, which the converter refuses; the ONNX file (jax2onnx)
@@ -291,6 +291,7 @@ def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: di
     squeezed = rank1_fused_biases(tmp / "model.json", model_json)
     widened = widened_scalar_biases(tmp, model_json)
     unfused = unfused_hard_swish(tmp, model_json)
+    sorted_node_attributes(tmp / "model.json", model_json)  # the repairs above changed it in place
     sig = model_json.get("signature") or {}
     inputs, outputs = _tensor_specs(sig.get("inputs", {})), _tensor_specs(sig.get("outputs", {}))
     if not inputs or not outputs:

@@ -11,6 +11,22 @@ from pathlib import Path
 import numpy as np
 
 
+def sorted_node_attributes(path: Path, model_json: dict) -> None:
+    """Every node's `attr` map written in key order. The converter prints the graph's protobuf maps in
+    whatever order they iterate, which differs from one conversion of the same SavedModel to the next;
+    sorted, the same graph gives the same bytes. Only maps of attributes: the order of the signature's
+    inputs is how TF.js binds inputs given by position, and stays as converted."""
+    topology = model_json.get("modelTopology", {})
+    functions = topology.get("library", {}).get("function", [])
+    for node in topology.get("node", []) + [n for f in functions for n in f.get("nodeDef", [])]:
+        if "attr" in node:
+            node["attr"] = dict(sorted(node["attr"].items()))
+    for f in functions:
+        if "attr" in f:
+            f["attr"] = dict(sorted(f["attr"].items()))
+    path.write_text(json.dumps(model_json))
+
+
 def rank1_fused_biases(path: Path, model_json: dict) -> list[str]:
     """A bias of shape [1, ..., 1, n] in a fused op (_FusedMatMul, _FusedConv2D: fused_ops starting with
     BiasAdd) told as shape [n] in the weights manifest; the bytes are the same. jax broadcasts a bias to

@@ -183,6 +183,7 @@ class ParityReport:
             lines.append("")
         lines += self._artifact_lines()
         lines += self._profile_lines()
+        lines += self._reproducibility_lines()
         lines += ["## Discrimination of the parity set", ""]
         if not self.discrimination:
             lines += ["Not measured.", ""]
@@ -192,6 +193,19 @@ class ParityReport:
         if self.discrimination:
             lines.append("")
         return "\n".join(lines)
+
+    def _reproducibility_lines(self) -> list[str]:
+        """The files of these artifacts that their converter writes anew on every run (metadata
+        `not_reproducible`: why -> the files, as artifact label: path), where two bundles of the same model differ."""
+        found = self.metadata.get("not_reproducible") or {}
+        if not found:
+            return []
+        lines = ["## Reproducibility", "",
+                 "Bundles are written without timings or machine paths; only these files differ between two runs "
+                 "from the same inputs, because their converter writes them anew:", ""]
+        for why, files in found.items():
+            lines.append(f"- {', '.join(f'`{_md(f)}`' for f in files)}: {_md(why)}")
+        return lines + [""]
 
     def _profile_lines(self) -> list[str]:
         """Each passing artifact's speed and size in its runtime (exporters/profile.py)."""

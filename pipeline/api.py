@@ -192,9 +192,9 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
     from . import gate
     home = home or home_dir()
     spec_ref = None
-    if (against or thresholds) and (Path(target, "manifest.json").is_file() or not any(c in target for c in "@/")):
+    if (against or thresholds) and Path(target, "manifest.json").is_file():
         raise spec_mod.SpecError(f"check {target} --against: expected a registered version (NAME@ALIAS or "
-                                 f"NAME/VERSION) to compare with another; found a spec or a bundle folder")
+                                 f"NAME/VERSION) or a spec to compare with another version; found a bundle folder")
     if Path(target, "manifest.json").is_file():  # a bundle folder, as a deploy would take it
         with home_lock(work_dir(home), f"check {target}"):
             record = gate.check_bundle(Path(target).resolve(), target, work_dir(home))
@@ -205,8 +205,13 @@ def check(target: str, *, home: Path | None = None, out_dir: Path | None = None,
             if not any(c in target for c in "@/") and "-" not in target:
                 raise
         if spec_ref is not None:
+            spec = spec_mod.load(spec_ref)
+            settings = {**spec.gate, **({"baseline": against} if against else {}), **(thresholds or {})}
+            if len(settings) > ("baseline" in settings) and "baseline" not in settings:
+                raise spec_mod.SpecError(f"check {target}: thresholds need a baseline to compare with: "
+                                         f"--against ALIAS, or [gate] baseline in the spec")
             record = run(spec_ref, home=home, from_stage="verify", track=track)
-            record = _against_baseline(spec_mod.load(spec_ref), record, home, track, out_dir)
+            record = _against_baseline(spec, settings, record, home, track, out_dir)
         else:
             with home_lock(work_dir(home), f"check {target}"):
                 record = gate.check_version(home, target, work_dir(home), track=track, against=against,
@@ -325,18 +330,18 @@ def validate(spec_ref: str, *, models: bool = True) -> dict:
     return facts
 
 
-def _against_baseline(spec, record: dict, home: Path, track: bool, out_dir: Path | None) -> dict:
-    """With [gate] baseline in the spec: each model's candidate (the version this run registered)
-    against the model's version under that alias, as `check NAME@candidate --against ALIAS` does; its
-    reports go beside the spec's, under against-<model>/."""
+def _against_baseline(spec, settings: dict, record: dict, home: Path, track: bool, out_dir: Path | None) -> dict:
+    """With a baseline (the spec's [gate], or `check SPEC --against ALIAS`): each model's candidate (the
+    version this run registered) against the model's version under that alias, as `check NAME@candidate
+    --against ALIAS` does; its reports go beside the spec's, under against-<model>/."""
     from . import gate, tracking
-    baseline = spec.gate.get("baseline")
+    baseline = settings.get("baseline")
     if not baseline or record["status"] != "passed":
         return record
     if not track:
         record["against"] = f"[gate] baseline = {baseline!r} not compared: nothing is registered with --no-track"
         return record
-    thresholds = {k: v for k, v in spec.gate.items() if k != "baseline"}
+    thresholds = {k: v for k, v in settings.items() if k != "baseline"}
     notes, failed = [], []
     for m in spec.models:
         ref = f"{tracking.registered_name(spec.name, m.name)}@candidate"
@@ -451,7 +456,9 @@ def _record(spec, run_id: str, started: float, finished: float, results, error: 
         info = {"framework": m.framework, "factory": m.factory,
                 "params": {"framework": m.framework, "factory": m.factory, **(m.train.__dict__ if m.train else {}),
                            **({"source": m.source} if m.source else {}),
-                           **{f"model.{k}": v for k, v in m.params.items()}, "seed": spec.seed}}
+                           **{f"model.{k}": v for k, v in m.params.items()}, "seed": spec.seed,
+                           "distribution": ((train.facts if train is not None else {}).get("distribution")
+                                            or {}).get("kind", "none")}}
         if train is not None and train.error:
             info["error"] = train.error
         if train is not None and not train.error:

@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or a bundle folder")
     c.add_argument("--out", default=None, help="folder for parity.json, junit.xml, summary.md (default: reports/)")
     c.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
-    c.add_argument("--against", metavar="ALIAS", help="a registered version only: also compare it with the "
-                                                      "model's version under ALIAS (e.g. production): task "
-                                                      "metric, latency and size of every artifact")
+    c.add_argument("--against", metavar="ALIAS", help="also compare the version (for a spec: each model's new "
+                                                      "candidate) with the model's version under ALIAS (e.g. "
+                                                      "production): task metric, latency and size of every "
+                                                      "artifact; for a spec, instead of its [gate] baseline")
     c.add_argument("--max-metric-drop", type=float, help="with --against: how much worse the task metric may be "
                                                           "(accuracy down, mse up; default 0.01)")
     c.add_argument("--max-latency-ratio", type=float, help="with --against: candidate / baseline latency p50 "

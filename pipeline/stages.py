@@ -237,7 +237,7 @@ def _file_text_digest(path: str) -> str:
     return file_digest(Path(path))
 
 
-REPORT_CODE = step_code("report", "parity/compare.py", "parity/report.py", "pipeline/plots.py")
+REPORT_CODE = step_code("report", "parity/compare.py", "parity/report.py", "pipeline/plots.py", "exporters/bundle.py")
 
 
 def report_stage(spec: Spec) -> Stage:

@@ -226,14 +226,17 @@ class Recorder:
         served = [r for r in rows if r.get("format") == "tf_serving"]
         if served:  # blessed for TF Serving: the served answers matched over every transport
             tags["serving.blessed"] = "true" if all(r["status"] == "passed" for r in served) else "false"
-        registered = (getattr(version, "tags", None) or {}).get("bundle.sha256")
+        known = getattr(version, "tags", None) or {}
+        registered = known.get("bundle.sha256")
         if run["status"] == "passed" and bundle and registered and registered != bundle["sha256"]:
             # what was verified and registered stays what the version ships: a rerun of the same trained
             # model whose converters made other bytes is noted, and changes nothing the gate reads
-            tags = {"bundle.rerun_sha256": bundle["sha256"], "bundle.rerun_run_id": run["run_id"]}
+            differs = _rerun_differences(client, known.get("bundle.run_id"), info.get("bundle_dir"))
+            tags = {"bundle.rerun_sha256": bundle["sha256"], "bundle.rerun_run_id": run["run_id"],
+                    "bundle.rerun_differs": "\n".join(f"{f}: {why}" for f, why in differs.items())[:5000]}
             print(f"{version.name} version {version.version} keeps the bundle it was registered with "
-                  f"({registered[:12]}); this run's bundle of the same model differs ({bundle['sha256'][:12]}): "
-                  f"its converters did not reproduce the bytes", flush=True)
+                  f"({registered[:12]}); this run's bundle of the same model differs ({bundle['sha256'][:12]}) in "
+                  + (", ".join(f"{f} ({why})" for f, why in differs.items()) or "its manifest"), flush=True)
         elif run["status"] == "passed" and bundle:
             tags.update({"bundle.run_id": bundle["run_id"], "bundle.sha256": bundle["sha256"],
                          "formats": ",".join(sorted(info.get("exports", {}))), "pipeline.run_id": run["run_id"],
@@ -369,6 +372,22 @@ def _version_description(name: str, run: dict, rows: list[dict], verdict: str) -
                   f"the training curves in the artifacts of the pipeline's MLflow run; `report.html` beside "
                   f"`parity.md` in the run's report folder."]
     return "\n".join(lines)
+
+
+def _rerun_differences(client, registered_run: str | None, bundle_dir: str | None) -> dict[str, str]:
+    """Which files of a rerun's bundle differ from the registered bundle's, and why."""
+    import tempfile
+    from mlflow.exceptions import MlflowException
+    from exporters.bundle import MANIFEST, reproduction_differences
+    if not registered_run or not bundle_dir:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(registered_run, f"bundle/{MANIFEST}", tmp)
+        except (MlflowException, OSError):
+            return {}
+        registered = json.loads(Path(path).read_text())
+    return reproduction_differences(registered, json.loads((Path(bundle_dir) / MANIFEST).read_text()))
 
 
 class PromotionRefused(RuntimeError):

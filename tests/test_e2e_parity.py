@@ -6,6 +6,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+from exporters.bundle import read_bundle
+
 from .conftest import ROOT, copy_home, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -51,6 +53,18 @@ def test_every_passed_artifact_has_a_plausible_profile_in_the_record_and_parity_
     markdown = (report_dir(home) / "parity.md").read_text()
     assert "## Profile" in markdown and markdown.count("| `keras/onnx` | onnxruntime-cpu |") == 1
     assert (report_dir(home) / "profiles.png").stat().st_size > 10_000
+    bundles = sorted((home / ".pipeline" / "cache" / "bundle").glob("*/bundle"))
+    assert bundles and all(read_bundle(b).profiles() for b in bundles)  # the profile is kept with the bundle
+    kept = {cell for b in bundles for cell in read_bundle(b).profiles()}
+    assert {f"{r['label']}@{r['runtime']}" for r in passed if r["format"] != "tf_serving"} <= kept
+
+
+def test_the_report_names_the_files_the_converters_write_anew_on_every_run(toy_run):
+    home, _ = toy_run
+    markdown = (report_dir(home) / "parity.md").read_text()
+    section = markdown.split("## Reproducibility", 1)[1].split("\n## ", 1)[0]
+    assert "`keras/saved_model: saved_model/fingerprint.pb`" in section and "random uuid" in section
+    assert "onnx" not in section and "tfjs" not in section  # their bytes repeat: not listed
 
 
 def test_report_html_is_one_file_a_browser_shows_with_its_tables_and_plots(toy_run):

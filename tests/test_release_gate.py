@@ -27,6 +27,22 @@ def test_actionlint_catches_a_broken_workflow(tmp_path):
     assert r.returncode != 0
 
 
+def test_a_release_tag_runs_each_spec_against_production_on_the_team_server():
+    """The tag job's command is one our CLI takes, and it reads the team's tracking server from a secret."""
+    import shlex
+    import yaml
+    from pipeline.cli import build_parser
+    jobs = yaml.safe_load((ROOT / ".github/workflows/parity-gate.yml").read_text())["jobs"]
+    job = jobs["against-production"]
+    assert "refs/tags/v" in job["if"] and job["needs"] == "gate"
+    assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
+    [run] = [s["run"] for s in job["steps"] if "pipeline check" in s.get("run", "")]
+    argv = shlex.split(run.replace("${{ matrix.spec }}", "toy"))
+    args = build_parser().parse_args(argv[argv.index("pipeline") + 1:])
+    assert (args.command, args.target, args.against) == ("check", "toy", "production")
+    assert set(job["strategy"]["matrix"]["spec"]) == set(jobs["gate"]["strategy"]["matrix"]["spec"])
+
+
 def _tamper_registered_tfjs_shard(home: Path, name: str) -> Path:
     import sqlite3
     con = sqlite3.connect(home / "mlruns" / "mlflow.db")
@@ -150,16 +166,23 @@ def test_check_against_production_stops_a_worse_candidate_and_passes_a_better_on
                      home=home)
     assert forced.returncode == 0 and "is now 'production'" in forced.stdout, forced.stdout + forced.stderr
 
-    # the same from a spec: [gate] baseline compares each model's new candidate with production
+    # the same from a spec: [gate] compares each model's new candidate with its baseline, here production as
+    # `--against` tells (over the spec's own alias, which has no version) under the spec's thresholds
     gated = _toy_variant(tmp_path, 3)
-    gated.write_text(gated.read_text() + '\n[gate]\nbaseline = "production"\nmax_latency_ratio = 1000\n'
+    gated.write_text(gated.read_text() + '\n[gate]\nbaseline = "staging"\nmax_latency_ratio = 1000\n'
                                         'max_size_ratio = 1000\n')
-    spec_gate = run_cli("check", str(gated), "--out", str(tmp_path / "spec_gate"), home=home)
+    spec_gate = run_cli("check", str(gated), "--against", "production", "--out", str(tmp_path / "spec_gate"),
+                        home=home)
     assert spec_gate.returncode == 1, spec_gate.stdout + spec_gate.stderr
     assert "toy-keras@candidate against production" in spec_gate.stderr and "mse" in spec_gate.stderr
     assert (tmp_path / "spec_gate" / "against-keras" / "junit.xml").is_file()
 
 
-def test_a_spec_cannot_be_compared_against_production(tmp_path):
-    r = run_cli("check", "toy", "--against", "production", home=tmp_path)
-    assert r.returncode == 2 and "expected a registered version" in r.stderr
+def test_a_comparison_needs_a_baseline_and_a_bundle_folder_has_none(tmp_path):
+    r = run_cli("check", "toy", "--max-size-ratio", "2", home=tmp_path)
+    assert r.returncode == 2 and "thresholds need a baseline" in r.stderr, r.stderr
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    r = run_cli("check", str(tmp_path / "bundle"), "--against", "production", home=tmp_path)
+    assert r.returncode == 2 and "found a bundle folder" in r.stderr, r.stderr
+    assert not (tmp_path / ".pipeline").exists()  # refused before any stage ran

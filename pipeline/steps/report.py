@@ -58,6 +58,7 @@ def run_report(ctx: Context, spec: dict) -> dict:
         curves = {k: v for k, v in history.items() if isinstance(v, list) and (v or k == "loss")}
         plots.append(plot_training_curve(curves, ctx.out / f"training_{m.name}.png",
                                          title=f"{spec.name} / {m.name} ({m.framework}): training loss"))
+    report.metadata["not_reproducible"] = not_reproducible(report.records)
     profiles = {f"{r.label}@{r.runtime}": r.details["profile"] for r in report.records
                 if "batch_1" in (r.details or {}).get("profile", {})}
     if profiles:  # also in MLflow, with the other plots
@@ -70,6 +71,22 @@ def run_report(ctx: Context, spec: dict) -> dict:
             plots.append(str(ctx.out / f"browser_{shot.name}"))
     return {**write_report(report, ctx.out), "warnings": report.warnings,
             "plots": [p.name for p in map(Path, plots)]}
+
+
+def not_reproducible(records) -> dict[str, list[str]]:
+    """Why -> the files ("label: path in the artifact") a converter writes anew on every run
+    (exporters.bundle.NOT_REPRODUCIBLE), found in the artifacts these records verified."""
+    from exporters.bundle import NOT_REPRODUCIBLE
+    found, seen = {}, set()
+    for r in records:
+        root = Path(r.artifact) if r.artifact else None
+        if root is None or r.label in seen or not root.exists():
+            continue
+        seen.add(r.label)
+        for p in [root] if root.is_file() else sorted(root.rglob("*")):
+            if p.name in NOT_REPRODUCIBLE:
+                found.setdefault(NOT_REPRODUCIBLE[p.name], []).append(f"{r.label}: {p.relative_to(root.parent).as_posix()}")
+    return found
 
 
 def write_report(report, out: Path) -> dict:
