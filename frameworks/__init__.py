@@ -13,8 +13,11 @@ declarations before any worker starts):
     PRETRAINED_FOLDER = ("config.json", "a Hugging Face save_pretrained folder")  # optional: a folder
                                         # `source =` may name, told by the file inside it
     FLAVOR = "pytorch"                  # the MLflow flavor its native model is saved with
+    DISTRIBUTION = "lightning-ddp"      # how `[train] workers = N` trains it on N processes (a kind in
+                                        #   frameworks/distributed.py; the adapter's train_rank is one rank),
+                                        #   or None, with NOT_DISTRIBUTED saying why it cannot
     class Adapter                       # check, build, train, predict, signature, save, load,
-                                        # load_pretrained, save_pretrained, perturbed, save_mlflow_model
+                                        # load_pretrained, save_pretrained, perturbed, mlflow_form
 
 A new framework is one new module here (plus its tests); nothing else names frameworks.
 """
@@ -26,7 +29,7 @@ import pkgutil
 from functools import lru_cache
 from types import ModuleType
 
-_HELPERS = {"base"}  # modules of this package that are not frameworks
+_HELPERS = {"base", "distributed", "dist_worker", "mirrored"}  # modules of this package that are not frameworks
 
 
 class UnknownFramework(ValueError):

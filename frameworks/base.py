@@ -81,6 +81,18 @@ class History:
         return ", ".join(parts)
 
 
+@dataclass
+class RankRun:
+    """What one rank of a training on several worker processes gives back (frameworks/dist_worker.py):
+    its trained model, its History (rank 0's is the training's), its rank, the number of ranks its
+    framework counted in the group, and the training rows it was dealt in the first epoch (its shard)."""
+    model: object
+    history: History
+    rank: int
+    world_size: int
+    rows: list[int]
+
+
 def callbacks_of(t) -> dict:
     """The spec's callbacks (each None when not asked for), for a framework to map onto its own."""
     return {"early_stopping": getattr(t, "early_stopping", None), "checkpoint": getattr(t, "checkpoint", None),

@@ -23,6 +23,11 @@ INSTALL = "pip install --no-deps fastai==2.8.12, then its requirements as requir
 PRETRAINED_SUFFIXES = ()
 FLAVOR = "pytorch"
 BUILDS_ON = ("torch",)
+DISTRIBUTION = None
+NOT_DISTRIBUTED = ("fastai trains on several processes through Hugging Face Accelerate (Learner.distrib_ctx and "
+                   "to_distributed wrap accelerate.Accelerator, each process started by `accelerate launch`), and "
+                   "accelerate is not among this toolkit's packages: without it fastai.distributed does not even "
+                   "import")
 
 MONITORS = {"loss": "train_loss", "val_loss": "valid_loss"}  # the spec's names -> fastai's recorder's
 

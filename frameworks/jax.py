@@ -22,6 +22,11 @@ PACKAGES = ("jax", "optax")
 INSTALL = "pip install jax optax"
 PRETRAINED_SUFFIXES = ()
 FLAVOR = "python_function"
+DISTRIBUTION = None
+NOT_DISTRIBUTED = ("this style trains with one jitted step on one device, and JAX has no launcher that spreads such "
+                   "a step over processes: its multi-process runtime (jax.distributed.initialize, with gloo "
+                   "collectives on the CPU) runs programs written for arrays sharded over a mesh of every "
+                   "process's devices, a different training loop from this style's")
 
 PARAMS_FILE = "params.npz"  # the parameter pytree's leaves (leaf_0, leaf_1, ... in tree_flatten order)
 
@@ -193,40 +198,27 @@ class Adapter:
         noisy = [jnp.asarray((np.asarray(w) * (1 + scale * e)).astype(np.asarray(w).dtype)) for w, e in zip(leaves, noise)]
         return JaxModel(model.apply, jax.tree_util.tree_unflatten(treedef, noisy))
 
-    def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
-        """A python_function model: the parameters as an .npz artifact, the function (pickled by
-        cloudpickle, as MLflow pickles the PythonModel) applied with jax at predict time."""
-        import tempfile
-
+    def mlflow_form(self, model, x_example) -> dict:
+        """What pipeline/tracking.py saves as the MLflow model: a python_function model, the parameters
+        as an .npz artifact and the function applied with jax at predict time. `apply` and `restore`
+        are made here, so cloudpickle (as MLflow pickles the model) keeps them by value, not by import."""
         import jax
-        import mlflow.pyfunc
-        from mlflow.models import infer_signature
         leaves, treedef = _flat(model.params)
         skeleton = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))  # ints where the leaves go
+        function = model.apply
 
-        class JaxFunction(mlflow.pyfunc.PythonModel):  # local: cloudpickle keeps it by value, not by import
-            def __init__(self, apply, structure):
-                self.apply, self.structure, self.params = apply, structure, None
+        def apply(params, x):
+            import numpy as _np
+            return _np.asarray(function(params, _np.asarray(x, _np.float32)))
 
-            def load_context(self, context):
-                import jax as _jax
-                import numpy as _np
-                with _np.load(context.artifacts["params"]) as f:
-                    arrays = {int(k.split("_")[1]): f[k] for k in f.files}
-                self.params = _jax.tree_util.tree_map(lambda i: arrays[i], self.structure)
-
-            def predict(self, context, model_input, params=None):
-                import numpy as _np
-                return _np.asarray(self.apply(self.params, _np.asarray(model_input, _np.float32)))
-
-        with tempfile.TemporaryDirectory() as tmp:
-            params_file = Path(tmp) / PARAMS_FILE
-            np.savez(params_file, **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
-            mlflow.pyfunc.save_model(
-                str(path), python_model=JaxFunction(model.apply, skeleton), artifacts={"params": str(params_file)},
-                signature=infer_signature(np.asarray(x_example), np.asarray(y_example)),
-                pip_requirements=[f"jax=={jax.__version__}", f"jaxlib=={_version('jaxlib')}",
-                                  f"numpy=={np.__version__}"])
+        def restore(structure, arrays: dict):  # the pytree again, each int replaced by its leaf
+            import jax as _jax
+            return _jax.tree_util.tree_map(lambda i: arrays[i], structure)
+        return {"flavor": "python_function", "apply": apply, "restore": restore, "structure": skeleton,
+                "leaves": [np.asarray(v) for v in leaves], "params_file": PARAMS_FILE,
+                "example": np.asarray(x_example), "input_example": False,
+                "pip_requirements": [f"jax=={jax.__version__}", f"jaxlib=={_version('jaxlib')}",
+                                     f"numpy=={np.__version__}"]}
 
 
 def _version(dist: str) -> str:

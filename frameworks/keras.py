@@ -13,8 +13,8 @@ from exporters.base import keras_feed, keras_input_names
 from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
-from .base import (PRETRAINED, History, PretrainedLoadError, callbacks_of, check_kind, first_line, kept_pretrained,
-                   output_kind, output_specs, tf_summaries)
+from .base import (PRETRAINED, History, PretrainedLoadError, RankRun, callbacks_of, check_kind, first_line,
+                   kept_pretrained, output_kind, output_specs, tf_summaries)
 
 NAME = "keras"
 FAMILY = "tensorflow"
@@ -23,6 +23,7 @@ PACKAGES = ("tensorflow", "keras")
 INSTALL = "pip install tensorflow==2.21.0 (Keras 3 comes with it)"
 PRETRAINED_SUFFIXES = (".keras", ".h5")
 FLAVOR = "keras"
+DISTRIBUTION = "multi-worker-mirrored"  # workers > 1: one process per worker, told its place by TF_CONFIG
 
 EPOCH_CHUNKS = 20  # epochs are trained in this many compiled chunks, reporting progress between chunks
 
@@ -46,21 +47,51 @@ class Adapter:
     def train(self, model, t, x, y: np.ndarray, seed: int, on_epoch=None, val=None, logdir=None) -> History:
         """Keras' own `fit` with its callbacks when the spec asks for validation or callbacks; else the
         same updates in compiled chunks of epochs (several times faster on small models)."""
-        import keras
         xs = keras_feed(model, x)
-        multi = isinstance(xs, dict)
-        if t.loss == "mse":
-            loss_fn = keras.losses.MeanSquaredError()
-        else:
-            self.output_kind = output_kind(np.asarray(model({k: v[:8] for k, v in xs.items()} if multi else xs[:8])))
-            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=self.output_kind == "logits")
-        opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
+        loss_fn, opt = self._loss_and_optimizer(model, t, xs)
         if val is not None or any(callbacks_of(t).values()):
             return self._fit(model, t, x, y, loss_fn, opt, on_epoch, val, logdir)
         history = History(loss=self._chunked(model, t, xs, y, seed, loss_fn, opt, on_epoch))
         if logdir:
             tf_summaries(logdir, history)
         return history
+
+    def _loss_and_optimizer(self, model, t, xs, reduction="sum_over_batch_size"):
+        import keras
+        multi = isinstance(xs, dict)
+        if t.loss == "mse":
+            loss_fn = keras.losses.MeanSquaredError(reduction=reduction)
+        else:
+            self.output_kind = output_kind(np.asarray(model({k: v[:8] for k, v in xs.items()} if multi else xs[:8])))
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=self.output_kind == "logits",
+                                                                 reduction=reduction)
+        opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
+        return loss_fn, opt
+
+    def train_rank(self, make, t, x, y: np.ndarray, seed: int, *, workers: int, on_epoch=None, val=None,
+                   logdir=None) -> RankRun:
+        """One worker of tf.distribute.MultiWorkerMirroredStrategy (TF_CONFIG says which): the model, its
+        loss and optimizer made in the strategy's scope with the same seed on every worker, trained by
+        `strategy.run` over this worker's shard (frameworks/mirrored.py: Keras 3's `fit` does not run
+        under this strategy); the first worker writes TensorBoard."""
+        import tensorflow as tf
+        from .mirrored import strategy as mirrored, train_mirrored
+        strategy = mirrored(t.threads)
+        with strategy.scope():
+            model = self.build(make, seed=seed)
+            xs = keras_feed(model, x)
+            model({k: v[:1] for k, v in xs.items()} if isinstance(xs, dict) else xs[:1])  # its variables, made here
+            per_row, opt = self._loss_and_optimizer(model, t, xs, reduction=None)
+            opt.build(model.trainable_variables)
+        history, rows = train_mirrored(
+            strategy, t, xs, y, seed, workers=workers, call=lambda xb, training: model(xb, training=training),
+            variables=model.trainable_variables, loss_fn=lambda yb, pred: tf.reduce_mean(per_row(yb, pred)),
+            opt=opt, get_weights=model.get_weights, set_weights=model.set_weights, on_epoch=on_epoch,
+            val=None if val is None else (keras_feed(model, val[0]), val[1]))
+        rank = strategy.cluster_resolver.task_id
+        if logdir and rank == 0:
+            tf_summaries(logdir, history)
+        return RankRun(model, history, rank, strategy.num_replicas_in_sync, rows)
 
     def _fit(self, model, t, x, y, loss_fn, opt, on_epoch, val, logdir) -> History:
         import tempfile
@@ -227,14 +258,11 @@ class Adapter:
                            .astype(w.dtype) for i, w in enumerate(model.get_weights())])
         return clone
 
-    def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
-        """Keras 3's own flavor (mlflow.tensorflow expects tf.keras models)."""
+    def mlflow_form(self, model, x_example) -> dict:
+        """What pipeline/tracking.py saves as the MLflow model: Keras 3's own flavor (mlflow.tensorflow
+        expects tf.keras models)."""
         import keras
-        import mlflow.keras
         import tensorflow as tf
-        from mlflow.models import infer_signature
-        path.mkdir(parents=True)  # mlflow.keras writes its input example before it makes the folder
-        mlflow.keras.save_model(
-            model, str(path), signature=infer_signature(x_example, y_example), input_example=x_example,
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+        return {"flavor": "keras", "model": model, "example": x_example, "input_example": True,
+                "pip_requirements": [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]}
 

@@ -13,8 +13,8 @@ import numpy as np
 from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
-from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, WrongModelKind, check_kind, epoch_logs,
-                   first_line, kept_pretrained, output_kind, output_specs, tf_summaries)
+from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, RankRun, WrongModelKind, check_kind,
+                   epoch_logs, first_line, kept_pretrained, output_kind, output_specs, tf_summaries)
 
 NAME = "tensorflow"
 FAMILY = "tensorflow"
@@ -24,6 +24,7 @@ INSTALL = "pip install tensorflow==2.21.0"
 PRETRAINED_SUFFIXES = ()
 PRETRAINED_FOLDER = ("saved_model.pb", "a TensorFlow SavedModel folder")
 FLAVOR = "tensorflow"
+DISTRIBUTION = "multi-worker-mirrored"  # workers > 1: one process per worker, told its place by TF_CONFIG
 
 CHECKPOINT = "checkpoint"  # tf.train.Checkpoint prefix in the train stage's folder
 
@@ -56,20 +57,9 @@ class Adapter:
         return make()
 
     def train(self, model, t, x, y: np.ndarray, seed: int, on_epoch=None, val=None, logdir=None) -> History:
-        import keras
         import tensorflow as tf
         variables = list(model.trainable_variables)
-        if t.loss == "mse":
-            def loss_fn(target, pred):
-                return tf.reduce_mean(tf.square(tf.reshape(pred, tf.shape(target)) - target))
-        else:
-            self.output_kind = output_kind(model(tf.constant(x[:8], tf.float32)).numpy())
-            from_logits = self.output_kind == "logits"
-
-            def loss_fn(target, pred):
-                return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(target, pred,
-                                                                                      from_logits=from_logits))
-        opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
+        loss_fn, opt = self._loss_and_optimizer(model, t, x)
 
         @tf.function(reduce_retracing=True)
         def step(xb, yb):
@@ -110,6 +100,46 @@ class Adapter:
         if logdir:
             tf_summaries(logdir, history, graph_fn=model.__call__.get_concrete_function())
         return history
+
+    def _loss_and_optimizer(self, model, t, x):
+        """The spec's loss (a mean over the batch; cross entropy on logits or on a softmax head) and optimizer."""
+        import keras
+        import tensorflow as tf
+        if t.loss == "mse":
+            def loss_fn(target, pred):
+                return tf.reduce_mean(tf.square(tf.reshape(pred, tf.shape(target)) - target))
+        else:
+            self.output_kind = output_kind(model(tf.constant(x[:8], tf.float32)).numpy())
+            from_logits = self.output_kind == "logits"
+
+            def loss_fn(target, pred):
+                return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(target, pred,
+                                                                                      from_logits=from_logits))
+        opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
+        return loss_fn, opt
+
+    def train_rank(self, make, t, x, y: np.ndarray, seed: int, *, workers: int, on_epoch=None, val=None,
+                   logdir=None) -> RankRun:
+        """One worker of tf.distribute.MultiWorkerMirroredStrategy (TF_CONFIG says which): the module's
+        variables and the optimizer made in the strategy's scope with the same seed on every worker, the
+        GradientTape step run by `strategy.run` over this worker's shard (frameworks/mirrored.py); the
+        first worker writes TensorBoard."""
+        from .mirrored import strategy as mirrored, train_mirrored
+        strategy = mirrored(t.threads)
+        with strategy.scope():
+            model = self.build(make, seed=seed)
+            variables = list(model.trainable_variables)
+            loss_fn, opt = self._loss_and_optimizer(model, t, x)
+            opt.build(variables)
+        history, rows = train_mirrored(
+            strategy, t, np.asarray(x, np.float32), y, seed, workers=workers, call=lambda xb, training: model(xb),
+            variables=variables, loss_fn=loss_fn, opt=opt, get_weights=lambda: [v.numpy() for v in variables],
+            set_weights=lambda ws: [v.assign(w) for v, w in zip(variables, ws)], on_epoch=on_epoch,
+            val=None if val is None else (np.asarray(val[0], np.float32), val[1]))
+        rank = strategy.cluster_resolver.task_id
+        if logdir and rank == 0:
+            tf_summaries(logdir, history, graph_fn=model.__call__.get_concrete_function())
+        return RankRun(model, history, rank, strategy.num_replicas_in_sync, rows)
 
     def signature(self, model, x, y: np.ndarray) -> Signature:
         spec = type(model).__call__.input_signature[0]
@@ -166,13 +196,12 @@ class Adapter:
             return clone
         return _Nudged(model, nudged(model.weights()))
 
-    def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
-        """mlflow.tensorflow takes a tf.Module and saves it as a SavedModel."""
-        import mlflow.tensorflow
+    def mlflow_form(self, model, x_example) -> dict:
+        """What pipeline/tracking.py saves as the MLflow model: mlflow.tensorflow takes a tf.Module and
+        saves it as a SavedModel."""
         import tensorflow as tf
-        from mlflow.models import infer_signature
-        mlflow.tensorflow.save_model(model, str(path), signature=infer_signature(x_example, y_example),
-                                     pip_requirements=[f"tensorflow=={tf.__version__}"])
+        return {"flavor": "tensorflow", "model": model, "example": x_example, "input_example": False,
+                "pip_requirements": [f"tensorflow=={tf.__version__}"]}
 
 
 def served_module(loaded, input_name: str, input_spec):

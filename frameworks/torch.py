@@ -11,8 +11,8 @@ from exporters.base import forward_order, keyword_call
 from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
-from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, check_kind, epoch_logs, first_line,
-                   kept_pretrained, output_kind, output_specs, torch_summary_writer)
+from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, RankRun, check_kind, epoch_logs,
+                   first_line, kept_pretrained, output_kind, output_specs, torch_summary_writer)
 
 NAME = "torch"
 FAMILY = "torch"
@@ -22,6 +22,7 @@ INSTALL = "pip install torch==2.13.0+cpu --extra-index-url https://download.pyto
 PRETRAINED_SUFFIXES = (".pt", ".pth", ".pt2")
 PRETRAINED_FOLDER = ("config.json", "a Hugging Face save_pretrained folder")
 FLAVOR = "pytorch"
+DISTRIBUTION = "ddp-gloo"  # workers > 1: DistributedDataParallel on gloo, started by torchrun
 
 
 class Adapter:
@@ -64,6 +65,54 @@ class Adapter:
         import torch
         xs, ys = torch_inputs(model, x), torch.from_numpy(y)
         loss_fn = self.loss_fn(model, t, xs)
+        n = n_rows(x)
+        gen = torch.Generator().manual_seed(seed)
+
+        def rows(epoch: int):
+            return torch.randperm(n, generator=gen) if t.shuffle else torch.arange(n)
+        return self._loop(model, model, t, xs, ys, loss_fn, rows, min(t.batch_size or n, n), on_epoch, val, logdir)
+
+    def train_rank(self, make, t, x, y: np.ndarray, seed: int, *, workers: int, on_epoch=None, val=None,
+                   logdir=None) -> RankRun:
+        """One rank of DistributedDataParallel on gloo, in a process torchrun started (its RANK, WORLD_SIZE
+        and MASTER_ADDR/PORT in the environment): the same seed on every rank, the rows dealt out by
+        DistributedSampler, gradients averaged across the ranks at each step, the epoch's loss summed over
+        all of them; rank 0 alone reports progress and writes TensorBoard."""
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+        dist.init_process_group("gloo")
+        try:
+            rank = dist.get_rank()
+            model = self.build(make, seed=seed, threads=t.threads)
+            xs, ys = torch_inputs(model, x), torch.from_numpy(y)
+            loss_fn = self.loss_fn(model, t, xs)
+            n = n_rows(x)
+            sampler = DistributedSampler(range(n), num_replicas=workers, rank=rank, shuffle=t.shuffle, seed=seed)
+
+            def rows(epoch: int):
+                sampler.set_epoch(epoch)
+                return torch.tensor(list(sampler))
+
+            def summed(total: float, count: int) -> tuple[float, int]:
+                both = torch.tensor([total, float(count)], dtype=torch.float64)
+                dist.all_reduce(both)
+                return float(both[0]), int(both[1])
+            from .distributed import per_worker_batch
+            history = self._loop(model, DistributedDataParallel(model), t, xs, ys, loss_fn, rows,
+                                 per_worker_batch(t.batch_size, n, workers), on_epoch if rank == 0 else None, val,
+                                 logdir if rank == 0 else None, summed=summed)
+            return RankRun(model, history, rank, dist.get_world_size(), rows(1).tolist())
+        finally:
+            dist.destroy_process_group()
+
+    def _loop(self, model, forward, t, xs, ys, loss_fn, rows, bs: int, on_epoch, val, logdir,
+              summed=lambda total, count: (total, count)) -> History:
+        """The epochs: `rows(epoch)` the rows in this process's order, `forward` the module whose calls
+        train (the model itself, or its DistributedDataParallel wrapper), `summed` the loss and row count
+        over every process."""
+        import torch
         opt = self.optimizer(t, model.parameters())
         history = History()
         callbacks = PlainCallbacks(
@@ -71,21 +120,19 @@ class Adapter:
             set_weights=model.load_state_dict, get_lr=lambda: opt.param_groups[0]["lr"],
             set_lr=lambda lr: [g.__setitem__("lr", lr) for g in opt.param_groups])
         writer = torch_summary_writer(logdir) if logdir else None
-        n = n_rows(x)
-        bs = min(t.batch_size or n, n)
-        gen = torch.Generator().manual_seed(seed)
         model.train()
         for epoch in range(1, t.epochs + 1):
-            order = torch.randperm(n, generator=gen) if t.shuffle else torch.arange(n)
+            order = rows(epoch)
             total = 0.0
-            for start in range(0, n, bs):
+            for start in range(0, len(order), bs):
                 idx = order[start:start + bs]
                 opt.zero_grad()
-                loss = loss_fn(model(*(a[idx] for a in xs)), ys[idx])
+                loss = loss_fn(forward(*(a[idx] for a in xs)), ys[idx])
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
-            history.loss.append(total / n)
+            total, count = summed(total, len(order))
+            history.loss.append(total / count)
             if val is not None:
                 model.eval()
                 with torch.no_grad():
@@ -254,39 +301,21 @@ class Adapter:
                 p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
         return clone
 
-    def save_mlflow_model(self, model, path: Path, x_example, y_example) -> None:
+    def mlflow_form(self, model, x_example) -> dict:
+        """What pipeline/tracking.py saves as the MLflow model: mlflow.pytorch's flavor."""
         import torch
-        mlflow_pytorch = import_mlflow_pytorch()
-        from mlflow.models import infer_signature
         if isinstance(x_example, dict):  # MLflow traces forward with positional examples, in its order
             x_example = tuple(x_example[k] for k in forward_order(model, list(x_example)))
         # MLflow's pt2 format needs torch.export to take the module; a TorchScript module is pickled,
         # and several positional inputs (a tuple example) are not a pt2 TensorSpec signature either
         scripted = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)) or isinstance(x_example, tuple)
-        mlflow_pytorch.save_model(
-            model, str(path), signature=infer_signature(x_example, y_example), input_example=x_example,
-            pip_requirements=self.pip_requirements(),
-            **({"serialization_format": "pickle"} if scripted else {}))
+        return {"flavor": "pytorch", "model": model, "example": x_example, "input_example": True,
+                "pip_requirements": self.pip_requirements(),
+                "options": {"serialization_format": "pickle"} if scripted else {}}
 
     def pip_requirements(self) -> list[str]:
         import torch
         return [f"torch=={torch.__version__.split('+')[0]}"]
-
-
-def import_mlflow_pytorch():
-    """mlflow.pytorch without its Lightning autologging: its import ends by trying pytorch_lightning,
-    which costs seconds (most of the flavor's import time) and serves only autolog, never used here. A
-    process that already has Lightning (the lightning style) keeps it."""
-    import sys
-    blocked = "pytorch_lightning" not in sys.modules and "mlflow.pytorch" not in sys.modules
-    if blocked:  # a None entry makes that one import fail, and mlflow.pytorch swallows the ImportError
-        sys.modules["mlflow.pytorch._lightning_autolog"] = None
-    try:
-        import mlflow.pytorch
-    finally:
-        if blocked:
-            del sys.modules["mlflow.pytorch._lightning_autolog"]
-    return mlflow.pytorch
 
 
 def script_to_graph(module, input_shape: tuple):

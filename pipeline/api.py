@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -75,8 +76,12 @@ def run(spec_ref: str, *, home: Path | None = None, force: bool = False, from_st
             raise spec_mod.SpecError(f"--address {address} names a Ray cluster: expected it with --executor ray "
                                      f"(or [pipeline] executor = \"ray\"), found executor {executor}")
         os.environ["RAY_ADDRESS"] = address  # where Ray's own client looks for the cluster
-    with home_lock(work_dir(home), f"run {spec.name}"):
-        return _run(spec, home, kinds, executor, track)
+    from . import tracking
+    with tracking.pointed_at(spec.tracking_uri):
+        if track:  # a tracking server that does not answer stops the run before any stage
+            tracking.check_reachable(home)
+        with home_lock(work_dir(home), f"run {spec.name}"):
+            return _run(spec, home, kinds, executor, track)
 
 
 def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
@@ -99,7 +104,7 @@ def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
 
     def on_plan(will_run: dict[str, bool]) -> None:
         nonlocal recorder, unchanged_since
-        if not any(will_run.values()):
+        if not any(will_run.values()) and track:
             unchanged_since = _recorded_run_with_keys(home, {s.name: s.key for s in stages})
         if track and unchanged_since is None:
             from .tracking import Recorder
@@ -134,7 +139,15 @@ def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
               f"{unchanged_since['mlflow']['parent_run_id']} holds this result (not recorded again)")
     elif recorder is not None:
         t0 = time.perf_counter()
-        record["mlflow"] = recorder.record(record)
+        try:
+            record["mlflow"] = recorder.record(record)
+        except Exception as e:  # the tracking server went away mid-run: the stages' results stay cached
+            from .tracking import tracking_uri
+            record.update(status="failed", error_kind="tracking",
+                          error=f"recording the run in MLflow at {tracking_uri(home)} failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:300] if str(e) else ''}; every stage's result is "
+                                f"cached, so a rerun once it answers records it without running them again")
+            print(f"error: {record['error']}", file=sys.stderr, flush=True)
         record["mlflow_s"] = time.perf_counter() - t0
     record["elapsed_s"] = time.perf_counter() - t_start
     record["finished"] = time.time()
@@ -144,13 +157,17 @@ def _run(spec, home: Path, kinds: set[str], executor: str, track: bool) -> dict:
 
 
 def _recorded_run_with_keys(home: Path, keys: dict[str, str]) -> dict | None:
-    """The latest recorded run whose stages had exactly these cache keys (so the same results)."""
+    """The latest run recorded in this tracking store whose stages had exactly these cache keys (so the
+    same results)."""
+    from .tracking import store_identity
+    store = store_identity(home)
     for path in reversed(list_records(home)):
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("mlflow", {}).get("parent_run_id") and \
+        recorded = rec.get("mlflow", {})
+        if recorded.get("parent_run_id") and recorded.get("tracking_store", "mlruns") == store and \
                 {s["name"]: s["key"] for s in rec.get("stages", [])} == keys:
             return rec
     return None
@@ -242,7 +259,8 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     home = home or home_dir()
     if registry_ref.is_ref(model_path):  # a registered version: its framework tag says which loader
         try:
-            found = registry_ref.resolve(model_path, home / "mlruns" / "mlflow.db")
+            from .tracking import resolve_ref
+            found = resolve_ref(home, model_path)
         except (LookupError, ValueError) as e:
             raise spec_mod.SpecError(str(e)) from None
         framework, path = found.framework, None

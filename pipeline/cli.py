@@ -16,8 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline",
         description="Train in Keras and PyTorch, export to every format, verify parity, record in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tracked = argparse.ArgumentParser(add_help=False)  # the commands that read or write MLflow
+    tracked.add_argument("--tracking-uri", metavar="URI", default=None,
+                         help="the MLflow tracking server (http://host:port) for this command; default "
+                              "MLFLOW_TRACKING_URI, else the spec's [tracking] uri, else ./mlruns")
 
-    r = sub.add_parser("run", help="run a pipeline: a built-in spec name (see `list`) or a spec.toml")
+    r = sub.add_parser("run", parents=[tracked],
+                       help="run a pipeline: a built-in spec name (see `list`) or a spec.toml")
     r.add_argument("spec", help="built-in spec name or path to a .toml spec")
     r.add_argument("--force", action="store_true", help="rerun every stage, ignoring the cache")
     r.add_argument("--from", dest="from_stage", metavar="STAGE",
@@ -30,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Ray cluster to run on (host:port; default RAY_ADDRESS, else a local one for the run)")
     r.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
-    ve = sub.add_parser("verify", help="re-verify a past run's artifacts in every runtime (no retraining)")
+    ve = sub.add_parser("verify", parents=[tracked],
+                        help="re-verify a past run's artifacts in every runtime (no retraining)")
     ve.add_argument("run", nargs="?", help="pipeline run id or MLflow run id (default: the latest)")
     ve.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
-    c = sub.add_parser("check", help="release gate: exit 0 only if every artifact passes parity in every runtime")
+    c = sub.add_parser("check", parents=[tracked],
+                       help="release gate: exit 0 only if every artifact passes parity in every runtime")
     c.add_argument("target", help="spec name or .toml, a registered model version NAME[@ALIAS|/VERSION], "
                                   "or a bundle folder")
     c.add_argument("--out", default=None, help="folder for parity.json, junit.xml, summary.md (default: reports/)")
@@ -49,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default 1.5)")
     c.add_argument("--max-size-ratio", type=float, help="with --against: candidate / baseline size (default 1.25)")
 
-    pr = sub.add_parser("promote", help="move the 'production' alias to a version whose parity passed")
+    pr = sub.add_parser("promote", parents=[tracked],
+                        help="move the 'production' alias to a version whose parity passed")
     pr.add_argument("model", help="NAME, NAME@ALIAS or NAME/VERSION (default alias: candidate)")
     pr.add_argument("--alias", default="production")
     pr.add_argument("--force", action="store_true", help="promote although its gate against the alias failed")
@@ -59,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("run_a")
     d.add_argument("run_b")
 
-    ex = sub.add_parser("export", help="a model file in (.keras, .h5, .pt, .pth, .pt2), every format out, each verified")
+    ex = sub.add_parser("export", parents=[tracked],
+                        help="a model file in (.keras, .h5, .pt, .pth, .pt2), every format out, each verified")
     ex.add_argument("model", help="the trained model's file")
     ex.add_argument("--example", metavar="INPUTS.npz", help="real inputs: an array x (and y, to score the model)")
     ex.add_argument("--formats", help="comma-separated formats (default: all five)")
@@ -76,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print a run's stages, timings and metrics (default: the latest)")
     s.add_argument("run", nargs="?", help="pipeline run id or MLflow run id")
 
-    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against this store")
+    u = sub.add_parser("ui", parents=[tracked], help="start the MLflow UI on 127.0.0.1 against this store, or "
+                                                     "print the tracking server's address")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1")
 
@@ -85,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--port", type=int, default=6006, help="0: any free one")
     tb.add_argument("--host", default="127.0.0.1")
 
-    sv = sub.add_parser("serve", help="serve a run's TF Serving deployment locally (TF Serving's gRPC and REST API) "
-                                      "until interrupted")
+    sv = sub.add_parser("serve", parents=[tracked],
+                        help="serve a run's TF Serving deployment locally (TF Serving's gRPC and REST API) "
+                             "until interrupted")
     sv.add_argument("target", nargs="?", help="a spec (run first; cached runs cost nothing), a run id (default: "
                                              "the latest run), or a registered version (models:/NAME@ALIAS, NAME/VERSION)")
     sv.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free one)")
@@ -136,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--out", metavar="DIR", help="with --file: where the table, plot and repro go "
                                                  "(default: explain-<artifact name>)")
 
+    ts = sub.add_parser("tracking-server", help="start a team's MLflow tracking server: PostgreSQL as its store "
+                                                "(the cluster kept in --store), artifacts served through it")
+    ts.add_argument("--store", default="tracking-server", help="the folder of the PostgreSQL cluster, the logs and "
+                                                               "(without --artifacts) the artifacts; made on first start")
+    ts.add_argument("--artifacts", default="", metavar="URI", help="where artifacts go: s3://BUCKET/PREFIX (the "
+                                                                   "server's AWS_* / MLFLOW_S3_ENDPOINT_URL settings) "
+                                                                   "or a shared folder (default: STORE/artifacts)")
+    ts.add_argument("--host", default="127.0.0.1", help="the interface to listen on (default: loopback only)")
+    ts.add_argument("--port", type=int, default=5000)
+    ts.add_argument("--workers", type=int, default=2, help="the server's worker processes")
+
     v = sub.add_parser("validate", help="check a spec, its data and its model factories without running it")
     v.add_argument("spec")
     v.add_argument("--quick", action="store_true", help="skip building the models (no framework import)")
@@ -149,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     from .cache import CacheError
     from .gate import GateError
     from .spec import SpecError
+    from .tracking import TrackingUnreachable
+    if getattr(args, "tracking_uri", None):  # this process's and every worker's, as MLflow reads it
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, CacheError) as e:
+    except (SpecError, CacheError, TrackingUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except GateError as e:
@@ -456,13 +481,27 @@ def cmd_deploy(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_tracking_server(args) -> int:
+    from .tracking_server import Settings, TrackingServerError, serve
+    try:
+        return serve(Settings(store=Path(args.store).resolve(), host=args.host, port=args.port,
+                              artifacts=args.artifacts, workers=args.workers))
+    except TrackingServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def cmd_ui(args) -> int:
     import signal
     import subprocess
     from . import api, tracking
     home = api.home_dir()
-    tracking.configure(home)
-    uri = tracking.tracking_uri(home)
+    uri = tracking.configure(home)
+    if tracking.is_server(uri):  # the tracking server is the UI: nothing to start
+        url = tracking.latest_run_url(home, uri)
+        print(f"MLflow UI: {uri}  (the tracking server)")
+        print(f"latest run: {url}" if url else "no runs yet: `python -m pipeline run toy`")
+        return EXIT_OK
     artifacts = tracking.store_dir(home) / "artifacts"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--default-artifact-root", artifacts.resolve().as_uri()]
@@ -480,7 +519,7 @@ def cmd_ui(args) -> int:
     signal.signal(signal.SIGHUP, stop)
     try:
         print(f"starting the MLflow UI on http://{args.host}:{args.port} (store {uri}) ...", flush=True)
-        url = tracking.latest_run_url(home, args.host, args.port)
+        url = tracking.latest_run_url(home, f"http://{args.host}:{args.port}")
         if not _wait_for_health(f"http://{args.host}:{args.port}/health", proc, timeout=180):
             print(f"error: the MLflow UI exited with code {proc.returncode} before it answered", file=sys.stderr)
             return EXIT_FAILED
@@ -555,4 +594,4 @@ def cmd_validate(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "export": cmd_export, "verify": cmd_verify, "check": cmd_check, "promote": cmd_promote, "diff": cmd_diff, "list": cmd_list, "show": cmd_show, "ui": cmd_ui, "tensorboard": cmd_tensorboard, "serve": cmd_serve, "keys": cmd_keys, "deploy": cmd_deploy, "validate": cmd_validate, "stage": cmd_stage, "compile": cmd_compile, "run-compiled": cmd_run_compiled,
-            "explain": cmd_explain}
+            "explain": cmd_explain, "tracking-server": cmd_tracking_server}

@@ -80,6 +80,7 @@ class TrainSettings:
     checkpoint: dict | None = None      # {monitor}: keep the best epoch's weights
     reduce_lr: dict | None = None       # {monitor, factor, patience, min_delta, min_lr}
     tensorboard: bool = True            # event files of the training, under the train stage
+    workers: int = 1                    # worker processes training the one model (data parallel)
 
 
 DEPLOY_TARGETS = ("serving", "edge")  # [deploy.<target>] tables, each checked by its own package
@@ -110,8 +111,9 @@ class ModelSpec:
         if registry_ref.is_ref(self.source):  # the version the reference names now: a moved alias retrains nothing
             import os                           # but does change what this stage is built from
             home = Path(os.environ.get("PIPELINE_HOME", ".")).resolve()
+            from .tracking import resolve_ref
             try:
-                return registry_ref.resolve(self.source, home / "mlruns" / "mlflow.db").digest
+                return resolve_ref(home, self.source).digest
             except LookupError as e:
                 raise SpecError(f"model {self.name}: source {e}") from None
         if Path(self.source).is_dir():  # a save_pretrained folder: every file in it
@@ -162,6 +164,7 @@ class Spec:
     raw: dict[str, Any] = field(repr=False)
     executor: str | None = None   # [pipeline] executor: where its stages run unless the command says
     gate: dict = field(default_factory=dict)  # [gate]: baseline alias and thresholds for `check SPEC`
+    tracking_uri: str | None = None  # [tracking] uri: the team's MLflow tracking server, unless the command names one
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
@@ -241,7 +244,7 @@ class _Validator:
 
     def spec(self, raw: dict) -> Spec:
         self.known_keys(raw, "", {"pipeline", "data", "model", "train", "accept", "export", "parity",
-                                  "deploy", "gate"})
+                                  "deploy", "gate", "tracking"})
         head = self.table(raw, "pipeline", "pipeline", {"name", "seed", "description", "executor"})
         name = self.get(head, "name", "pipeline", str)
         seed = self.get(head, "seed", "pipeline", int, 0)
@@ -314,6 +317,8 @@ class _Validator:
                 train_raw = {}
             train = None if train_raw is False else \
                 self._train({**train_defaults, **train_raw}, f"{where}.train")
+            if train is not None:
+                self._distributable(framework, train, f"{where}.train")
             if train is None and not pretrained:
                 self.fail(f"{where}.train", "a table (or true): a model without `source` is trained from its "
                                             "factory", False)
@@ -333,7 +338,15 @@ class _Validator:
         self._deploy_targets(deploy)
         return Spec(name, self.path, seed, DataSpec(source, task, data_options), tuple(models), formats,
                     parity, deploy, raw, executor, self._gate(self.table(raw, "gate", "gate", set(GATE_KEYS),
-                                                                         required=False)))
+                                                                         required=False)),
+                    self._tracking_uri(self.table(raw, "tracking", "tracking", {"uri"}, required=False)))
+
+    def _tracking_uri(self, table: dict) -> str | None:
+        """[tracking] uri = "http://host:port" (a tracking server), or another URI MLflow takes."""
+        uri = self.get(table, "uri", "tracking", str, None)
+        if uri is not None and "://" not in uri and not uri.startswith("sqlite:"):
+            self.fail("tracking.uri", "a tracking URI such as \"http://127.0.0.1:5000\"", uri)
+        return uri
 
     def _framework(self, m: dict, where: str) -> str:
         """One of frameworks/' modules, with its packages installed (checked without importing them)."""
@@ -452,8 +465,24 @@ class _Validator:
             loss=self.get(t, "loss", where, str, choices=LOSSES),
             shuffle=self.get(t, "shuffle", where, bool, False),
             threads=self.get(t, "threads", where, int, 1, positive=True),
+            workers=self._workers(t, where),
             **self._callbacks(t, where),
         )
+
+    def _workers(self, t: dict, where: str) -> int:
+        workers = t.get("workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            self.fail(f"{where}.workers", "a positive integer (the worker processes that train the model "
+                                          "together)", workers)
+        return workers
+
+    def _distributable(self, framework: str, train: TrainSettings, where: str) -> None:
+        """workers > 1 only for a framework that declares its own launcher (frameworks/<name>.py
+        DISTRIBUTION; NOT_DISTRIBUTED says why the others have none)."""
+        import frameworks
+        mod = frameworks.module(framework)
+        if train.workers > 1 and not getattr(mod, "DISTRIBUTION", None):
+            self.fail(f"{where}.workers", f"1 for a {framework} model: {mod.NOT_DISTRIBUTED}", train.workers)
 
     def _callbacks(self, t: dict, where: str) -> dict:
         """[train] callbacks, with Keras' names and defaults; each may be true (the defaults) or a table.
@@ -617,7 +646,7 @@ def _top_level_names(source: Path) -> set[str]:
 
 
 _TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads", "validation_split",
-               "early_stopping", "checkpoint", "reduce_lr", "tensorboard"}
+               "early_stopping", "checkpoint", "reduce_lr", "tensorboard", "workers"}
 
 
 GATE_KEYS = ("baseline", "max_metric_drop", "max_latency_ratio", "max_size_ratio")

@@ -1,11 +1,14 @@
 """Every MLflow call of the toolkit lives here. Stages report facts; this module records them.
 
 The store is `<home>/mlruns/`: a SQLite database (`mlflow.db`) with the artifacts beside it
-(`mlruns/artifacts/`). One experiment per pipeline, one parent run per pipeline run, one child run per
-model. Telemetry is off: the toolkit runs offline.
+(`mlruns/artifacts/`), unless a tracking server is named (`--tracking-uri`, MLFLOW_TRACKING_URI, or
+`[tracking] uri` in a spec, in that order): then runs, models and the registry live there, and every
+read goes through MLflow's client. One experiment per pipeline, one parent run per pipeline run, one
+child run per model. Telemetry is off: the toolkit runs offline.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,8 +24,6 @@ def model_saving():
     """Settings for saving a native model in MLflow's format in a worker. The requirements it is given are
     the running interpreter's own versions, so MLflow's check that they match the environment (a scan of
     every installed distribution's files, over a second per save) can only agree: skipped."""
-    import contextlib
-
     @contextlib.contextmanager
     def saving():
         for k, v in OFFLINE_ENV.items():
@@ -37,6 +38,86 @@ def model_saving():
     return saving()
 
 
+# A tracking server that went away should fail a run in seconds, not after MLflow's default seven
+# retries with doubling waits (minutes); a user's own settings win.
+REMOTE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server named does not answer: nothing was run."""
+    user_error = True
+
+
+def save_native_model(form: dict, path: Path, y_example) -> None:
+    """The trained model in MLflow's format, as its framework module describes it (`Adapter.mlflow_form`:
+    the flavor, the model, an example input, the pip requirements): MLflow's own flavor for each
+    framework, and a python_function model for a jax function and its parameters."""
+    import numpy as np
+    from mlflow.models import infer_signature
+    signature = infer_signature(form["example"], np.asarray(y_example) if form["flavor"] == "python_function"
+                                else y_example)
+    common = {"signature": signature, "pip_requirements": form["pip_requirements"],
+              **({"input_example": form["example"]} if form["input_example"] else {}), **form.get("options", {})}
+    if form["flavor"] == "keras":
+        import mlflow.keras
+        path.mkdir(parents=True)  # mlflow.keras writes its input example before it makes the folder
+        mlflow.keras.save_model(form["model"], str(path), **common)
+    elif form["flavor"] == "tensorflow":
+        import mlflow.tensorflow
+        mlflow.tensorflow.save_model(form["model"], str(path), **common)
+    elif form["flavor"] == "pytorch":
+        _mlflow_pytorch().save_model(form["model"], str(path), **common)
+    elif form["flavor"] == "python_function":
+        _save_function(form, path, common)
+    else:
+        raise ValueError(f"MLflow model flavor {form['flavor']!r}: expected keras, tensorflow, pytorch or "
+                         f"python_function")
+
+
+def _save_function(form: dict, path: Path, common: dict) -> None:
+    """A function of a parameter pytree as a python_function model, its leaves in an .npz artifact."""
+    import tempfile
+    import mlflow.pyfunc
+    import numpy as np
+
+    class FunctionOfParameters(mlflow.pyfunc.PythonModel):  # local: cloudpickle keeps it by value, not by import
+        def __init__(self, apply, restore, structure):
+            self.apply, self.restore, self.structure, self.params = apply, restore, structure, None
+
+        def load_context(self, context):
+            import numpy as _np
+            with _np.load(context.artifacts["params"]) as f:
+                arrays = {int(k.split("_")[1]): f[k] for k in f.files}
+            self.params = self.restore(self.structure, arrays)
+
+        def predict(self, context, model_input, params=None):
+            return self.apply(self.params, model_input)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file = Path(tmp) / form["params_file"]
+        np.savez(params_file, **{f"leaf_{i}": v for i, v in enumerate(form["leaves"])})
+        mlflow.pyfunc.save_model(str(path), python_model=FunctionOfParameters(form["apply"], form["restore"],
+                                                                               form["structure"]),
+                                 artifacts={"params": str(params_file)}, **common)
+
+
+def _mlflow_pytorch():
+    """mlflow.pytorch without its Lightning autologging: its import ends by trying pytorch_lightning,
+    which costs seconds (most of the flavor's import time) and serves only autolog, never used here. A
+    process that already has Lightning (the lightning style) keeps it."""
+    import sys
+    blocked = "pytorch_lightning" not in sys.modules and "mlflow.pytorch" not in sys.modules
+    if blocked:  # a None entry makes that one import fail, and mlflow.pytorch swallows the ImportError
+        sys.modules["mlflow.pytorch._lightning_autolog"] = None
+    try:
+        import mlflow.pytorch
+    finally:
+        if blocked:
+            del sys.modules["mlflow.pytorch._lightning_autolog"]
+    return mlflow.pytorch
+
+
 def store_dir(home: Path) -> Path:
     return home / "mlruns"
 
@@ -45,14 +126,61 @@ def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir(home) / 'mlflow.db'}"
 
 
+def store_identity(home: Path) -> str:
+    """Which tracking store a run is recorded in, as its record keeps it: the URI that was named, or
+    the home's own mlruns/ (which moves with the home)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def pointed_at(uri: str | None):
+    """A spec's `[tracking] uri` for the length of its run (workers inherit it), unless the user named
+    one already (MLFLOW_TRACKING_URI, which --tracking-uri sets)."""
+    if not uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def check_reachable(home: Path) -> str:
+    """The tracking URI, after a tracking server named by it answered its /health (a local store always
+    does); TrackingUnreachable, naming it, when it does not."""
+    import urllib.error
+    import urllib.request
+    uri = tracking_uri(home)
+    if not is_server(uri):
+        return uri
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
+            if r.status == 200:
+                return uri
+            why = f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        why = f"HTTP {e.code} from its /health"
+    except OSError as e:
+        why = str(getattr(e, "reason", e))
+    raise TrackingUnreachable(f"the MLflow tracking server {uri} does not answer ({why}): start it "
+                              f"(python -m pipeline tracking-server), or name another with --tracking-uri or "
+                              f"MLFLOW_TRACKING_URI; nothing was run and the local cache is as it was")
+
+
 def configure(home: Path) -> str:
     import logging
-    for k, v in OFFLINE_ENV.items():
+    for k, v in {**OFFLINE_ENV, **REMOTE_ENV}.items():
         os.environ.setdefault(k, v)
-    store_dir(home).mkdir(parents=True, exist_ok=True)
+    uri = check_reachable(home)  # a server that does not answer: said at once, not after MLflow's retries
+    if not is_server(uri):
+        store_dir(home).mkdir(parents=True, exist_ok=True)
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Created version '1' of model ...": the run says it
-    uri = tracking_uri(home)
     users = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -92,9 +220,12 @@ class Recorder:
         import mlflow
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is None:
-            artifacts = (store_dir(self.home) / "artifacts" / self.experiment).resolve()
+            # a tracking server keeps the artifacts where it was told to (served through it); a local
+            # store beside its database
+            artifacts = None if is_server(tracking_uri(self.home)) else \
+                (store_dir(self.home) / "artifacts" / self.experiment).resolve().as_uri()
             # the UI opens a "custom model development" experiment on its training-runs view, not GenAI's
-            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts.as_uri(),
+            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts,
                                                           tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = exp.experiment_id
@@ -146,7 +277,8 @@ class Recorder:
         parity = _load_parity(run)
         if parity is not None:
             self._record_parity(client, pid, run, parity)
-        ids = {"experiment_id": self.experiment_id, "parent_run_id": pid, "models": {}}
+        ids = {"experiment_id": self.experiment_id, "parent_run_id": pid, "models": {},
+               "tracking_store": store_identity(self.home)}
         for name, info in run["models"].items():
             ids["models"][name] = self._record_model(client, pid, run, name, info, tags)
         client.set_terminated(pid, status=status, end_time=int(time.time() * 1000))
@@ -192,7 +324,8 @@ class Recorder:
         model_dir = info.get("mlflow_model_dir")
         version = None
         if model_dir and Path(model_dir).is_dir():
-            version, model_id = self._known_version(client, info.get("train_key"))
+            version, model_id = self._known_version(client, registered_name(run["spec"], name),
+                                                    info.get("train_key"))
             if version is not None:  # the same trained model: link it, do not register a copy
                 client.log_outputs(cid, models=[LoggedModelOutput(model_id, step=0)])
             else:
@@ -206,7 +339,6 @@ class Recorder:
                 if run["status"] == "passed":  # a failed run never registers a model version
                     version = mlflow.register_model(f"models:/{logged.model_id}",
                                                     registered_name(run["spec"], name))
-                    self._remember_version(info.get("train_key"), version, model_id)
         if version is not None:
             self._tag_version(client, version, run, info, rows, verdict, bundle)
             result.update(model_id=model_id, registered_model=version.name, version=version.version)
@@ -249,60 +381,40 @@ class Recorder:
         client.set_registered_model_alias(version.name, "candidate", version.version)
 
     # A bundle (identified by the digest of its manifest) is logged once, in the child run that first
-    # made it; later runs that made the same bytes point at that run. The index lives beside the store.
+    # made it (tagged bundle.logged_sha256); later runs that made the same bytes point at that run. The
+    # store itself is the index, so everyone who shares a tracking server shares it.
     def _log_bundle(self, client, child_id: str, bundle_dir: str | None) -> dict | None:
         if not bundle_dir or not Path(bundle_dir, "manifest.json").is_file():
             return None
         from exporters.bundle import manifest_digest
         sha = manifest_digest(Path(bundle_dir))
-        index_path = store_dir(self.home) / "logged_bundles.json"
-        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-        holder = index.get(sha)
-        if holder and self._run_exists(client, holder):
+        holders = client.search_runs([self.experiment_id], f"tags.`bundle.logged_sha256` = '{sha}'",
+                                     max_results=1, order_by=["attributes.start_time ASC"])
+        if holders:
+            holder = holders[0].info.run_id
             client.set_tag(child_id, "bundle.logged_in", holder)
             return {"run_id": holder, "sha256": sha, "reused": True}
         client.log_artifacts(child_id, bundle_dir, "bundle")
-        index[sha] = child_id
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, index_path)
         client.set_tag(child_id, "bundle.logged_in", child_id)
+        client.set_tag(child_id, "bundle.logged_sha256", sha)  # last: a run is a holder once its bundle is whole
         return {"run_id": child_id, "sha256": sha, "reused": False}
 
+    # A trained model (identified by its train stage's cache key, the version's pipeline.train_key tag)
+    # is registered once; later runs that reuse it from the cache, here or on a teammate's machine
+    # sharing the tracking server, link to that version.
     @staticmethod
-    def _run_exists(client, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-        try:
-            return client.get_run(run_id).info.lifecycle_stage == "active"
-        except MlflowException:
-            return False
-
-    # A trained model (identified by its train stage's cache key) is registered once; later runs that
-    # reuse it from the cache link to that version. The index lives beside the store.
-    def _index_path(self) -> Path:
-        return store_dir(self.home) / "registered_versions.json"
-
-    def _known_version(self, client, train_key: str | None):
-        if not train_key or not self._index_path().is_file():
-            return None, None
-        known = json.loads(self._index_path().read_text()).get(train_key)
-        if not known:
-            return None, None
-        from mlflow.exceptions import MlflowException
-        try:
-            return client.get_model_version(known["name"], known["version"]), known["model_id"]
-        except MlflowException:  # the store was reset since: register again
-            return None, None
-
-    def _remember_version(self, train_key: str | None, version, model_id: str) -> None:
+    def _known_version(client, registered: str, train_key: str | None):
         if not train_key:
-            return
-        path = self._index_path()
-        index = json.loads(path.read_text()) if path.is_file() else {}
-        index[train_key] = {"name": version.name, "version": version.version, "model_id": model_id}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, path)
+            return None, None
+        found = client.search_model_versions(f"name = '{registered}' and tags.`pipeline.train_key` = '{train_key}'",
+                                             max_results=10)
+        if not found:
+            return None, None
+        version = min(found, key=lambda v: int(v.version))
+        # the store's search leaves model_id out; a version registered from a logged model has it as source
+        model_id = version.model_id or (version.source.removeprefix("models:/")
+                                        if (version.source or "").startswith("models:/m-") else None)
+        return (version, model_id) if model_id else (None, None)
 
     def _record_parity(self, client, pid: str, run: dict, parity: dict) -> None:
         report_dir = Path(run["report_dir"])
@@ -410,6 +522,49 @@ def resolve_version(home: Path, ref: str):
         raise LookupError(f"no registered model version '{ref}': {e.message.splitlines()[0]}") from None
 
 
+def resolve_ref(home: Path, text: str):
+    """The registry_ref.RegisteredVersion a `models:/NAME@ALIAS` or `models:/NAME/VERSION` reference
+    names now; LookupError (with what is there) when there is none."""
+    from . import registry_ref
+    name, alias, number = registry_ref.parse(text)
+    configure(home)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=50)]
+        raise LookupError(f"{text}: no registered model {name!r} in {tracking_uri(home)} "
+                          f"(registered: {', '.join(names) or 'none'})") from None
+    if alias is not None:
+        if alias not in (model.aliases or {}):
+            raise LookupError(f"{text}: no alias {alias!r} on registered model {name!r} "
+                              f"(aliases: {', '.join(model.aliases or {}) or 'none'})")
+        number = int(model.aliases[alias])
+    try:
+        mv = client.get_model_version(name, str(number))
+    except MlflowException:
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'", max_results=200))
+        raise LookupError(f"{text}: no version {number} of registered model {name!r} "
+                          f"(versions: {', '.join(map(str, known)) or 'none'})") from None
+    return registry_ref.RegisteredVersion(name, int(mv.version), mv.source, (mv.tags or {}).get("framework"))
+
+
+def download_model_file(home: Path, ref, dest: Path, suffixes: tuple[str, ...]) -> Path:
+    """The version's MLflow model folder downloaded into `dest`, and the model file in it that the
+    framework's loader takes (a .keras file, a torch .pt2 or pickled .pth)."""
+    configure(home)
+    import mlflow
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref.name}/{ref.version}",
+                                                     dst_path=str(dest)))
+    found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not found:
+        raise LookupError(f"models:/{ref.name}/{ref.version}: the MLflow model at {local} holds no "
+                          f"{' or '.join(suffixes)} file (found {sorted(p.name for p in local.rglob('*'))[:10]})")
+    return found[0]
+
+
 def download_bundle(home: Path, run_id: str, dest: Path) -> Path:
     """The bundle logged in `run_id`, copied into `dest`; LookupError when the store has none."""
     configure(home)
@@ -467,7 +622,7 @@ def promote(home: Path, ref: str, alias: str = "production", force_reason: str |
     return {"name": mv.name, "version": mv.version, "alias": alias, "summary": mv.tags.get("parity.summary")}
 
 
-def latest_run_url(home: Path, host: str, port: int) -> str | None:
+def latest_run_url(home: Path, base: str) -> str | None:
     """URL of the most recent pipeline run in the UI, or None when the store is empty."""
     configure(home)
     import mlflow
@@ -478,7 +633,7 @@ def latest_run_url(home: Path, host: str, port: int) -> str | None:
         return None
     r = parents[0]
     # the machine-learning view of the run (MLflow 3 otherwise opens on its GenAI views)
-    return (f"http://{host}:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}"
+    return (f"{base.rstrip('/')}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}"
             f"?workflowType=machine_learning")
 
 

@@ -59,12 +59,14 @@ if [ "${1:-}" = "--kfp" ] || [ "${1:-}" = "--test" ]; then
 fi
 
 # The tests' own system packages: Chromium for the browser tests, OpenSSH's server (sshd, sftp-server)
-# for the SSH transport's device in a network namespace, iproute2 for the namespaces.
+# for the SSH transport's device in a network namespace, iproute2 for the namespaces, PostgreSQL for
+# the tracking server (Debian's package also creates the unprivileged postgres user it runs as).
 if [ "${1:-}" = "--test" ]; then
   missing=()
   command -v chromium >/dev/null || missing+=(chromium)
   [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)  # the tracking server's store
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} for the tests"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

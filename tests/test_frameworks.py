@@ -15,7 +15,7 @@ from .conftest import ROOT, run_cli
 
 DECLARED = ("NAME", "FAMILY", "LANE", "PACKAGES", "INSTALL", "PRETRAINED_SUFFIXES", "FLAVOR", "Adapter")
 ADAPTER_METHODS = ("check", "build", "train", "predict", "signature", "save", "load", "load_pretrained",
-                   "save_pretrained", "perturbed", "save_mlflow_model")
+                   "save_pretrained", "perturbed", "mlflow_form")
 
 
 def test_every_style_is_one_module_that_declares_what_the_pipeline_and_exporters_need():

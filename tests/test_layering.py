@@ -12,7 +12,7 @@ from .conftest import ROOT
 STDLIB = set(sys.stdlib_module_names)
 # package -> top-level modules it must never import
 FORBIDDEN = {
-    "frameworks": {"pipeline", "serving", "edge"},
+    "frameworks": {"pipeline", "serving", "edge", "mlflow"},
     "exporters": {"pipeline", "frameworks", "serving", "edge", "mlflow"},
     "serving": {"pipeline", "frameworks", "mlflow"},
     "edge": {"pipeline", "frameworks", "mlflow"},
@@ -49,11 +49,20 @@ def test_parity_imports_numpy_and_the_standard_library_only():
     assert not wrong, sorted(wrong)
 
 
+def test_mlflow_is_called_from_the_tracking_module_only():
+    """MLflow's API is called by pipeline/tracking.py alone (the tracking server module starts `mlflow
+    server` as a program and imports nothing of it)."""
+    callers = {p.relative_to(ROOT).as_posix() for package in ("pipeline", "frameworks", "exporters", "serving",
+                                                               "edge", "parity")
+               for p in sources(package) if "mlflow" in imported_modules(p)}
+    assert callers == {"pipeline/tracking.py"}, sorted(callers)
+
+
 def test_the_check_catches_a_wrong_arrow(tmp_path):
     bad = ROOT / "exporters" / "_arrow_probe.py"
-    bad.write_text("def f():\n    from pipeline import api\n")
+    bad.write_text("def f():\n    from pipeline import api\n    import mlflow.pyfunc\n")
     try:
-        assert "pipeline" in imported_modules(bad)
+        assert {"pipeline", "mlflow"} <= imported_modules(bad)
     finally:
         bad.unlink()
 

@@ -40,7 +40,11 @@ def run_train(ctx: Context, spec: dict, model: str) -> dict:
         ctx.progress(done, epochs, f"epoch {done}/{epochs} loss {loss:.4g}")
     x_fit, y_fit, val = split_validation(arrays["x_train"], arrays["y_train"], m.train.validation_split)
     logdir = ctx.out / "tensorboard" if m.train.tensorboard else None
-    history = fw.train(model, m.train, x_fit, y_fit, spec.seed, on_epoch=on_epoch, val=val, logdir=logdir)
+    if m.train.workers > 1:
+        model, history, distribution = train_on_workers(ctx, spec, m, fw, info, x_fit, y_fit, val, logdir, on_epoch)
+    else:
+        history = fw.train(model, m.train, x_fit, y_fit, spec.seed, on_epoch=on_epoch, val=val, logdir=logdir)
+        distribution = {"workers": 1, "kind": "none"}
     losses = history.loss
     fit_s = time.perf_counter() - t0
     metrics = {"final_loss": losses[-1], **({"final_val_loss": history.val_loss[-1]} if history.val_loss else {}),
@@ -57,10 +61,35 @@ def run_train(ctx: Context, spec: dict, model: str) -> dict:
             "n_outputs": info["n_outputs"], "framework": m.framework, "outputs": fw.output_kind,
             "timings": {"build_s": build_s, "fit_s": fit_s, "save_mlflow_model_s": time.perf_counter() - t0},
             "mlflow_model": mlflow_note,
-            "callbacks": history.describe() or None, "input_binding": binding or None,
-            "summary": f"{m.framework}: {len(losses)} epochs, {shown} loss={losses[-1]:.5f}"
+            "callbacks": history.describe() or None, "input_binding": binding or None, "distribution": distribution,
+            "summary": f"{m.framework}: {len(losses)} epochs"
+                       + (f" on {m.train.workers} workers ({distribution['kind']})" if m.train.workers > 1 else "")
+                       + f", {shown} loss={losses[-1]:.5f}"
                        + (f" ({history.describe()})" if history.describe() else "")
                        + (f"; inputs {binding}" if binding else "")}
+
+
+def train_on_workers(ctx: Context, spec: Spec, m: ModelSpec, fw, info: dict, x, y, val, logdir, on_epoch):
+    """`workers` > 1: the framework's own launcher trains the model on that many processes
+    (frameworks/distributed.py), in a folder of this stage's output that keeps the launch's logs; the
+    model rank 0 saved is loaded back here, as a later stage loads a trained model. A failed rank raises
+    before anything is saved."""
+    import dataclasses
+    import frameworks
+    from frameworks.base import History
+    from frameworks.distributed import tidy
+    from frameworks.distributed import train_on_workers as launch
+    folder = ctx.out / "workers"
+    outcome = launch(where=where(m), framework=m.framework, kind=frameworks.module(m.framework).DISTRIBUTION,
+                     workers=m.train.workers, factory=m.factory, factory_dir=str(spec.path.parent), params=m.params,
+                     input_shape=info["input_shape"], n_outputs=info["n_outputs"], seed=spec.seed,
+                     train=dataclasses.asdict(m.train), x=x, y=y, val=val, folder=folder, logdir=logdir,
+                     on_epoch=on_epoch)
+    model = fw.load(outcome.model_dir, make=maker(spec, m, info["input_shape"], info["n_outputs"]), pretrained=False,
+                    input_shape=info["input_shape"], where=where(m))
+    fw.output_kind = outcome.output_kind
+    tidy(folder)
+    return model, History(**outcome.history), outcome.facts
 
 
 def split_validation(x, y, fraction: float):
@@ -76,10 +105,10 @@ def split_validation(x, y, fraction: float):
 def save_mlflow_copy(ctx: Context, fw, model, example, y_example) -> str | None:
     """The native model in MLflow's format, for the record. A model MLflow cannot serialise still
     exports and verifies: the run says so (returned) instead of failing."""
-    from ..tracking import model_saving
+    from ..tracking import model_saving, save_native_model
     try:
         with model_saving():
-            fw.save_mlflow_model(model, ctx.out / "mlflow_model", example, y_example)
+            save_native_model(fw.mlflow_form(model, example), ctx.out / "mlflow_model", y_example)
         return None
     except Exception as e:  # noqa: BLE001
         import shutil
@@ -137,11 +166,10 @@ def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
     import os
     import frameworks
     from frameworks.base import PretrainedLoadError
-    from .. import registry_ref
-    from ..tracking import tracking_uri
+    from ..tracking import download_model_file, resolve_ref
     home = Path(os.environ.get("PIPELINE_HOME", ".")).resolve()
     try:
-        ref = registry_ref.resolve(m.source, home / "mlruns" / "mlflow.db")
+        ref = resolve_ref(home, m.source)
     except LookupError as e:
         raise PretrainedLoadError(f"{where(m)}: source {e}") from None
     if ref.framework and ref.framework != m.framework:
@@ -149,8 +177,7 @@ def from_registry(spec: Spec, m: ModelSpec, dest: Path) -> Path:
                                   f"{ref.framework} model; expected framework = \"{ref.framework}\" in the spec, "
                                   f"found {m.framework!r}")
     try:
-        return registry_ref.download_model_file(ref, tracking_uri(home), dest,
-                                                frameworks.module(m.framework).PRETRAINED_SUFFIXES)
+        return download_model_file(home, ref, dest, frameworks.module(m.framework).PRETRAINED_SUFFIXES)
     except LookupError as e:
         raise PretrainedLoadError(f"{where(m)}: {e}") from None
 
