@@ -38,6 +38,22 @@ def mlp_torch(input_shape, n_outputs, hidden=128, **_):
     )
 
 
+def mlp_lightning(input_shape, n_outputs, hidden=128, **_):
+    """mlp_torch as a LightningModule with no steps of its own: the spec's loss and optimizer train it."""
+    import lightning
+    net = mlp_torch(input_shape, n_outputs, hidden)
+
+    class MLP(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    return MLP()
+
+
 def linear_tf_module(input_shape, n_outputs, **_):
     """Raw TensorFlow: W and b as tf.Variables; __call__ is the serving signature."""
     import tensorflow as tf

@@ -169,3 +169,51 @@ def test_a_server_lost_mid_run_fails_the_run_and_the_next_run_records(team_serve
     recorded = again.stdout.rsplit("MLflow run ", 1)[1].split()[0]
     [(status,)] = _rows(team_server, f"select status from runs where run_uuid = '{recorded}'")
     assert status == "FINISHED"
+
+
+def test_two_homes_record_at_once_and_a_reviewer_reads_the_run_on_the_server(team_server, toy_run, tmp_path):
+    """Two teammates' runs against one server at the same time: each keeps its own runs and versions,
+    nothing lost or mixed; the run page opens in headless Chromium with its parity table."""
+    import json
+    homes = [copy_home(toy_run[0], tmp_path / name) for name in ("alice", "bob")]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    runs = [subprocess.Popen([sys.executable, "-m", "pipeline", "run", "toy", "--from", "report",
+                              "--tracking-uri", team_server.url], cwd=h, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env={**env, "PIPELINE_HOME": str(h), "PYTHONPATH": str(ROOT)})
+            for h in homes]
+    outs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outs
+    records = [json.loads(sorted((h / ".pipeline" / "runs").glob("*.json"))[-1].read_text()) for h in homes]
+    for home, rec in zip(homes, records):
+        ids = [rec["mlflow"]["parent_run_id"]] + [m["run_id"] for m in rec["mlflow"]["models"].values()]
+        found = _rows(team_server, "select r.run_uuid, r.status, t.value from runs r join tags t on "
+                                   "t.run_uuid = r.run_uuid and t.key = 'pipeline.home' "
+                                   f"where t.value = '{home}'")
+        assert sorted(i for i, _, _ in found) == sorted(ids), (home, found)  # its three runs, and only those
+        assert {s for _, s, _ in found} == {"FINISHED"}
+        for m in rec["mlflow"]["models"].values():  # its version exists, and the run it names is one of its own
+            [(run_id,)] = _rows(team_server, "select value from model_version_tags where name = "
+                                             f"'{m['registered_model']}' and version = {m['version']} and "
+                                             "key = 'pipeline.run_id'")
+            assert run_id in {r["run_id"] for r in records}
+
+    from playwright.sync_api import sync_playwright
+    from edge.web import CHROMIUM, CHROMIUM_ARGS
+    rec = records[0]
+    page_url = (f"{team_server.url}/#/experiments/{rec['mlflow']['experiment_id']}/runs/"
+                f"{rec['mlflow']['parent_run_id']}?workflowType=machine_learning")
+    shots = ROOT / "test-artifacts"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(page_url, timeout=60_000)
+            page.get_by_text("Parity", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text("Show more", exact=True).first.click()  # the description holds the parity table
+            page.get_by_text("tfjs-node-wasm", exact=False).first.wait_for(state="visible", timeout=30_000)
+            body = page.inner_text("body")
+            assert "PASSED" in body and "litert-interpreter" in body
+            page.screenshot(path=str(shots / "mlflow_team_server_run.png"), full_page=True)
+        finally:
+            browser.close()
