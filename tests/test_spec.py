@@ -77,6 +77,10 @@ def test_malformed_toml_names_file_and_line(tmp_path):
     ('factory = "pipeline.zoo:linear_torch"',
      'factory = "pipeline.zoo:linear_torch"\n[export.litert]\nint8_fallback = "auto"\nint8_max_float_layers = 0',
      "export.litert.int8_max_float_layers: expected a positive integer, found 0"),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo:linear_torch"\n[tracking]\nuri = "team-server"',
+     'tracking.uri: expected a tracking URI such as "http://127.0.0.1:5000"'),
+    ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo:linear_torch"\n[tracking]\nserver = "x"',
+     "tracking.server: expected one of the known keys"),
 ])
 def test_bad_values_name_the_key(tmp_path, old, new, needle):
     p = write(tmp_path, GOOD.replace(old, new))
@@ -172,3 +176,17 @@ def test_a_failed_converter_is_unsupported_with_what_to_do_unless_the_spec_allow
     allowing = spec_mod.load(str(write(tmp_path, text + '[parity]\nallow_unsupported = ["m/litert"]\n', "a.toml")))
     rec = unsupported_record(allowing, allowing.model("m"), "litert", "int8", "ValueError: op FFT is not supported")
     assert rec.status == "skipped" and rec.skip == "not-produced" and "allowed by the spec" in rec.reason
+
+
+def test_a_spec_names_its_tracking_server_unless_the_user_named_one(tmp_path, monkeypatch):
+    from pipeline import tracking
+    p = write(tmp_path, GOOD + '\n[tracking]\nuri = "http://127.0.0.1:5999"\n')
+    spec = spec_mod.load(str(p))
+    assert spec.tracking_uri == "http://127.0.0.1:5999"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.pointed_at(spec.tracking_uri):
+        assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5999"
+    assert tracking.tracking_uri(tmp_path).startswith("sqlite:///")  # only for the length of the run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5111")  # --tracking-uri sets this: it wins
+    with tracking.pointed_at(spec.tracking_uri):
+        assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5111"
