@@ -18,6 +18,8 @@ Endpoints (a bearer token on every one but /health):
     POST /predict     {"inputs": {name: nested lists}} | {"inputs": nested list} | {"instances": [...]}
                       -> {"outputs": {name: nested lists}}; ?variant=fp16|int8 (default fp32)
     POST /rollback    re-activate the previous version; 409 when none is kept
+    GET  /metrics     Prometheus text: predicts and their latency per variant, on-device parity outcomes,
+                      pushes, activations, rollbacks, the active version (edge/metrics.py)
 
 On disk (DIR):
 
@@ -29,8 +31,8 @@ On disk (DIR):
                               as is any version the pointer does not name
 
 On start the agent re-verifies (signature and hashes) and loads what active.json names. The process
-imports numpy, ai_edge_litert, cryptography, aiohttp, the parity package and exporters.base/litert/verify
-only: no TensorFlow, torch or MLflow.
+imports numpy, ai_edge_litert, cryptography, aiohttp, prometheus_client, the parity package and
+exporters.base/litert/verify only: no TensorFlow, torch or MLflow.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from parity.feeds import is_multi, n_rows, take
 from parity.signature import InputMismatch, Signature, TensorSpec, map_tensors
 
 from .keys import as_public, key_id
+from .metrics import AgentMetrics
 from .package import PackageError, Package, read_installed, verify_package
 
 AGENT_VERSION = "1"
@@ -211,6 +214,7 @@ class Agent:
         # one thread runs every interpreter call of the served runners (a LiteRT interpreter is not thread-safe)
         self.predict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
         self.mutate = threading.Lock()   # pushes and rollbacks, one at a time
+        self.metrics = AgentMetrics(self)
 
     # -- start ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -294,6 +298,7 @@ class Agent:
                               **({"error": body["error"]} if "error" in body else {}),
                               **({"version": body.get("version"), "model": body.get("model")} if status == 201 else {})}
             self.log(f"push -> {status}: {body.get('error') or body.get('name')}")
+            self.metrics.pushed(status, body)
             return status, body
 
     def _install(self, upload: Path, *, allow_downgrade: bool, upload_bytes: int) -> tuple[int, dict]:
@@ -419,6 +424,7 @@ class Agent:
             except (PackageError, ArtifactLoadError, OSError) as e:
                 return 500, {"error": f"the previous version {target} could not be loaded: {e}"}
             self._switch(loaded, history=self.pointer["history"][1:], extra={"rolled_back_from": current})
+            self.metrics.rolled_back()
             return 200, {"active": target, "model": loaded.model, "version": loaded.version,
                          "rolled_back_from": current}
 
@@ -547,17 +553,31 @@ def make_app(agent: Agent, token: str, *, debug: bool = False):
             upload.unlink(missing_ok=True)
 
     async def predict(request):
+        t0, code = time.perf_counter(), 500
         try:
-            body = await request.json()
-        except ValueError as e:
-            return error(400, f"expected a JSON body ({e})")
-        result = await asyncio.get_running_loop().run_in_executor(
-            agent.predict_pool, agent.predict, body, request.query.get("variant"))
-        return web.json_response(result)
+            try:
+                body = await request.json()
+            except ValueError as e:
+                code = 400
+                return error(400, f"expected a JSON body ({e})")
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    agent.predict_pool, agent.predict, body, request.query.get("variant"))
+            except AgentError as e:
+                code = e.status
+                raise
+            code = 200
+            return web.json_response(result)
+        finally:  # every call counted once, errors under their HTTP status
+            agent.metrics.predict(request.query.get("variant"), code, time.perf_counter() - t0)
 
     async def rollback(request):
         status_code, body = await asyncio.get_running_loop().run_in_executor(None, agent.rollback)
         return web.json_response(body, status=status_code)
+
+    async def metrics(request):
+        page, content_type = agent.metrics.page()
+        return web.Response(body=page, headers={"Content-Type": content_type})
 
     async def modules(request):
         return web.json_response({"pid": os.getpid(), "modules": sorted({m.split(".")[0] for m in list(sys.modules)})})
@@ -568,6 +588,7 @@ def make_app(agent: Agent, token: str, *, debug: bool = False):
     app.router.add_post("/bundles", push)
     app.router.add_post("/predict", predict)
     app.router.add_post("/rollback", rollback)
+    app.router.add_get("/metrics", metrics)
     if debug:
         app.router.add_get("/debug/modules", modules)
     return app

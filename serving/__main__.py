@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(max_batch_size, batch_timeout_micros, num_batch_threads)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                    help="how often to look for new versions (0: only at start). Default 1")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0,
+                   help="how often to re-read --model_config_file and apply it (models added, removed, "
+                   "changed); 0: only at start. Default 0")
+    p.add_argument("--monitoring_config_file", default=None, help="MonitoringConfig text proto; with "
+                   "prometheus_config { enable: true } the REST port serves Prometheus metrics (path default "
+                   "/monitoring/prometheus/metrics)")
     p.add_argument("--max_request_bytes", type=int, default=None,
                    help="largest REST request body; larger ones get HTTP 413. Default 64 MiB")
     return p
@@ -61,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                              enable_batching=args.enable_batching,
                              batching_parameters_file=args.batching_parameters_file,
                              file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
-                             max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, log=out)
+                             model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+                             max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, log=out,
+                             monitoring_config_file=args.monitoring_config_file)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,10 @@ at "the server loaded it and answered"; this compares the served values.
 The served model is wrapped as a runner (`ServedRunner`) so the verify path does the rest: rows fed
 as batch 1, the largest batch, then the rest; model inputs and outputs matched to the served
 signature by meaning; the comparison under the bundle's tolerances, as a ParityRecord.
-Works against any server speaking TF Serving's API (ours, or the real one in a container).
+Works against any server speaking TF Serving's API (ours, or the real one in a container). The
+"v2-rest" transport (runtime "tf-serving-v2-rest") replays the same inputs over the Open Inference
+Protocol (KServe v2) REST API, which only the local server (`python -m serving`) speaks: ask for it in
+`transports`; the default stays what the real server answers.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from parity.signature import Signature, TensorSpec
 from .client import ServingClient, ServingError
 
 FORMAT = "tf_serving"  # the records' format: kept apart from the SavedModel's own verify records
-TRANSPORTS = ("grpc", "rest")
+TRANSPORTS = ("grpc", "rest")  # the default: both speak TF Serving's API, so a container blesses too
+ALL_TRANSPORTS = TRANSPORTS + ("v2-rest",)
 
 
 class ServedRunner(BaseRunner):

@@ -1,6 +1,8 @@
 """A small client for TF Serving (the real one or `python -m serving`): gRPC through tensorflow-serving-api's
 stubs, REST through plain urllib (columnar form). Importing this module is light: gRPC, TensorFlow and
-tensorflow-serving-api are imported on first use of the gRPC transport.
+tensorflow-serving-api are imported on first use of the gRPC transport. transport="v2-rest" speaks the
+Open Inference Protocol (KServe v2) REST API that `python -m serving` serves on its REST port too (the
+default signature only; the real tensorflow_model_server has no v2 API).
 
     c = ServingClient("127.0.0.1", grpc_port=8500, rest_port=8501)
     y = c.predict("m", {"x": np.ones((2, 3), np.float32)})["y"]
@@ -71,7 +73,10 @@ class ServingClient:
             return self._grpc_predict(model, inputs, version, label, signature_name)
         if transport == "rest":
             return self._rest_predict(model, inputs, version, label, signature_name)
-        raise ValueError(f"transport must be 'grpc' or 'rest', got {transport!r}")
+        if transport == "v2-rest":
+            self._v2_only(label, signature_name)
+            return self.v2_infer(model, inputs, version)
+        raise ValueError(f"transport must be 'grpc', 'rest' or 'v2-rest', got {transport!r}")
 
     def status(self, model: str, version: int | None = None, label: str | None = None,
                transport: str | None = None) -> list[VersionStatus]:
@@ -101,6 +106,9 @@ class ServingClient:
             sdm = get_model_metadata_pb2.SignatureDefMap()
             resp.metadata["signature_def"].Unpack(sdm)
             raw = json_format.MessageToDict(sdm, preserving_proto_field_name=True)
+        elif transport == "v2-rest":
+            self._v2_only(label, None)
+            return {"serving_default": self.v2_signature(model, version)}
         else:
             raw = self._rest("GET", self._path(model, version, label) + "/metadata")["metadata"]["signature_def"]
         return {name: _simplify_signature(sd) for name, sd in raw.get("signature_def", {}).items()}
@@ -142,8 +150,8 @@ class ServingClient:
     def _pick(self, transport):
         if transport is None:
             return "grpc" if self.grpc_port is not None else "rest"
-        if transport not in ("grpc", "rest"):
-            raise ValueError(f"transport must be 'grpc' or 'rest', got {transport!r}")
+        if transport not in ("grpc", "rest", "v2-rest"):
+            raise ValueError(f"transport must be 'grpc', 'rest' or 'v2-rest', got {transport!r}")
         return transport
 
     def _stub(self):
@@ -222,6 +230,45 @@ class ServingClient:
                 msg = raw.decode("utf-8", "replace")
             raise ServingError(_HTTP_TO_CODE.get(e.code, "UNKNOWN"), msg, http_status=e.code) from None
 
+    # ----------------------------------------------------------------------------- Open Inference (v2)
+    @staticmethod
+    def _v2_only(label, signature_name):
+        # a v2 model is the default signature of a version; labels and other signatures have no v2 form
+        if label is not None:
+            raise ValueError("the v2 API has no version labels; give a version")
+        if signature_name not in (None, "", "serving_default"):
+            raise ValueError(f"the v2 API serves the default signature only, not {signature_name!r}")
+
+    def _v2_path(self, model, version):
+        p = f"/v2/models/{urllib.parse.quote(model, safe='')}"
+        return p + (f"/versions/{int(version)}" if version is not None else "")
+
+    def v2_signature(self, model: str, version: int | None = None) -> dict:
+        """GET /v2/models/{m}[/versions/{v}], in metadata()'s signature form (dtype names, -1 dims)."""
+        obj = self._rest("GET", self._v2_path(model, version))
+
+        def tensors(ts):
+            return {t["name"]: {"dtype": _V2_TO_DTYPE.get(t["datatype"], t["datatype"].lower()),
+                                "shape": [int(d) for d in t["shape"]], "name": t["name"]} for t in ts}
+        return {"method_name": "tensorflow/serving/predict", "inputs": tensors(obj["inputs"]),
+                "outputs": tensors(obj["outputs"])}
+
+    def v2_infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None,
+                 outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """POST /v2/models/{m}[/versions/{v}]/infer: numpy in, numpy out (flat JSON data, row-major)."""
+        body: dict[str, Any] = {"inputs": [_v2_tensor(k, np.asarray(v)) for k, v in inputs.items()]}
+        if outputs is not None:
+            body["outputs"] = [{"name": o} for o in outputs]
+        obj = self._rest("POST", self._v2_path(model, version) + "/infer", body)
+        out = {}
+        for o in obj["outputs"]:
+            if o["datatype"] == "BYTES":
+                arr = np.char.encode(np.asarray(o["data"], dtype=str), "utf-8").astype(object)
+            else:
+                arr = np.asarray(o["data"], dtype=_V2_TO_DTYPE[o["datatype"]])
+            out[o["name"]] = arr.reshape(o["shape"])
+        return out
+
     def _output_dtypes(self, model, version, label, signature_name) -> dict[str, str]:
         key = (model, version, label, signature_name)
         if key not in self._rest_dtypes:
@@ -241,6 +288,24 @@ class ServingClient:
         if not isinstance(outs, dict) or (len(dtypes) == 1 and set(outs) != set(dtypes)):
             outs = {next(iter(dtypes)) if len(dtypes) == 1 else "output_0": outs}
         return {k: _from_json(v, dtypes.get(k)) for k, v in outs.items()}
+
+
+_V2_TO_DTYPE = {"BOOL": "bool", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+                "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64", "FP16": "float16",
+                "FP32": "float32", "FP64": "float64", "BYTES": "string", "BF16": "bfloat16"}
+_DTYPE_TO_V2 = {v: k for k, v in _V2_TO_DTYPE.items()}
+
+
+def _v2_tensor(name: str, a: np.ndarray) -> dict:
+    if a.dtype.kind in "OSU":  # v2's JSON BYTES are text
+        text = a if a.dtype.kind == "U" else np.char.decode(a.astype(bytes), "utf-8")
+        data, datatype = text.ravel().tolist(), "BYTES"
+    else:
+        datatype = _DTYPE_TO_V2.get(a.dtype.name)
+        if datatype is None:
+            raise ValueError(f"input {name!r}: dtype {a.dtype.name} has no v2 datatype")
+        data = a.ravel().tolist()
+    return {"name": name, "shape": list(a.shape), "datatype": datatype, "data": data}
 
 
 def _to_json(a: np.ndarray):

@@ -81,8 +81,12 @@ def settings(table: dict, where: str = "deploy.serving") -> ServingSettings:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise TargetError(f"{where}.timeout_s", "a positive number of seconds", timeout)
     transports = table.get("transports", ["grpc", "rest"])
-    if not isinstance(transports, list) or not transports or not set(transports) <= {"grpc", "rest"}:
-        raise TargetError(f"{where}.transports", "a non-empty list of \"grpc\" and \"rest\"", transports)
+    if not isinstance(transports, list) or not transports or not set(transports) <= {"grpc", "rest", "v2-rest"}:
+        raise TargetError(f"{where}.transports", "a non-empty list of \"grpc\", \"rest\" and \"v2-rest\"",
+                          transports)
+    if flags["docker"] and "v2-rest" in transports:  # TF Serving's own image speaks its API, not the v2 protocol
+        raise TargetError(f"{where}.transports", "\"grpc\" and \"rest\" with docker = true (the tensorflow/serving "
+                                                 "image has no Open Inference Protocol)", transports)
     return ServingSettings(version, policy, dict(labels), flags["batching"], flags["docker"], float(timeout),
                            tuple(dict.fromkeys(transports)))
 

@@ -19,6 +19,12 @@ have a free leading (batch) dimension are concatenated into one call (up to max_
 at most batch_timeout_micros for more) and split back. A single request larger than max_batch_size runs
 on its own (TF Serving would split it).
 
+Reload (ModelManager.reload: gRPC HandleReloadConfigRequest, the config-file poller): as TF Serving's
+ServerCore::ReloadConfig, the new list replaces the old in one assignment once its new models are loaded;
+unchanged models keep their Servables, changed ones (policy, labels) are updated in place, removed ones
+are unloaded once their running requests are done and then answer NOT_FOUND. A refused config changes
+nothing.
+
 Heavy imports (tensorflow) happen inside functions.
 """
 from __future__ import annotations
@@ -106,18 +112,9 @@ def parse_model_config_file(path: str | os.PathLike) -> list[ModelSettings]:
         if c.model_platform and c.model_platform != "tensorflow":
             raise ConfigError(f"--model_config_file {path}: model {c.name!r} has model_platform "
                               f"{c.model_platform!r}; only 'tensorflow' is served")
-        base = Path(c.base_path)
-        s = ModelSettings(name=c.name, base_path=str(base if base.is_absolute() else base_dir / base))
-        which = c.model_version_policy.WhichOneof("policy_choice")
-        if which == "all":
-            s.policy = "all"
-        elif which == "specific":
-            s.policy, s.versions = "specific", tuple(int(v) for v in c.model_version_policy.specific.versions)
-            if not s.versions:
-                raise ConfigError(f"--model_config_file {path}: model {c.name!r} has an empty specific policy")
-        elif which == "latest":
-            s.num_versions = int(c.model_version_policy.latest.num_versions) or 1
-        s.labels = {str(k): int(v) for k, v in c.version_labels.items()}
+        s = _model_settings(c, base_dir)
+        if s.policy == "specific" and not s.versions:
+            raise ConfigError(f"--model_config_file {path}: model {c.name!r} has an empty specific policy")
         out.append(s)
     if not out:
         raise ConfigError(f"--model_config_file {path} names no model")
@@ -128,12 +125,54 @@ def parse_model_config_file(path: str | os.PathLike) -> list[ModelSettings]:
     return out
 
 
+def _model_settings(c, base_dir: Path | None) -> ModelSettings:
+    """One ModelConfig proto -> ModelSettings (a relative base_path is taken from `base_dir`)."""
+    base = Path(c.base_path)
+    s = ModelSettings(name=c.name, base_path=str(base if base.is_absolute() or base_dir is None else base_dir / base))
+    which = c.model_version_policy.WhichOneof("policy_choice")
+    if which == "all":
+        s.policy = "all"
+    elif which == "specific":
+        s.policy, s.versions = "specific", tuple(int(v) for v in c.model_version_policy.specific.versions)
+    elif which == "latest":
+        s.num_versions = int(c.model_version_policy.latest.num_versions) or 1
+    s.labels = {str(k): int(v) for k, v in c.version_labels.items()}
+    return s
+
+
+def settings_from_reload_config(config) -> list[ModelSettings]:
+    """ReloadConfigRequest.config -> one ModelSettings per model, refused (RequestError) with the codes and
+    messages of TF Serving's HandleReloadConfigRequest / ServerCore::ReloadConfig / ValidateModelConfigList."""
+    if config.WhichOneof("config") != "model_config_list":
+        raise RequestError("INVALID_ARGUMENT", "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                           "Only ModelConfigList is currently supported")
+    seen: set[str] = set()
+    for c in config.model_config_list.config:
+        if c.name in seen:
+            raise RequestError("INVALID_ARGUMENT", f"Illegal to list model {c.name} multiple times in config list")
+        seen.add(c.name)
+    out = []
+    for c in config.model_config_list.config:
+        # tensorflow_model_server sets no model_config_list_root_dir: every base path must be absolute
+        if "://" not in c.base_path and not os.path.isabs(c.base_path):
+            raise RequestError("INVALID_ARGUMENT", f"Expected model {c.name} to have an absolute path or URI; "
+                               f"got base_path()={c.base_path}")
+        # an empty platform is taken as "tensorflow", as at start-up here (TF Serving would refuse it)
+        if c.model_platform and c.model_platform != "tensorflow":
+            raise RequestError("INVALID_ARGUMENT", f"Model {c.name} requests unsupported platform "
+                               f"{c.model_platform}")
+        out.append(_model_settings(c, None))
+    return out
+
+
 @dataclass
 class BatchingParameters:
     max_batch_size: int = 32
     batch_timeout_micros: int = 1000
     num_batch_threads: int = 4
     max_enqueued_batches: int = 1000
+    # the server's metrics (serving/monitoring.py) when exported: batch sizes go there
+    observer: Any = field(default=None, compare=False, repr=False)
 
 
 _BATCH_INT_FIELDS = {"max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches"}
@@ -191,13 +230,20 @@ class _Batcher:
         self._pending: deque = deque()
         self._cv = threading.Condition()
         self._closed = False
+        obs = params.observer
+        self._on_input = obs.input_batch_size if obs is not None else None
+        self._on_batch = obs.processed_batch_size if obs is not None else None
         self._threads = [threading.Thread(target=self._loop, name=f"batch-{label}-{i}", daemon=True)
                          for i in range(params.num_batch_threads)]
         for t in self._threads:
             t.start()
 
     def submit(self, arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        if self._on_input is not None:
+            self._on_input(rows)
         if rows > self._max or rows == 0:
+            if self._on_batch is not None:
+                self._on_batch(rows)
             return self._run(arrays)
         item = _Item(arrays, rows, tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(arrays.items())))
         with self._cv:
@@ -245,6 +291,8 @@ class _Batcher:
             batch = self._take()
             if batch is None:
                 return
+            if self._on_batch is not None:
+                self._on_batch(sum(it.rows for it in batch))
             try:
                 if len(batch) == 1:
                     batch[0].result = self._run(batch[0].arrays)
@@ -442,6 +490,7 @@ class VersionStatus:
     error_code: str = "OK"
     error_message: str = ""
     stamp: tuple = ()  # saved_model.pb (size, mtime_ns) of a failed load: retried only when it changes
+    load_seconds: float = 0.0  # AVAILABLE: how long the load took, warmup included (exported as a metric)
 
 
 class _Snapshot:
@@ -461,6 +510,7 @@ class Model:
         self.statuses: dict[int, VersionStatus] = {}
         self.snapshot = _Snapshot({})
         self._lock = threading.Lock()  # one poll at a time
+        self.removed = False  # taken out of the config by a reload: never polled again
 
     @property
     def name(self) -> str:
@@ -519,6 +569,8 @@ class Model:
     def poll(self, log: Callable[[str], None] = lambda s: None) -> None:
         """Bring the served versions in line with the disk and the version policy (see module docstring)."""
         with self._lock:
+            if self.removed:
+                return
             s = self.settings
             disk = self._on_disk()
             if s.policy == "specific":
@@ -543,6 +595,7 @@ class Model:
                 if old is not None and old.error_code != "OK" and old.stamp == stamp:
                     continue  # failed before and unchanged since: keep serving the others
                 self.statuses[v] = VersionStatus(v, "LOADING")
+                t_load = time.perf_counter()
                 try:
                     if not stamp:
                         raise FileNotFoundError(f"no saved_model.pb in {disk[v]}")
@@ -552,7 +605,7 @@ class Model:
                     self.statuses[v] = VersionStatus(v, "END", _load_error_code(e), msg, stamp)
                     log(msg)
                     continue
-                self.statuses[v] = VersionStatus(v, "AVAILABLE")
+                self.statuses[v] = VersionStatus(v, "AVAILABLE", load_seconds=time.perf_counter() - t_load)
                 log(f"Successfully loaded servable version {{name: {s.name} version: {v}}}")
             if set(want) != set(current):
                 self.snapshot = _Snapshot(want)  # the atomic switch
@@ -561,6 +614,28 @@ class Model:
                     self.statuses[v] = VersionStatus(v, "END")
                     old_servable.close()
                     log(f"Unloaded servable version {{name: {s.name} version: {v}}}")
+
+    def update_settings(self, settings: ModelSettings, log: Callable[[str], None] = lambda s: None) -> None:
+        """A reload changed this model's version policy, labels or base path: apply it in place. Versions
+        that stay under the policy keep their Servable (no reload, no gap); the poll loads and unloads the
+        others. As TF Serving, a version is known by its number: one already served stays served even if
+        the new base path holds another folder of that number."""
+        with self._lock:
+            self.settings = settings  # one assignment: a request sees the old labels or the new ones
+        self.poll(log)
+
+    def unload(self, log: Callable[[str], None] = lambda s: None) -> None:
+        """Taken out of the config. Requests already running hold their Servable and finish on it (the
+        TensorFlow objects are freed when the last one lets go, as TF Serving unloads a servable once its
+        handles are released); a batcher that is closed still answers what it has queued."""
+        with self._lock:
+            self.removed = True
+            snap, self.snapshot = self.snapshot, _Snapshot({})
+            for v, sv in snap.servables.items():
+                self.statuses[v] = VersionStatus(v, "UNLOADING")
+                sv.close()
+                self.statuses[v] = VersionStatus(v, "END")
+                log(f"Unloaded servable version {{name: {self.name} version: {v}}}")
 
     def close(self) -> None:
         snap, self.snapshot = self.snapshot, _Snapshot({})
@@ -585,10 +660,14 @@ class ModelManager:
     def __init__(self, settings: list[ModelSettings], batching: BatchingParameters | None = None,
                  poll_wait_s: float = 1.0, log: Callable[[str], None] = lambda s: None):
         self.models: dict[str, Model] = {s.name: Model(s, batching) for s in settings}
+        self.batching = batching
         self.poll_wait_s = poll_wait_s
         self._log = log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._config_thread: threading.Thread | None = None
+        self._reload_lock = threading.Lock()  # one reload at a time (gRPC and the config-file poller)
+        self._removed: dict[str, Model] = {}  # their END states still answer GetModelStatus, as TF Serving
 
     def get(self, name: str) -> Model:
         m = self.models.get(name)
@@ -598,10 +677,111 @@ class ModelManager:
         return m
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
-        return self.get(name).resolve(version, label)
+        m = self.models.get(name)
+        if m is None:  # TF Serving's BasicManager words it by its ServableRequest
+            if label:
+                raise RequestError("NOT_FOUND", f"Unrecognized servable version label: {label}")
+            what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
+            raise RequestError("NOT_FOUND", f"Servable not found for request: {what}")
+        return m.resolve(version, label)
+
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        m = self.models.get(name) or self._removed.get(name)
+        if m is None:
+            raise RequestError("NOT_FOUND", f"Could not find any versions of model {name}")
+        return m.status(version, label)
+
+    # -- reload (ModelService/HandleReloadConfigRequest, --model_config_file_poll_wait_seconds)
+    def reload(self, settings: list[ModelSettings]) -> None:
+        """Replace the model list as TF Serving's ServerCore::ReloadConfig: new models are loaded and
+        AVAILABLE before this returns, unchanged ones keep their Servables, changed ones are updated in
+        place, the others are unloaded. A refused config (RequestError with TF Serving's code and message)
+        changes nothing: the old list keeps serving."""
+        with self._reload_lock:
+            current = self.models
+            for s in settings:
+                # ServerCore::UpdateModelVersionLabelMap: a label must name a version AVAILABLE now
+                # (tensorflow_model_server's default, allow_version_labels_for_unavailable_models=false)
+                m = current.get(s.name)
+                for label, v in sorted(s.labels.items()):
+                    st = None if m is None else m.statuses.get(v)
+                    if st is None or st.state != "AVAILABLE":
+                        raise RequestError("FAILED_PRECONDITION", f"Request to assign label to version {v} of "
+                                           f"model {s.name}, which is not currently available for inference")
+            for s in settings:  # FileSystemStoragePathSource's check on every base path
+                if not Path(s.base_path).exists():
+                    raise RequestError("INVALID_ARGUMENT", f"Could not find base path {s.base_path} for servable "
+                                       f"{s.name} with error NOT_FOUND: {s.base_path} not found")
+            added = [Model(s, self.batching) for s in settings if s.name not in current]
+            failed = []
+            for m in added:  # loaded before the switch: the new list is whole the moment it is visible
+                m.poll(self._log)
+                if m.snapshot.default is None:
+                    failed.append(m)
+            if failed:
+                for m in added:
+                    m.close()
+                parts = []
+                for m in failed:
+                    errs = [st for st in m.statuses.values() if st.error_message]
+                    if errs:
+                        parts += [f"{{{{name: {m.name} version: {st.version}}} due to error: "
+                                  f"{st.error_code}: {st.error_message}}}" for st in errs]
+                    else:
+                        parts.append(f"{{{{name: {m.name}}} due to error: No versions of servable {m.name} found "
+                                     f"under base path {m.settings.base_path}. Did you forget to name your leaf "
+                                     f"directory as a number (eg. '/1/')?}}")
+                # ServerCore::WaitUntilModelsAvailable's error (TF Serving itself would wait on; it is refused
+                # here so that the caller hears of it and the old list keeps serving)
+                raise RequestError("UNKNOWN", f"{len(failed)} model(s) did not become available: "
+                                   f"{{{', '.join(parts)}, }}")
+            new_models = {m.name: m for m in added}
+            changed = []
+            for s in settings:
+                m = current.get(s.name)
+                if m is not None:
+                    new_models[s.name] = m
+                    if m.settings != s:
+                        changed.append((m, s))
+            self.models = {s.name: new_models[s.name] for s in settings}  # the switch: one assignment
+            for m in added:
+                self._removed.pop(m.name, None)
+            for m, s in changed:
+                m.update_settings(s, self._log)
+            gone = [m for name, m in current.items() if name not in self.models]
+            for m in gone:
+                m.unload(self._log)
+                self._removed[m.name] = m
+            self._log(f"Reloaded the model config: {len(added)} added, {len(changed)} updated, {len(gone)} removed")
+
+    def poll_config_file(self, path: str | os.PathLike, wait_s: float) -> None:
+        """Re-read `path` every `wait_s` seconds and reload it (TF Serving's PollFilesystemAndReloadConfig):
+        a file that does not parse, or a config refused, is logged and the old list keeps serving."""
+        def reload_once():
+            try:
+                settings = parse_model_config_file(path)
+            except ConfigError as e:
+                self._log(f"Failed to read ModelServerConfig file: {e}")
+                return
+            if settings == [m.settings for m in self.models.values()]:
+                return  # the same config: TF Serving's reload would change nothing either
+            try:
+                self.reload(settings)
+            except RequestError as e:
+                self._log(f"PollFilesystemAndReloadConfig failed to ReloadConfig: {e.message}")
+
+        def loop():
+            while not self._stop.wait(wait_s):
+                try:
+                    reload_once()
+                except Exception as e:  # noqa: BLE001 - never kill the poller
+                    self._log(f"PollFilesystemAndReloadConfig failed: {type(e).__name__}: {e}")
+
+        self._config_thread = threading.Thread(target=loop, name="config-poll", daemon=True)
+        self._config_thread.start()
 
     def poll_all(self) -> None:
-        for m in self.models.values():
+        for m in list(self.models.values()):
             try:
                 m.poll(self._log)
             except Exception as e:  # noqa: BLE001 - never kill the poller
@@ -623,6 +803,9 @@ class ModelManager:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._config_thread is not None:
+            self._config_thread.join(timeout=30)
+            self._config_thread = None
         for m in self.models.values():
             m.close()
 

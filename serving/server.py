@@ -4,8 +4,10 @@ For machines without Docker or `tensorflow_model_server`: a script written again
 against this one unchanged (same services, messages, URLs, JSON shapes and status codes).
 
 gRPC (grpc sync server, 8 worker threads): tensorflow.serving.PredictionService/{Predict, Classify, Regress,
-GetModelMetadata} and tensorflow.serving.ModelService/GetModelStatus. MultiInference and
-HandleReloadConfigRequest answer UNIMPLEMENTED.
+GetModelMetadata, MultiInference} and tensorflow.serving.ModelService/{GetModelStatus,
+HandleReloadConfigRequest}. MultiInference takes classification and regression tasks on one model and one
+input of tf.Examples, with TF Serving's checks; HandleReloadConfigRequest replaces the model list (see
+ModelManager.reload in serving/models.py). REST has no MultiInference, as TF Serving.
 
 REST (aiohttp):
   GET  /v1/models/{m}[/versions/{v}|/labels/{l}]            -> {"model_version_status": [...]}
@@ -18,6 +20,9 @@ REST (aiohttp):
   itself has no such limit, a local server should), 501 for what is not implemented.
   String tensors take and give {"b64": "..."} for binary data (outputs whose name ends in "_bytes", or that
   are not UTF-8, are sent as b64), as TF Serving.
+
+Metrics (`monitoring_config_file`, TF Serving's MonitoringConfig): Prometheus text on the REST port at
+prometheus_config.path (default /monitoring/prometheus/metrics); see serving/monitoring.py.
 
 Status codes as TF Serving: unknown model/version/label NOT_FOUND; wrong input name, dtype or shape
 INVALID_ARGUMENT (the message names what the signature expects); unknown signature FAILED_PRECONDITION.
@@ -34,15 +39,15 @@ import re
 import socket
 import sys
 import threading
-import time
 from concurrent import futures
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from serving.models import (CLASSIFY_METHOD, DEFAULT_SIGNATURE, HTTP_STATUS, PREDICT_METHOD, REGRESS_METHOD,
+from serving.models import (CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD,
                             ConfigError, ModelManager, ModelSettings, RequestError, Servable, Signature,
-                            parse_batching_parameters, parse_model_config_file)
+                            parse_batching_parameters, parse_model_config_file,
+                            settings_from_reload_config)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 _GRPC_MAX_MESSAGE = 2 ** 31 - 1  # as tensorflow_model_server
@@ -123,8 +128,9 @@ def _init_enums() -> None:
 class Core:
     """What both front ends call: resolve a servable, run a signature, describe models."""
 
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, metrics=None):
         self.manager = manager
+        self.metrics = metrics  # serving/monitoring.py's ServingMetrics, or None: told what serves a request
 
     def predict(self, servable: Servable, sig: Signature, arrays: dict[str, np.ndarray],
                 output_filter=()) -> dict[str, np.ndarray]:
@@ -132,6 +138,8 @@ class Core:
         between cannot split the request across versions)."""
         if sig.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
             raise RequestError("INVALID_ARGUMENT", f"signature {sig.name!r} has method_name {sig.method_name!r}")
+        if self.metrics is not None:
+            self.metrics.note(servable, sig)
         out = sig.run(arrays)
         if output_filter:
             unknown = sorted(set(output_filter) - set(out))
@@ -145,6 +153,8 @@ class Core:
         """Classify / Regress: the signature takes serialized tf.Examples under "inputs"."""
         servable = self.manager.resolve(name, version, label)
         sig = servable.signature(signature_name)
+        if self.metrics is not None:
+            self.metrics.note(servable, sig)
         kind = "classification" if method == CLASSIFY_METHOD else "regression"
         if sig.method_name != method:
             raise RequestError("INVALID_ARGUMENT", f"Expected {kind} signature method_name to be {method}. "
@@ -182,11 +192,13 @@ class Core:
         return servable, sig, [float(v) for v in y[:, 0]]
 
     def status(self, name, version=None, label=None):
-        return self.manager.get(name).status(version, label)
+        return self.manager.status(name, version, label)  # a removed model's versions: END
 
     def metadata_map(self, name, version=None, label=None):
         from tensorflow_serving.apis import get_model_metadata_pb2
         servable = self.manager.resolve(name, version, label)
+        if self.metrics is not None:
+            self.metrics.note(servable, None)
         sdm = get_model_metadata_pb2.SignatureDefMap()
         for k, v in servable.signature_defs.items():
             if k == "__saved_model_init_op":
@@ -216,6 +228,55 @@ def _examples_from_input(inp) -> list[bytes]:
     raise RequestError("INVALID_ARGUMENT", "Input is empty: set example_list or example_list_with_context")
 
 
+def _multi_inference(core: Core, request):
+    """MultiInferenceRequest -> MultiInferenceResponse with the checks and messages of TF Serving's
+    TensorFlowMultiInferenceRunner::Infer (multi_inference.cc); the servable is that of the first task's
+    ModelSpec (multi_inference_helper.cc), and every task runs on it."""
+    from tensorflow_serving.apis import inference_pb2, model_pb2
+    tasks = list(request.tasks)
+    spec0 = tasks[0].model_spec if tasks and tasks[0].HasField("model_spec") else model_pb2.ModelSpec()
+    servable = core.manager.resolve(*_spec_parts(spec0)[:3])
+    model_name, seen = "", set()
+    for task in tasks:
+        if not task.model_spec.name:
+            raise RequestError("INVALID_ARGUMENT", "Found ModelSpec with an empty model name.")
+        if not model_name:
+            model_name = task.model_spec.name
+        elif model_name != task.model_spec.name:
+            raise RequestError("INVALID_ARGUMENT", "All ModelSpecs in a MultiInferenceRequest must access the same "
+                               "model name.")
+        sig_name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if sig_name in seen:
+            raise RequestError("INVALID_ARGUMENT", f"Duplicate evaluation of signature: {sig_name}")
+        seen.add(sig_name)
+        if sig_name not in servable.signatures:
+            raise RequestError("INVALID_ARGUMENT", f"Requested signature not found in model graph: {sig_name}")
+        if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+            raise RequestError("UNIMPLEMENTED", f"Unsupported signature method_name: {task.method_name}")
+        got = servable.signatures[sig_name].method_name
+        if got != task.method_name:  # PreProcessClassification / PreProcessRegression, before anything runs
+            kind = "classification" if task.method_name == CLASSIFY_METHOD else "regression"
+            raise RequestError("INVALID_ARGUMENT", f"Expected {kind} signature method_name to be "
+                               f"{task.method_name}. Was: {got}")
+    serialized = _examples_from_input(request.input)
+    resp = inference_pb2.MultiInferenceResponse()
+    for task in tasks:
+        # pinned to the version resolved above: a version switch cannot split the tasks across versions
+        _, sig, res = core.examples_call(servable.model, servable.version, None, task.model_spec.signature_name,
+                                         serialized, task.method_name)
+        out = resp.results.add()
+        if task.method_name == CLASSIFY_METHOD:
+            for row in res:
+                c = out.classification_result.classifications.add()
+                for lab, score in row:
+                    c.classes.add(label=lab, score=score)
+        else:
+            for v in res:
+                out.regression_result.regressions.add(value=v)
+        _fill_spec(out.model_spec, servable, sig.name)
+    return resp
+
+
 # ------------------------------------------------------------------------------------------------ gRPC
 
 def _grpc_code(name: str):
@@ -228,19 +289,30 @@ def _make_servicers(core: Core):
     from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                          model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                          regression_pb2)
-    from tensorflow_serving.apis import model_management_pb2  # noqa: F401 - HandleReloadConfigRequest types
+    from tensorflow_serving.apis import model_management_pb2
     tf = _tf()
     _init_enums()
     make_tensor_proto = tf.make_tensor_proto
 
+    metrics = core.metrics
+
     def guarded(fn):
+        api = fn.__name__
+
         def call(self, request, context):
+            t0 = metrics.begin() if metrics is not None else 0.0
+            code = "OK"
             try:
                 return fn(self, request, context)
             except RequestError as e:
+                code = e.code
                 context.abort(_grpc_code(e.code), e.message)
             except Exception as e:  # noqa: BLE001 - an answer, never a dead worker
+                code = "INTERNAL"
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            finally:  # every gRPC call counted once, errors under their code
+                if metrics is not None:
+                    metrics.finish_grpc(api, request, code, t0)
         return call
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -283,7 +355,7 @@ def _make_servicers(core: Core):
 
         @guarded
         def MultiInference(self, request, context):
-            raise RequestError("UNIMPLEMENTED", "MultiInference is not implemented by this local server")
+            return _multi_inference(core, request)
 
         @guarded
         def GetModelMetadata(self, request, context):
@@ -316,8 +388,14 @@ def _make_servicers(core: Core):
 
         @guarded
         def HandleReloadConfigRequest(self, request, context):
-            raise RequestError("UNIMPLEMENTED", "HandleReloadConfigRequest is not implemented by this local "
-                               "server; restart it with the new --model_config_file")
+            # a refused config is a gRPC error with TF Serving's code and message (ToGRPCStatus) and the
+            # old list keeps serving; success answers status OK
+            core.manager.reload(settings_from_reload_config(request.config))
+            resp = model_management_pb2.ReloadConfigResponse()
+            resp.status.error_code = 0
+            for name in request.metric_names:  # TF Serving reports 0 for a metric it does not collect
+                resp.metric.add(name=name, int64_value_increase=0)
+            return resp
 
     return PredictionService(), ModelService(), (prediction_service_pb2_grpc, model_service_pb2_grpc)
 
@@ -521,13 +599,34 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
             return {"results": [[[lab, score] for lab, score in row] for row in res]}
         return {"results": res}
 
+    metrics = core.metrics
+    rest_api = {predict_json: "predict", status_json: "status", metadata_json: "metadata"}
+
     def answer(fn, *args):
+        t0 = metrics.begin() if metrics is not None else 0.0
+        code = "OK"
         try:
             return 200, fn(*args)
         except RequestError as e:
+            code = e.code
             return e.http_status, {"error": e.message}
         except Exception as e:  # noqa: BLE001
+            code = "INTERNAL"
             return 500, {"error": f"{type(e).__name__}: {e}"}
+        finally:  # every v1 model request counted once, errors under their code
+            if metrics is not None:
+                api = rest_api.get(fn) or (("classify" if args[-1] == CLASSIFY_METHOD else "regress")
+                                           if fn is examples_json else fn.__name__)
+                body = args[3] if len(args) > 3 else None
+                sig = body.get("signature_name") if isinstance(body, dict) else None
+                metrics.finish("REST", api, args[0], args[1], sig if isinstance(sig, str) else "", code, t0)
+
+    def refused(name, version, verb, status: int, message: str):
+        """A request refused before it reaches `answer` (body too large, not JSON): counted all the same."""
+        if metrics is not None:
+            metrics.finish("REST", verb, name, version, "", "RESOURCE_EXHAUSTED" if status == 413 else
+                           "INVALID_ARGUMENT", metrics.begin())
+        return _json_error(status, message)
 
     def respond(status: int, obj) -> web.Response:
         try:
@@ -555,18 +654,18 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
             return _json_error(404 if not meta else 405, f"Malformed request: POST {request.path} (expected "
                                f":predict, :classify or :regress)")
         if request.content_length is not None and request.content_length > max_request_bytes:
-            return _json_error(413, f"request body of {request.content_length} bytes is over the limit of "
-                               f"{max_request_bytes} bytes")
+            return refused(name, version, verb, 413, f"request body of {request.content_length} bytes is over the "
+                           f"limit of {max_request_bytes} bytes")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _json_error(413, f"request body is over the limit of {max_request_bytes} bytes")
+            return refused(name, version, verb, 413, f"request body is over the limit of {max_request_bytes} bytes")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            return _json_error(400, f"JSON Parse error: {e}")
+            return refused(name, version, verb, 400, f"JSON Parse error: {e}")
         if not isinstance(body, dict):
-            return _json_error(400, "JSON Parse error: the request body must be a JSON object")
+            return refused(name, version, verb, 400, "JSON Parse error: the request body must be a JSON object")
         if verb == "predict":
             status, obj = await run_blocking(answer, predict_json, name, version, label, body)
         else:
@@ -580,6 +679,12 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
     app = web.Application(client_max_size=max_request_bytes)
     app.router.add_route("GET", "/v1/models/{tail:.*}", handle_get)
     app.router.add_route("POST", "/v1/models/{tail:.*}", handle_post)
+    from serving.v2 import add_v2_routes  # the Open Inference Protocol (KServe v2) on the same port
+    add_v2_routes(app, core, max_request_bytes, run_blocking)
+    if metrics is not None and metrics.path:  # --monitoring_config_file; before the catch-all
+        async def prometheus(request: web.Request):
+            return web.Response(body=metrics.page(), headers={"Content-Type": metrics.content_type})
+        app.router.add_route("GET", metrics.path, prometheus)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -591,6 +696,8 @@ class LocalServer:
 
     LocalServer(model_name="m", model_base_path="/models/m", port=0, rest_api_port=0)
     LocalServer(model_config_file="models.config", enable_batching=True)
+    LocalServer(model_config_file="models.config", model_config_file_poll_wait_seconds=60)  # re-read it
+    LocalServer(..., monitoring_config_file="monitoring.config")  # Prometheus metrics on the REST port
 
     port / rest_api_port: 0 picks a free port (read `.grpc_port` / `.rest_port` after start);
     rest_api_port=None disables REST. Use as a context manager, or `.start()` / `.stop()`.
@@ -599,9 +706,10 @@ class LocalServer:
     def __init__(self, model_name: str | None = None, model_base_path: str | None = None, *,
                  model_config_file: str | None = None, port: int = 0, rest_api_port: int | None = 0,
                  host: str = "127.0.0.1", enable_batching: bool = False, batching_parameters_file: str | None = None,
-                 file_system_poll_wait_seconds: float = 1.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 file_system_poll_wait_seconds: float = 1.0, model_config_file_poll_wait_seconds: float = 0,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  grpc_workers: int = 8, rest_in_thread_pool: bool | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, monitoring_config_file: str | None = None):
         if model_config_file:
             if model_name or model_base_path:
                 raise ConfigError("give either --model_config_file or --model_name/--model_base_path, not both")
@@ -613,10 +721,18 @@ class LocalServer:
         if batching_parameters_file and not enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
         self.batching = parse_batching_parameters(batching_parameters_file) if enable_batching else None
+        # --monitoring_config_file: the path Prometheus metrics are served at, None when not enabled
+        self.metrics_path = None
+        if monitoring_config_file:
+            from serving.monitoring import parse_monitoring_config
+            self.metrics_path = parse_monitoring_config(monitoring_config_file)
+        self.metrics = None  # serving.monitoring.ServingMetrics once started with metrics enabled
         self.host = host
         self._port = port
         self._rest_port_req = rest_api_port
         self.poll_wait_s = file_system_poll_wait_seconds
+        self.model_config_file = model_config_file  # without one the poll flag is ignored, as TF Serving
+        self.config_poll_wait_s = model_config_file_poll_wait_seconds
         self.max_request_bytes = int(max_request_bytes)
         self.grpc_workers = grpc_workers
         # REST predict runs on a thread pool (needed for batching and for calls that take long); without
@@ -647,9 +763,18 @@ class LocalServer:
 
     def _start(self) -> None:
         import grpc
+        if self.metrics_path:  # before the first load: batchers are made with the versions
+            from serving.monitoring import ServingMetrics
+            self.metrics = ServingMetrics(lambda: self.manager, self.batching is not None, self.metrics_path)
+            if self.batching is not None:
+                self.batching.observer = self.metrics
+            if self._rest_port_req is None:
+                self._log("--monitoring_config_file: metrics are served on the REST port, which is disabled")
         self.manager = ModelManager(self.settings, self.batching, self.poll_wait_s, self._log)
         self.manager.start()
-        core = Core(self.manager)
+        if self.config_poll_wait_s and self.config_poll_wait_s > 0:
+            self.manager.poll_config_file(self.model_config_file, self.config_poll_wait_s)
+        core = Core(self.manager, self.metrics)
         pred, model_svc, (pgrpc, mgrpc) = _make_servicers(core)
         opts = [("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE),
                 ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE), ("grpc.so_reuseport", 0)]

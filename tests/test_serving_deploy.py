@@ -130,6 +130,8 @@ def test_a_bad_deploy_table_is_refused_when_the_spec_loads(tmp_path):
     for table, words in [("version = 0", "deploy.serving.version: expected a positive integer"),
                          ("policy = 'newest'", "deploy.serving.policy: expected one of latest, all, specific"),
                          ("transports = ['http']", "deploy.serving.transports: expected a non-empty list"),
+                         ("docker = true\ntransports = ['grpc', 'v2-rest']",
+                          "deploy.serving.transports: expected \"grpc\" and \"rest\" with docker = true"),
                          ("port = 1", "deploy.serving.port: expected one of the keys")]:
         spec = tmp_path / "s.toml"
         spec.write_text(toy.split("[deploy.serving]")[0] + "[deploy.serving]\n" + table + "\n")
