@@ -395,9 +395,10 @@ class Signature:
         except Exception as e:  # noqa: BLE001 - a model error is the caller's answer
             tf = _tf()
             code = "INVALID_ARGUMENT"
-            if isinstance(e, tf.errors.OpError):
-                code = tf.errors.exception_type_from_error_code(e.error_code).__name__
-                code = _OPERROR_CODES.get(code, "INVALID_ARGUMENT")
+            if isinstance(e, tf.errors.OpError):  # its canonical code (tf.errors has no public int -> name map)
+                from tensorflow.core.protobuf import error_codes_pb2
+                code = (error_codes_pb2.Code.Name(e.error_code) if e.error_code in error_codes_pb2.Code.values()
+                        else "INVALID_ARGUMENT")
             raise RequestError(code, f"{type(e).__name__}: {getattr(e, 'message', None) or e}") from None
         if not isinstance(out, Mapping):
             out = {"output_0": out}
@@ -522,9 +523,8 @@ class Model:
             raise RequestError("INVALID_ARGUMENT", "ModelSpec has both version and version_label; pick one")
         if label:
             v = self.settings.labels.get(label)
-            if v is None:
-                raise RequestError("NOT_FOUND", f"Unrecognized servable version label: {label!r} of model "
-                                   f"{self.name!r}; labels: {sorted(self.settings.labels)}")
+            if v is None:  # ServerCore::GetModelVersionForLabel: INVALID_ARGUMENT, in these words
+                raise RequestError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
             s = snap.servables.get(v)
             if s is None:
                 raise RequestError("NOT_FOUND", f"Servable not found for request: label {label!r} of model "
@@ -542,12 +542,8 @@ class Model:
         return s
 
     def status(self, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
-        if label:
-            v = self.settings.labels.get(label)
-            if v is None:
-                raise RequestError("NOT_FOUND", f"Unrecognized servable version label: {label!r} of model "
-                                   f"{self.name!r}")
-            version = v
+        # `label` is ignored, as TF Serving's GetModelStatusImpl (it looks at model_spec.version only):
+        # a status asked by label, known or not, lists every version of the model
         statuses = dict(self.statuses)
         if version is not None:
             st = statuses.get(version)
@@ -679,8 +675,8 @@ class ModelManager:
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         m = self.models.get(name)
         if m is None:  # TF Serving's BasicManager words it by its ServableRequest
-            if label:
-                raise RequestError("NOT_FOUND", f"Unrecognized servable version label: {label}")
+            if label:  # the label map is looked up first: INVALID_ARGUMENT, as for a known model
+                raise RequestError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
             what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
             raise RequestError("NOT_FOUND", f"Servable not found for request: {what}")
         return m.resolve(version, label)

@@ -15,17 +15,20 @@ REST (aiohttp):
   POST /v1/models/{m}[/versions/{v}|/labels/{l}]:predict    row {"instances"} -> {"predictions"};
                                                             columnar {"inputs"} -> {"outputs"}
   POST ...:classify / ...:regress                           {"examples": [...], "context"?} -> {"results": ...}
-  Errors are {"error": "..."} with TF Serving's HTTP codes: 404 unknown model / version / label or URL,
-  400 bad input or malformed JSON, 413 for a body over `max_request_bytes` (default 64 MiB; TF Serving
-  itself has no such limit, a local server should), 501 for what is not implemented.
+  Errors are {"error": "..."} with TF Serving's HTTP codes: 404 unknown model / version or a URL outside /v1/,
+  400 unknown label, bad input, malformed JSON or a /v1/ URL that does not parse ("Malformed request"), 413
+  for a body over `max_request_bytes` (default 64 MiB; TF Serving itself has no such limit, a local server
+  should), 501 for what is not implemented.
   String tensors take and give {"b64": "..."} for binary data (outputs whose name ends in "_bytes", or that
   are not UTF-8, are sent as b64), as TF Serving.
 
 Metrics (`monitoring_config_file`, TF Serving's MonitoringConfig): Prometheus text on the REST port at
 prometheus_config.path (default /monitoring/prometheus/metrics); see serving/monitoring.py.
 
-Status codes as TF Serving: unknown model/version/label NOT_FOUND; wrong input name, dtype or shape
-INVALID_ARGUMENT (the message names what the signature expects); unknown signature FAILED_PRECONDITION.
+Status codes as TF Serving: unknown model/version NOT_FOUND, unknown label INVALID_ARGUMENT; wrong input name,
+dtype or shape INVALID_ARGUMENT (the message names what the signature expects); unknown signature
+FAILED_PRECONDITION. GetModelStatus ignores a version label (every version is listed), as TF Serving. A
+request message that does not parse is INVALID_ARGUMENT (grpc itself would say INTERNAL).
 
 Python API: `LocalServer(...)` (a context manager) with the options of `python -m serving`; port 0 picks a
 free port, `rest_api_port=None` disables REST. See serving/models.py for versions, polling and batching.
@@ -39,6 +42,7 @@ import re
 import socket
 import sys
 import threading
+import urllib.parse
 from concurrent import futures
 from typing import Callable
 
@@ -77,7 +81,10 @@ def _tensor_to_array(name: str, proto, sig: Signature) -> np.ndarray:
     tf = _tf()
     spec = sig.inputs.get(name)
     if spec is not None and proto.dtype != spec.dtype.as_datatype_enum:
-        got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
+        try:
+            got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
+        except TypeError:  # no DataType of that number: a garbled request
+            got = f"DataType {proto.dtype}"
         raise RequestError("INVALID_ARGUMENT", f"input {name!r} has dtype {got} but signature {sig.name!r} "
                            f"expects {sig.describe_input(name)}")
     if proto.tensor_content and proto.dtype in _ENUM_TO_NP:
@@ -87,10 +94,24 @@ def _tensor_to_array(name: str, proto, sig: Signature) -> np.ndarray:
         except ValueError as e:
             raise RequestError("INVALID_ARGUMENT", f"input {name!r}: tensor_content does not hold shape {dims}: "
                                f"{e}") from None
+    # fewer values than the shape holds are repeated to fill it (TensorProto's rule): a tiny request could
+    # declare a shape of terabytes, so that expansion is capped
+    n = 1
+    for d in proto.tensor_shape.dim:
+        n *= max(d.size, 0)
+    if n > _MAX_EXPANDED_ELEMENTS and n > max(len(getattr(proto, f)) for f in _TENSOR_VALUE_FIELDS):
+        raise RequestError("RESOURCE_EXHAUSTED", f"input {name!r}: shape {[d.size for d in proto.tensor_shape.dim]} "
+                           f"holds {n} values, more than the {_MAX_EXPANDED_ELEMENTS} this server fills from fewer "
+                           f"given values")
     try:
         return tf.make_ndarray(proto)
     except Exception as e:  # noqa: BLE001
         raise RequestError("INVALID_ARGUMENT", f"input {name!r}: cannot read the TensorProto: {e}") from None
+
+
+_MAX_EXPANDED_ELEMENTS = 1 << 25
+_TENSOR_VALUE_FIELDS = ("half_val", "float_val", "double_val", "int_val", "string_val", "scomplex_val", "int64_val",
+                        "bool_val", "dcomplex_val", "uint32_val", "uint64_val")
 
 
 _FAST_KINDS = "biuf"
@@ -200,9 +221,9 @@ class Core:
         if self.metrics is not None:
             self.metrics.note(servable, None)
         sdm = get_model_metadata_pb2.SignatureDefMap()
+        # every SignatureDef of the MetaGraphDef, "__saved_model_init_op" included, as TF Serving's
+        # SavedModelGetSignatureDef (get_model_metadata_impl.cc) copies them all
         for k, v in servable.signature_defs.items():
-            if k == "__saved_model_init_op":
-                continue
             sdm.signature_def[k].CopyFrom(v)
         return servable, sdm
 
@@ -303,6 +324,8 @@ def _make_servicers(core: Core):
             t0 = metrics.begin() if metrics is not None else 0.0
             code = "OK"
             try:
+                if isinstance(request, _Undecodable):
+                    raise RequestError("INVALID_ARGUMENT", request.message)
                 return fn(self, request, context)
             except RequestError as e:
                 code = e.code
@@ -397,7 +420,73 @@ def _make_servicers(core: Core):
                 resp.metric.add(name=name, int64_value_increase=0)
             return resp
 
-    return PredictionService(), ModelService(), (prediction_service_pb2_grpc, model_service_pb2_grpc)
+    return PredictionService(), ModelService(), (_LenientRegistrar(prediction_service_pb2_grpc),
+                                                 _LenientRegistrar(model_service_pb2_grpc))
+
+
+class _Undecodable:
+    """A request message that did not parse. grpc answers a deserializer's exception with INTERNAL
+    ("Exception deserializing request!"); the servicer answers this with INVALID_ARGUMENT instead."""
+    model_spec = None  # metrics: no model
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient(parse):
+    def parse_or_mark(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError, bad UTF-8 in a string field, ...
+            return _Undecodable(f"cannot parse the request message ({len(data)} bytes): {type(e).__name__}: {e}")
+    return parse_or_mark
+
+
+class _LenientHandler:
+    """A grpc.GenericRpcHandler whose method handlers use _lenient request deserializers."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._cache: dict = {}
+
+    def service(self, details):
+        h = self._inner.service(details)
+        if h is None or h.request_deserializer is None:
+            return h
+        got = self._cache.get(details.method)
+        if got is None or got[0] is not h:
+            got = self._cache[details.method] = (h, h._replace(request_deserializer=_lenient(h.request_deserializer)))
+        return got[1]
+
+
+class _LenientRegistrar:
+    """Stands in for a *_pb2_grpc module in LocalServer._start: its add_*_to_server registers the generated
+    handlers, wrapped in _LenientHandler."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+        if not (name.startswith("add_") and name.endswith("_to_server")):
+            return fn
+        return lambda servicer, server: fn(servicer, _LenientServer(server))
+
+
+class _LenientServer:
+    def __init__(self, server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers):  # grpc asks a handler for its `service` method only
+        self._server.add_generic_rpc_handlers(tuple(_LenientHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service, handlers):  # what newer generated stubs call too
+        self._server.add_registered_method_handlers(service, {
+            name: h if h.request_deserializer is None else h._replace(request_deserializer=_lenient(h.request_deserializer))
+            for name, h in handlers.items()})
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
 
 
 def _error_code_enum(name: str) -> int:
@@ -407,8 +496,13 @@ def _error_code_enum(name: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ REST
 
-_URL = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-                  r"(?:(?P<meta>/metadata)|:(?P<verb>[A-Za-z]+))?/?$")
+# TF Serving's URL patterns (http_rest_api_util.cc, kPredictionApiGegex / kModelStatusApiRegex), matched in
+# full and case-insensitively against the undecoded path: POST for the verbs, GET for status and metadata
+_POST_URL = re.compile(r"/v1/models/([^/:]+)(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?"
+                       r":(classify|regress|predict)", re.IGNORECASE)
+_GET_URL = re.compile(r"/v1/models(?:/([^/:]+))?(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
+                      re.IGNORECASE)
+_INT64_MAX = 2 ** 63 - 1
 
 
 class _Json:
@@ -487,10 +581,16 @@ class _Json:
         """A JSON value -> tf.train.Feature (ints -> int64_list, numbers -> float_list, strings -> bytes_list)."""
         tf = _tf()
         vals = v if isinstance(v, list) else [v]
-        if all(isinstance(x, bool) or isinstance(x, int) for x in vals):
-            return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in vals]))
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            return tf.train.Feature(float_list=tf.train.FloatList(value=[float(x) for x in vals]))
+        if any(isinstance(x, list) for x in vals):  # a Feature is a flat list
+            raise RequestError("INVALID_ARGUMENT", f"example feature value {v!r} is nested: a feature takes a value "
+                               f"or a flat list of values")
+        try:
+            if all(isinstance(x, bool) or isinstance(x, int) for x in vals):
+                return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in vals]))
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+                return tf.train.Feature(float_list=tf.train.FloatList(value=[float(x) for x in vals]))
+        except (ValueError, OverflowError) as e:  # an integer beyond int64, a float beyond float
+            raise RequestError("INVALID_ARGUMENT", f"example feature value out of range: {e}") from None
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=_Json._bytes_tree(vals, "examples")))
 
     @staticmethod
@@ -503,6 +603,13 @@ class _Json:
             feature={k: _Json.feature(v) for k, v in feats.items()})).SerializeToString()
 
 
+def _signature_name(body: dict) -> str:
+    sig_name = body.get("signature_name", "")
+    if not isinstance(sig_name, str):  # json_tensor.cc FillSignature: present, it must be a string
+        raise RequestError("INVALID_ARGUMENT", "'signature_name' key must be a string value.")
+    return sig_name or DEFAULT_SIGNATURE
+
+
 def _json_error(status: int, message: str):
     from aiohttp import web
     return web.Response(status=status, text=json.dumps({"error": message}), content_type="application/json")
@@ -511,16 +618,28 @@ def _json_error(status: int, message: str):
 def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
     from aiohttp import web
 
-    def parse_path(path: str):
-        m = _URL.match(path)
-        if not m:
-            raise RequestError("NOT_FOUND", f"Malformed request: {path}")
-        version = m.group("version")
+    def parse_path(method: str, path: str):
+        """As HttpRestApiHandler::ProcessRequest + ParseModelInfo: a /v1/ URL that does not parse is
+        INVALID_ARGUMENT (400) "Malformed request: <method> <path>", not 404."""
+        malformed = RequestError("INVALID_ARGUMENT", f"Malformed request: {method} {path}")
+        rx = _POST_URL if method == "POST" else _GET_URL if method == "GET" else None
+        m = rx.fullmatch(path) if rx is not None else None
+        if m is None:
+            raise malformed
+        name, version, label, tail = m.groups()
+        name = urllib.parse.unquote(name or "")  # DecodeArg: the name and label are percent-decoded
+        label = urllib.parse.unquote(label) if label else None
         if version is not None:
-            if not version.isdigit():
-                raise RequestError("NOT_FOUND", f"Malformed request: version {version!r} is not an integer")
             version = int(version)
-        return m.group("name"), version, m.group("label"), bool(m.group("meta")), m.group("verb")
+            if version > _INT64_MAX:  # absl::SimpleAtoi into an int64
+                raise RequestError("INVALID_ARGUMENT", f"Failed to convert version: {m.group(2)} to numeric.")
+        if method == "POST":
+            if tail not in ("classify", "regress", "predict"):  # matched case-insensitively, dispatched not
+                raise malformed
+            return name, version, label, False, tail
+        if not name:  # GET /v1/models parses, with no model name
+            raise RequestError("INVALID_ARGUMENT", "Missing model name in request.")
+        return name, version, label, tail == "metadata", None  # "/METADATA" is a status request, as there
 
     def status_json(name, version, label):
         return {"model_version_status": [
@@ -530,14 +649,19 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
 
     def metadata_json(name, version, label):
         from google.protobuf import json_format
+        from tensorflow_serving.apis import model_pb2
         servable, sdm = core.metadata_map(name, version, label)
-        return {"model_spec": {"name": servable.model, "signature_name": "", "version": str(servable.version)},
-                "metadata": {"signature_def": json_format.MessageToDict(sdm, preserving_proto_field_name=True)}}
+        spec = model_pb2.ModelSpec()
+        _fill_spec(spec, servable, None)
+        # ToJsonString(GetModelMetadataResponse) in http_rest_api_util.cc: both parts printed with
+        # always_print_fields_with_no_presence and preserve_proto_field_names ("name": "" of each dim,
+        # "unknown_rank": false, "defaults": {}, "signature_name": "")
+        opts = {"always_print_fields_with_no_presence": True, "preserving_proto_field_name": True}
+        return {"model_spec": json_format.MessageToDict(spec, **opts),
+                "metadata": {"signature_def": json_format.MessageToDict(sdm, **opts)}}
 
     def predict_json(name, version, label, body: dict):
-        sig_name = body.get("signature_name") or DEFAULT_SIGNATURE
-        if not isinstance(sig_name, str):
-            raise RequestError("INVALID_ARGUMENT", "'signature_name' must be a string")
+        sig_name = _signature_name(body)
         servable = core.manager.resolve(name, version, label)
         sig = servable.signature(sig_name)
         row = "instances" in body
@@ -586,7 +710,7 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
         return {"predictions": [{k: v[i] for k, v in enc.items()} for i in range(rows)]}
 
     def examples_json(name, version, label, body: dict, method: str):
-        sig_name = body.get("signature_name") or DEFAULT_SIGNATURE
+        sig_name = _signature_name(body)
         examples = body.get("examples")
         if not isinstance(examples, list):
             raise RequestError("INVALID_ARGUMENT", "'examples' must be a JSON list of objects")
@@ -610,6 +734,9 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
         except RequestError as e:
             code = e.code
             return e.http_status, {"error": e.message}
+        except RecursionError:  # JSON nested deeper than the decoding of it can follow
+            code = "INVALID_ARGUMENT"
+            return 400, {"error": "JSON Parse error: the request is nested too deeply"}
         except Exception as e:  # noqa: BLE001
             code = "INTERNAL"
             return 500, {"error": f"{type(e).__name__}: {e}"}
@@ -635,24 +762,15 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
             status, text = 500, json.dumps({"error": f"cannot encode the answer as JSON: {e}"})
         return web.Response(status=status, text=text, content_type="application/json")
 
-    async def handle_get(request: web.Request):
+    async def handle_v1(request: web.Request):
+        # every /v1/ URL (any method) is TF Serving's: one that does not parse is a 400, not a 404
         try:
-            name, version, label, meta, verb = parse_path(request.path)
+            name, version, label, meta, verb = parse_path(request.method, request.rel_url.raw_path)
         except RequestError as e:
             return _json_error(e.http_status, e.message)
-        if verb:
-            return _json_error(405, f"{verb} needs POST")
-        status, obj = answer(metadata_json if meta else status_json, name, version, label)
-        return respond(status, obj)
-
-    async def handle_post(request: web.Request):
-        try:
-            name, version, label, meta, verb = parse_path(request.path)
-        except RequestError as e:
-            return _json_error(e.http_status, e.message)
-        if meta or verb not in ("predict", "classify", "regress"):
-            return _json_error(404 if not meta else 405, f"Malformed request: POST {request.path} (expected "
-                               f":predict, :classify or :regress)")
+        if request.method == "GET":
+            status, obj = answer(metadata_json if meta else status_json, name, version, label)
+            return respond(status, obj)
         if request.content_length is not None and request.content_length > max_request_bytes:
             return refused(name, version, verb, 413, f"request body of {request.content_length} bytes is over the "
                            f"limit of {max_request_bytes} bytes")
@@ -662,7 +780,7 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
             return refused(name, version, verb, 413, f"request body is over the limit of {max_request_bytes} bytes")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
             return refused(name, version, verb, 400, f"JSON Parse error: {e}")
         if not isinstance(body, dict):
             return refused(name, version, verb, 400, "JSON Parse error: the request body must be a JSON object")
@@ -677,8 +795,7 @@ def _make_rest_app(core: Core, max_request_bytes: int, run_blocking: Callable):
         return _json_error(404, f"Malformed request: {request.method} {request.path}")
 
     app = web.Application(client_max_size=max_request_bytes)
-    app.router.add_route("GET", "/v1/models/{tail:.*}", handle_get)
-    app.router.add_route("POST", "/v1/models/{tail:.*}", handle_post)
+    app.router.add_route("*", "/{v1:[vV]1}/{tail:.*}", handle_v1)  # "(?i)/v1/.*" (kHTTPRestApiHandlerPathRegex)
     from serving.v2 import add_v2_routes  # the Open Inference Protocol (KServe v2) on the same port
     add_v2_routes(app, core, max_request_bytes, run_blocking)
     if metrics is not None and metrics.path:  # --monitoring_config_file; before the catch-all
@@ -782,6 +899,8 @@ class LocalServer:
                                                             thread_name_prefix="grpc"), options=opts)
         pgrpc.add_PredictionServiceServicer_to_server(pred, self._grpc)
         mgrpc.add_ModelServiceServicer_to_server(model_svc, self._grpc)
+        from serving.v2_grpc import add_to_server  # the Open Inference Protocol v2 gRPC API on the same port
+        add_to_server(_LenientServer(self._grpc), core, self._log)  # garbage bytes: INVALID_ARGUMENT there too
         try:
             self.grpc_port = self._grpc.add_insecure_port(f"{_host_for_url(self.host)}:{self._port}")
         except RuntimeError as e:

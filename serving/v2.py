@@ -239,6 +239,8 @@ def add_v2_routes(app, core, max_request_bytes: int, run_blocking: Callable) -> 
             return 200, fn(*args)
         except RequestError as e:
             return e.http_status, {"error": e.message}
+        except RecursionError:  # JSON nested deeper than the decoding of it can follow
+            return 400, {"error": "JSON parse error: the request is nested too deeply"}
         except Exception as e:  # noqa: BLE001 - an answer, never a dropped connection
             return 500, {"error": f"{type(e).__name__}: {e}"}
 
@@ -297,7 +299,7 @@ def add_v2_routes(app, core, max_request_bytes: int, run_blocking: Callable) -> 
             return respond(413, {"error": f"request body is over the limit of {max_request_bytes} bytes"})
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
             return respond(400, {"error": f"JSON parse error: {e}"})
         name, version, _ = m
         return respond(*await run_blocking(metered_infer, name, version, body))

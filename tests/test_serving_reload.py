@@ -182,7 +182,9 @@ def test_removing_a_model_under_load(repo, make_server):
     b = [r for r in h.log if r[0] == "b"]
     assert any(r[3] == "OK" for r in b) and all(r[3] == "OK" for r in b if r[2] < t0)
     gone = h.failures("b")
-    assert gone and all(r[1] >= t0 for r in gone), "a request for b failed before its removal began"
+    # a request sent just before the reload can reach the server after it (a loaded machine delays it):
+    # what must not be is a failure that came back before the removal began
+    assert gone and all(r[2] >= t0 for r in gone), "a request for b failed before its removal began"
     assert all(r[3] != "OK" for r in b if r[1] > t1), "b still answered after the reload returned"
     assert {(r[3], r[4]) for r in gone} == {("NOT_FOUND", "Servable not found for request: Latest(b)")}
     assert_right_numbers(h)
@@ -319,5 +321,6 @@ def test_multi_inference_matches_classify_and_regress(repo, make_server):
         other.tasks[1].method_name = "tensorflow/serving/predict"
         assert refused(other) == ("UNIMPLEMENTED", "Unsupported signature method_name: tensorflow/serving/predict")
     # TF Serving's REST API has no MultiInference
-    status, _ = http(srv, "POST", "/v1/models/cls:multiInference", {"examples": [{"x": [1.0, 2.0, 3.0]}]})
-    assert status == 404
+    # (a /v1/ URL that does not parse: 400 "Malformed request", as TF Serving)
+    status, obj = http(srv, "POST", "/v1/models/cls:multiInference", {"examples": [{"x": [1.0, 2.0, 3.0]}]})
+    assert status == 400 and obj["error"].startswith("Malformed request"), obj
