@@ -25,12 +25,15 @@ and accuracy: the variant's outputs through the agent's predict on every held-ou
 
 Prints one table (size, p50 / p99 of each, agent_p50 / (bare_p50 + empty_p50), the accuracy delta), says per
 row whether that ratio is within the 1.5x target, then, to show where the time over bare + empty goes, an
-in-process breakdown of the agent's handler steps (JSON parse, input mapping, interpreter call, output to lists,
-JSON encode; edge.agent's own functions) and two more interleaved timings on the empty server: /inline
+in-process breakdown of the agent's handler steps (JSON parse, inputs as arrays, the variant's direct interpreter
+call, output to lists, JSON encode; edge.agent's and edge.serving_path's own functions) and two more interleaved
+timings on the empty server: /inline
 (`await request.json()` and np.asarray of the inputs on the event loop) and /hop (the same with the asarray
 handed by run_in_executor to a one-thread pool, as the agent hands its predict to its predict_pool), shown as
-p50 differences: what the JSON parse and the thread hop cost. Then the machine's load at start
-and end. Nothing here asserts on timings.
+p50 differences: what the JSON parse and the thread hop cost. Then, per model (fp32, in this process), what a
+request of 1 to 256 rows costs to parse and to run, and whether the agent runs it on its event loop or on its
+predict thread (edge.agent.INLINE_MAX_BYTES, INLINE_BUDGET_MS). Then the machine's load at start and end.
+Nothing here asserts on timings.
 """
 from __future__ import annotations
 
@@ -258,6 +261,7 @@ class Row:
     acc_delta_pp: float = float("nan")
     acc_rows: int = 0
     steps: dict = field(default_factory=dict)   # in-process handler steps: name -> p50 ms
+    sizes: list = field(default_factory=list)   # inline_costs(): per batch size, fp32 only
     note: str = ""
 
     @property
@@ -267,18 +271,22 @@ class Row:
 
 
 def handler_steps(body: bytes, runner, signature, calls: int) -> dict:
-    """The agent's predict handler, step by step, in this process (edge.agent's own functions)."""
-    from edge.agent import from_result, parse_inputs, to_feed
-    times = {k: [] for k in ("json parse", "parse_inputs+to_feed", "runner.infer", "outputs tolist", "json encode")}
+    """The agent's predict handler, step by step, in this process (edge.agent's and edge.serving_path's own
+    functions: the JSON decode, the inputs as arrays, the variant's direct interpreter call)."""
+    from edge.agent import decode_json, parse_inputs
+    from edge.serving_path import VariantServer
+    server = VariantServer(runner, signature)
+    times = {k: [] for k in ("json parse", "parse_inputs", "interpreter call", "outputs tolist", "json encode")}
     for i in range(calls + 10):
         t0 = time.perf_counter()
-        obj = json.loads(body)
+        obj = decode_json(body, None)
         t1 = time.perf_counter()
-        feed = to_feed(signature, runner, parse_inputs(obj))
+        x = parse_inputs(obj)
         t2 = time.perf_counter()
-        result = runner.infer(feed)
+        with server.lock:
+            result = server.predict(x)
         t3 = time.perf_counter()
-        outputs = {k: np.asarray(v).tolist() for k, v in from_result(signature, runner, result).items()}
+        outputs = {k: v.tolist() for k, v in result.items()}
         t4 = time.perf_counter()
         json.dumps({"model": "m", "version": 1, "variant": "fp32", "outputs": outputs})
         t5 = time.perf_counter()
@@ -286,6 +294,35 @@ def handler_steps(body: bytes, runner, signature, calls: int) -> dict:
             for k, a, b in zip(times, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
                 times[k].append((b - a) * 1e3)
     return {k: pct(v, 50) for k, v in times.items()}
+
+
+INLINE_ROWS = (1, 4, 16, 64, 256)
+
+
+def inline_costs(x, runner, signature, p50_ms: float | None, calls: int = 30) -> list[tuple]:
+    """Per batch size: (rows, body bytes, JSON parse + arrays ms, interpreter call + tolist ms, where the agent
+    runs it): what running a request on the event loop would hold the loop for, against the thread hop."""
+    from edge.agent import INLINE_BUDGET_MS, INLINE_MAX_BYTES, decode_json, parse_inputs
+    from edge.serving_path import VariantServer
+    server = VariantServer(runner, signature)
+    out = []
+    for n in INLINE_ROWS:
+        rows = take_rows(x, np.arange(n) % n_of(x))
+        body = json.dumps({"inputs": plain(rows)}).encode()
+        parse, call = [], []
+        for i in range(calls + 3):
+            t0 = time.perf_counter()
+            xs = parse_inputs(decode_json(body, None))
+            t1 = time.perf_counter()
+            with server.lock:
+                {k: v.tolist() for k, v in server.predict(xs).items()}
+            t2 = time.perf_counter()
+            if i >= 3:
+                parse.append((t1 - t0) * 1e3)
+                call.append((t2 - t1) * 1e3)
+        inline = len(body) <= INLINE_MAX_BYTES and n * (p50_ms or 0.0) <= INLINE_BUDGET_MS
+        out.append((n, len(body), pct(parse, 50), pct(call, 50), "loop" if inline else "thread"))
+    return out
 
 
 def bench_model(model: str, bundle_dir: Path, client, agent_port: int, empty_port: int, token: str,
@@ -357,6 +394,8 @@ def bench_model(model: str, bundle_dir: Path, client, agent_port: int, empty_por
                 acc = float(np.mean(predicted(np.concatenate(outs)) == labels[keep]))
                 row.acc_delta_pp, row.acc_rows = (acc - ref_acc) * 100, len(keep)
             row.steps = handler_steps(body, runner, sig, min(args.calls, 200))
+            if variant == "fp32":
+                row.sizes = inline_costs(x, runner, sig, (rep.get("latency") or {}).get("p50_ms"))
         except Exception as e:  # noqa: BLE001 - a failing row is a note, not a traceback
             row.note = f"{type(e).__name__}: {str(e)[:200]}"
         finally:
@@ -474,6 +513,17 @@ def main() -> None:
             print(f"| {r.model} | {r.variant} | " + " | ".join(f(r.steps[n]) for n in names)
                   + f" | {f(sum(r.steps.values()))} | {f(pct(r.agent, 50) - pct(r.empty, 50))} | "
                   f"{f(pct(r.inline, 50) - pct(r.empty, 50))} | {f(pct(r.hop, 50) - pct(r.inline, 50))} |")
+    with_sizes = [r for r in rows if r.sizes]
+    if with_sizes:
+        from edge.agent import INLINE_BUDGET_MS, INLINE_MAX_BYTES
+        print(f"\ninline or thread, by batch size (fp32, in this process, p50 ms): the agent answers on the event "
+              f"loop when the body is <= {INLINE_MAX_BYTES} bytes and rows x the on-device batch-1 p50 <= "
+              f"{INLINE_BUDGET_MS} ms; the thread hop it saves is the 'executor hop' column above")
+        print("| model | rows | body bytes | json + arrays ms | interpreter call + tolist ms | agent runs it on |")
+        print("|---|---|---|---|---|---|")
+        for r in with_sizes:
+            for n, nbytes, parse, call, where in r.sizes:
+                print(f"| {r.model} | {n} | {nbytes} | {f(parse)} | {f(call)} | {where} |")
     load1 = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average at start: {load_text(load0)}; at end: {load_text(load1)}")
 

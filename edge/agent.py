@@ -52,7 +52,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +66,7 @@ from parity.signature import InputMismatch, Signature, TensorSpec, map_tensors
 from .keys import as_public, key_id
 from .metrics import AgentMetrics
 from .package import PackageError, Package, read_installed, verify_package
+from .serving_path import ClosedRunner, VariantServer
 
 AGENT_VERSION = "1"
 POINTER = "active.json"
@@ -74,6 +75,14 @@ DEFAULT_KEEP = 3          # the active version and two to roll back to
 LATENCY_CALLS = 50
 PAUSE_ENV = "EDGE_AGENT_PAUSE_BEFORE_SWITCH"   # test hook: a version number (or "*"): sleep before the switch
 PAUSE_SECONDS_ENV = "EDGE_AGENT_PAUSE_SECONDS"
+# A predict runs on the event loop, skipping the hop to the predict thread (about 0.1 ms on a 2-CPU box: twice
+# a small model's whole predict), when its body is at most INLINE_MAX_BYTES (JSON parse + arrays cost about
+# 0.02 ms per KB: 8 KB is about 0.17 ms) and its rows times the variant's on-device batch-1 p50 (the push's
+# latency report) is at most INLINE_BUDGET_MS: the loop, which every other request waits on, is then held no
+# longer than a few hops. Bigger requests, or a variant whose lock is busy, go to the predict thread, JSON
+# parse included. benchmarks/bench_edge.py prints these costs per batch size.
+INLINE_MAX_BYTES = 8 << 10
+INLINE_BUDGET_MS = 0.25
 
 
 class AgentError(Exception):
@@ -134,16 +143,6 @@ def to_feed(model_sig: Signature | None, runner, x) -> dict[str, np.ndarray]:
     return {pairs[k]: v for k, v in x.items()}
 
 
-def from_result(model_sig: Signature | None, runner, result: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The artifact's outputs under the model's output names (where the model's signature has them)."""
-    if model_sig is not None and model_sig.outputs:
-        pairs, _ = map_tensors(model_sig.outputs, runner.signature.outputs)
-        out = {m: result[a] for m, a in pairs.items() if a in result}
-        if out:
-            return out
-    return dict(result)
-
-
 def parse_inputs(body) -> Any:
     """A predict body as the model's inputs: one array, or {name: array}."""
     if not isinstance(body, dict):
@@ -183,6 +182,11 @@ class Loaded:
     report: dict
     signature: Signature | None
     activated_at: str = field(default_factory=_now)
+    servers: dict = field(default_factory=dict)   # variant -> VariantServer (its lock and direct call)
+
+    def __post_init__(self):
+        if not self.servers:
+            self.servers = {v: VariantServer(r, self.signature) for v, r in self.runners.items()}
 
     @property
     def model(self) -> str:
@@ -211,7 +215,8 @@ class Agent:
         self.load_error: str | None = None
         self.last_push: dict | None = None
         self.started_at = _now()
-        # one thread runs every interpreter call of the served runners (a LiteRT interpreter is not thread-safe)
+        # big predicts run on this one thread, small ones on the event loop (INLINE_MAX_BYTES); each variant's
+        # lock (edge.serving_path.VariantServer) keeps its interpreter, which is not thread-safe, to one call
         self.predict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
         self.mutate = threading.Lock()   # pushes and rollbacks, one at a time
         self.metrics = AgentMetrics(self)
@@ -408,8 +413,8 @@ class Agent:
         write_json_atomic(self.root / POINTER, pointer)
         loaded.activated_at = pointer["switched_at"]
         previous, self.active, self.pointer, self.load_error = self.active, loaded, pointer, None
-        if previous is not None:   # closed on the predict thread, after any call already running on it
-            self.predict_pool.submit(lambda: [r.close() for r in previous.runners.values()])
+        if previous is not None:   # closed on the predict thread, each under its lock: after any call running on it
+            self.predict_pool.submit(_close_servers, previous)
         self._prune()
         self.log(f"active: {loaded.name}" + (f" (previous: {history[0]})" if history else ""))
 
@@ -430,22 +435,65 @@ class Agent:
 
     # -- read ----------------------------------------------------------------------------------------
     def predict(self, body, variant: str | None) -> dict:
+        """A predict body -> the answer, blocking (the predict thread's path; waits for the variant's lock)."""
+        self._pick(variant)   # 503 / 404 before any complaint about the body, as always
+        return self._run(self._inputs(body), variant, wait=True)
+
+    def predict_json(self, raw: bytes, charset: str | None, variant: str | None) -> dict:
+        """The predict thread's path for a big request: the JSON body (bytes) -> the answer."""
+        return self.predict(decode_json(raw, charset), variant)
+
+    def predict_inline(self, body, variant: str | None) -> tuple[dict | None, Any]:
+        """On the event loop, for a small body: (the answer, inputs) when the variant's cost fits
+        INLINE_BUDGET_MS and its lock is free right now, else (None, the parsed inputs) for the caller to
+        hand to `predict_parsed` on the predict thread."""
+        loaded, _ = self._pick(variant)
+        x = self._inputs(body)
+        p50 = (((loaded.report or {}).get("variants") or {}).get(variant or "fp32") or {}).get("latency") or {}
+        if _rows_of(x) * float(p50.get("p50_ms") or 0.0) > INLINE_BUDGET_MS:
+            return None, x
+        return self._run(x, variant, wait=False), x
+
+    def predict_parsed(self, x, variant: str | None) -> dict:
+        return self._run(x, variant, wait=True)
+
+    def _pick(self, variant: str | None) -> tuple[Loaded, VariantServer]:
         loaded = self.active
         if loaded is None:
             raise AgentError(503, "no active model" + (f" ({self.load_error})" if self.load_error else ""))
-        variant = variant or "fp32"
-        runner = loaded.runners.get(variant)
-        if runner is None:
-            raise AgentError(404, f"variant {variant!r} is not in {loaded.name}; it has "
-                                  f"{', '.join(sorted(loaded.runners))}")
+        server = loaded.servers.get(variant or "fp32")
+        if server is None:
+            raise AgentError(404, f"variant {variant or 'fp32'!r} is not in {loaded.name}; it has "
+                                  f"{', '.join(sorted(loaded.servers))}")
+        return loaded, server
+
+    @staticmethod
+    def _inputs(body):
         try:
-            x = parse_inputs(body)
-            result = runner.infer(to_feed(loaded.signature, runner, x))
+            return parse_inputs(body)
         except InputMismatch as e:
             raise AgentError(400, str(e)) from None
-        outputs = from_result(loaded.signature, runner, result)
-        return {"model": loaded.model, "version": loaded.version, "variant": variant,
-                "outputs": {k: np.asarray(v).tolist() for k, v in outputs.items()}}
+
+    def _run(self, x, variant: str | None, *, wait: bool) -> dict | None:
+        """Run the active version's variant under its lock; None when not `wait` and the lock is busy. A
+        runner closed by a switch since it was picked is picked again (the new version answers)."""
+        for _ in range(3):
+            loaded, server = self._pick(variant)
+            if not server.lock.acquire(blocking=wait):
+                return None
+            try:
+                outputs = server.predict(x)
+                # to lists under the lock: cheap at the sizes that run inline, and no array outlives the call
+                answer = {k: v.tolist() for k, v in outputs.items()}
+            except ClosedRunner:
+                continue
+            except InputMismatch as e:
+                raise AgentError(400, str(e)) from None
+            finally:
+                server.lock.release()
+            return {"model": loaded.model, "version": loaded.version, "variant": variant or "fp32",
+                    "outputs": answer}
+        raise AgentError(503, "the active version changed during the call three times; try again")
 
     def status(self) -> dict:
         a, p = self.active, self.pointer or {}
@@ -464,6 +512,25 @@ class Agent:
                 "latency": ({v: r.get("latency") for v, r in (report or {}).get("variants", {}).items()}
                             if report else None),
                 "last_push": self.last_push, "load_error": self.load_error}
+
+
+def _rows_of(x) -> int:
+    """Rows of parsed inputs, for the inline budget only: a scalar counts as one (the runner refuses it)."""
+    a = next(iter(x.values()), None) if is_multi(x) else x
+    return a.shape[0] if getattr(a, "ndim", 0) else 1
+
+
+def decode_json(raw: bytes, charset: str | None):
+    """A request body as JSON, as aiohttp's request.json() reads it; a 400 naming the problem."""
+    try:
+        return json.loads(raw.decode(charset or "utf-8"))
+    except ValueError as e:
+        raise AgentError(400, f"expected a JSON body ({e})") from None
+
+
+def _close_servers(loaded: Loaded) -> None:
+    for server in loaded.servers.values():
+        server.close()
 
 
 def _remove(p: Path) -> None:
@@ -555,14 +622,17 @@ def make_app(agent: Agent, token: str, *, debug: bool = False):
     async def predict(request):
         t0, code = time.perf_counter(), 500
         try:
+            raw = await request.read()
+            variant = request.query.get("variant")
+            loop = asyncio.get_running_loop()
             try:
-                body = await request.json()
-            except ValueError as e:
-                code = 400
-                return error(400, f"expected a JSON body ({e})")
-            try:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    agent.predict_pool, agent.predict, body, request.query.get("variant"))
+                if len(raw) > INLINE_MAX_BYTES:   # big: even its JSON parse runs on the predict thread
+                    result = await loop.run_in_executor(agent.predict_pool, agent.predict_json, raw,
+                                                        request.charset, variant)
+                else:
+                    result, x = agent.predict_inline(decode_json(raw, request.charset), variant)
+                    if result is None:   # over the budget, or the variant busy: on the predict thread
+                        result = await loop.run_in_executor(agent.predict_pool, agent.predict_parsed, x, variant)
             except AgentError as e:
                 code = e.status
                 raise
