@@ -169,27 +169,44 @@ def tensorboard_without_tensorflow() -> None:
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
-def torch_summary_writer(logdir: Path):
+def epoch_series(history: "History") -> dict[str, dict[str, list[float]]]:
+    """A History in Keras' TensorBoard layout, which every style writes so that one chart overlays them
+    all: run folder (train/, validation/) -> tag (epoch_<name>) -> one value per epoch, step = the
+    0-based epoch, as Keras' TensorBoard callback writes them."""
+    series = {"train": {"epoch_loss": history.loss, "epoch_learning_rate": history.lr},
+              "validation": {"epoch_loss": history.val_loss}}
+    return {run: {tag: [float(v) for v in values] for tag, values in tags.items() if values}
+            for run, tags in series.items() if tags["epoch_loss"]}
+
+
+def torch_summaries(logdir: Path, history: "History", graph=None) -> None:
+    """`epoch_series` through torch.utils.tensorboard (no TensorFlow in a torch process), and the module's
+    graph when `graph` is (module, example inputs)."""
     tensorboard_without_tensorflow()
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(logdir))
+    for run, tags in epoch_series(history).items():
+        writer = SummaryWriter(str(Path(logdir) / run))
+        for tag, values in tags.items():
+            for epoch, value in enumerate(values):
+                writer.add_scalar(tag, value, epoch)
+        if run == "train" and graph is not None:
+            try:
+                writer.add_graph(*graph)
+            except Exception:  # noqa: BLE001 - a graph is a nicety; some modules do not trace
+                pass
+        writer.close()
 
 
 def tf_summaries(logdir: Path, history: "History", graph_fn=None) -> None:
-    """Per-epoch scalars in Keras' layout (train/ and validation/, tag epoch_loss), and the model's graph
-    when there is a tf.function to trace; for TensorFlow-side loops that are not Keras' fit."""
+    """`epoch_series` through tf.summary, and the model's graph when there is a tf.function to trace; for
+    TensorFlow-side loops that are not Keras' fit."""
     import tensorflow as tf
-    runs = {"train": history.loss, "validation": history.val_loss}
-    for run, values in runs.items():
-        if not values:
-            continue
+    for run, tags in epoch_series(history).items():
         writer = tf.summary.create_file_writer(str(Path(logdir) / run))
         with writer.as_default():
-            for epoch, value in enumerate(values):
-                tf.summary.scalar("epoch_loss", value, step=epoch)
-            if run == "train" and history.lr:
-                for epoch, value in enumerate(history.lr):
-                    tf.summary.scalar("epoch_learning_rate", value, step=epoch)
+            for tag, values in tags.items():
+                for epoch, value in enumerate(values):
+                    tf.summary.scalar(tag, value, step=epoch)
             if run == "train" and graph_fn is not None:
                 tf.summary.graph(graph_fn.graph)
         writer.close()

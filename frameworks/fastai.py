@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import History, callbacks_of, check_kind, tensorboard_without_tensorflow
+from .base import History, callbacks_of, check_kind, torch_summaries
 from .torch import Adapter as TorchAdapter
 from .torch import torch_inputs
 
@@ -46,7 +46,6 @@ class Adapter(TorchAdapter):
         from fastai.learner import Learner
         from fastai.optimizer import SGD, Adam
         from torch.utils.data import TensorDataset
-        tensorboard_without_tensorflow()
         torch.manual_seed(seed)
         cb = callbacks_of(t)
         xs = torch_inputs(model, x)
@@ -73,9 +72,6 @@ class Adapter(TorchAdapter):
                 r = cb["reduce_lr"]
                 cbs.append(ReduceLROnPlateau(monitor=MONITORS[r["monitor"]], patience=r["patience"],
                                              factor=1 / r["factor"], min_delta=r["min_delta"], min_lr=r["min_lr"]))
-            if logdir:
-                from fastai.callback.tensorboard import TensorBoardCallback
-                cbs.append(TensorBoardCallback(log_dir=str(logdir), trace_model=False, log_preds=False))
             with learn.no_bar(), learn.no_logging():
                 if cb["reduce_lr"]:  # the one-cycle schedule would overwrite every rate the callback sets
                     learn.fit(t.epochs, t.lr, cbs=cbs)
@@ -91,6 +87,8 @@ class Adapter(TorchAdapter):
         if cb["checkpoint"]:
             series = history.loss if cb["checkpoint"]["monitor"] == "loss" else history.val_loss
             history.best_epoch = int(np.argmin(series)) + 1
+        if logdir:  # the History in Keras' layout: fastai's TensorBoardCallback logs per batch, smoothed
+            torch_summaries(logdir, history)
         model.eval()
         return history
 

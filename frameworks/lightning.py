@@ -1,6 +1,8 @@
 """PyTorch Lightning: a LightningModule (its own training_step, validation_step and, when it has one,
-configure_optimizers) trained by lightning.Trainer on the CPU, with Lightning's own EarlyStopping,
-ModelCheckpoint and TensorBoardLogger. To every exporter it is a torch module."""
+configure_optimizers) trained by lightning.Trainer on the CPU, with Lightning's own EarlyStopping and
+ModelCheckpoint; its TensorBoard scalars are the History's, in Keras' layout as every style writes them
+(Lightning's TensorBoardLogger would name them as the module logs them, in one folder). To every exporter
+it is a torch module."""
 from __future__ import annotations
 
 import tempfile
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import History, RankRun, callbacks_of, check_kind, tensorboard_without_tensorflow
+from .base import History, RankRun, callbacks_of, check_kind, tensorboard_without_tensorflow, torch_summaries
 from .torch import Adapter as TorchAdapter
 from .torch import torch_inputs
 
@@ -98,10 +100,8 @@ class Adapter(TorchAdapter):
                 dirpath=tmp, monitor=cb["checkpoint"]["monitor"], save_top_k=1, mode="min")
             if keep:
                 callbacks.append(keep)
-            logger = lightning.pytorch.loggers.TensorBoardLogger(str(logdir), name="", version="",
-                                                                 log_graph=False) if logdir else False
             trainer = lightning.Trainer(
-                max_epochs=t.epochs, accelerator="cpu", **spread, logger=logger, callbacks=callbacks,
+                max_epochs=t.epochs, accelerator="cpu", **spread, logger=False, callbacks=callbacks,
                 enable_checkpointing=bool(keep), enable_progress_bar=False, enable_model_summary=False,
                 num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True, default_root_dir=tmp)
             if workers > 1:
@@ -114,6 +114,8 @@ class Adapter(TorchAdapter):
                 history.best_epoch = int(state["epoch"]) + 1
         if stop and stop.stopped_epoch:
             history.stopped_epoch = int(stop.stopped_epoch) + 1
+        if logdir and trainer.is_global_zero:  # on several ranks, rank 0's History holds the averaged values
+            torch_summaries(logdir, history)
         model.eval()
         return history, trainer
 

@@ -12,7 +12,7 @@ from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
 from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, RankRun, check_kind, epoch_logs,
-                   first_line, kept_pretrained, output_kind, output_specs, torch_summary_writer)
+                   first_line, kept_pretrained, output_kind, output_specs, torch_summaries)
 
 NAME = "torch"
 FAMILY = "torch"
@@ -61,7 +61,7 @@ class Adapter:
 
     def train(self, model, t, x, y: np.ndarray, seed: int, on_epoch=None, val=None, logdir=None) -> History:
         """A plain loop (seeded shuffle, one optimizer step per batch); the spec's callbacks with Keras'
-        meanings; TensorBoard scalars and the module's graph through torch.utils.tensorboard."""
+        meanings; TensorBoard scalars (Keras' layout) and the module's graph through torch.utils.tensorboard."""
         import torch
         xs, ys = torch_inputs(model, x), torch.from_numpy(y)
         loss_fn = self.loss_fn(model, t, xs)
@@ -119,7 +119,6 @@ class Adapter:
             t, history, get_weights=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
             set_weights=model.load_state_dict, get_lr=lambda: opt.param_groups[0]["lr"],
             set_lr=lambda lr: [g.__setitem__("lr", lr) for g in opt.param_groups])
-        writer = torch_summary_writer(logdir) if logdir else None
         model.train()
         for epoch in range(1, t.epochs + 1):
             order = rows(epoch)
@@ -140,22 +139,14 @@ class Adapter:
                                                           torch.from_numpy(val[1]))))
                 model.train()
             stop = callbacks.epoch_end(epoch, epoch_logs(history))
-            if writer:
-                for key, value in epoch_logs(history).items():
-                    writer.add_scalar(f"epoch/{key}", value, epoch)
-                writer.add_scalar("epoch/learning_rate", history.lr[-1], epoch)
             if on_epoch:
                 on_epoch(epoch, history.loss[-1])
             if stop:
                 break
         callbacks.train_end()
         model.eval()
-        if writer:
-            try:
-                writer.add_graph(model, tuple(a[:2] for a in xs))
-            except Exception:  # noqa: BLE001 - a graph is a nicety; some modules do not trace
-                pass
-            writer.close()
+        if logdir:
+            torch_summaries(logdir, history, graph=(model, tuple(a[:2] for a in xs)))
         return history
 
     def signature(self, model, x, y: np.ndarray) -> Signature:

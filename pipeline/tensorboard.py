@@ -1,8 +1,8 @@
 """TensorBoard on a pipeline run's training event files: `python -m pipeline tensorboard [RUN]`.
 
-Each train stage writes its model's event files under `<stage folder>/tensorboard/` (Keras' `train/` and
-`validation/`, Lightning's `version_0/`, ...); `event_dirs` finds them in a run record and `start` serves
-them, one TensorBoard run group per model, on a local port until `stop()`.
+Each train stage writes its model's event files under `<stage folder>/tensorboard/`, in Keras' layout whatever
+the style (`train/` and `validation/`, tag `epoch_loss`: frameworks/base.py, `epoch_series`); `event_dirs` finds
+them in a run record and `start` serves them, one TensorBoard run group per model, on a local port until `stop()`.
 
 TensorBoard imports TensorFlow whenever it is installed: 11-16 s to answer instead of 1.5-2 s here, and 870 MB
 resident instead of 90 MB, for nothing (the scalars, histograms, images and graphs it shows are read by its own

@@ -111,6 +111,10 @@ def test_each_style_trains_one_model_on_two_workers_through_its_own_launcher(fou
     assert len(history["loss"]) == len(history["val_loss"]) == 10 and history["loss"][-1] < history["loss"][0]
     assert history["val_loss"][history["best_epoch"] - 1] == min(history["val_loss"]), history
     assert not (logs.parent / "arrays.npz").exists() and not (logs.parent / "model").exists()
+    # rank 0 alone writes TensorBoard, in the layout of one process (Keras': train/ and validation/)
+    board = Path(train["path"]) / "tensorboard"
+    assert sorted(p.parent.relative_to(board).as_posix() for p in board.rglob("events.out.tfevents.*")) == \
+        ["train", "validation"], framework
 
 
 DYING = '''

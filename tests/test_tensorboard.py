@@ -1,7 +1,7 @@
 """`python -m pipeline tensorboard`: TensorBoard on a run's training event files (pipeline/tensorboard.py), seen
-in a real (headless Chromium) browser. The event files are real ones, written by TensorFlow's summary writer in
-Keras' layout (train/, validation/, tag epoch_loss) and by TensorBoard's own writer in Lightning's (version_0/,
-plain scalars, as torch's SummaryWriter writes them), under a fake run whose train stages point at them."""
+in a real (headless Chromium) browser. The event files are real ones in the layout every style writes (Keras':
+train/, validation/, tag epoch_loss), by TensorFlow's summary writer and by TensorBoard's own writer (plain
+scalars, as torch's SummaryWriter writes them), under a fake run whose train stages point at them."""
 import io
 import json
 import math
@@ -27,7 +27,7 @@ from .conftest import ROOT, run_cli
 RUN_ID = "20990101-120000000-cafe"     # the latest run of the home: two trained models, one pretrained
 OLD_RUN = "20980101-120000000-0ld0"    # an earlier run: no event files
 STEPS = 20
-RUNS = {"keras/train": 0.0, "keras/validation": 0.1, "torch/version_0": 0.05}  # run -> offset of its curve
+RUNS = {"keras/train": 0.0, "keras/validation": 0.1, "torch/train": 0.05}  # run -> offset of its curve
 
 # in a subprocess: the pytest process imports no framework (the pipeline's own rule for its main process)
 WRITER = r"""
@@ -45,7 +45,7 @@ for run, offset in ((root / "keras" / "train", 0.0), (root / "keras" / "validati
         for step in range(%(steps)d):
             tf.summary.scalar("epoch_loss", loss(step, offset), step=step)
     writer.close()
-writer = EventFileWriter(str(root / "torch" / "version_0"))  # torch's SummaryWriter (Lightning): simple values
+writer = EventFileWriter(str(root / "torch" / "train"))  # what torch's SummaryWriter writes: simple values
 for step in range(%(steps)d):
     value = summary_pb2.Summary.Value(tag="epoch_loss", simple_value=loss(step, 0.05))
     writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=[value])))
@@ -264,7 +264,7 @@ def test_the_command_exits_2_for_a_home_without_runs_or_a_run_without_event_file
 
 @pytest.mark.e2e
 def test_a_real_toy_run_serves_each_models_loss_curve(toy_run):
-    """The files `run toy` really writes (Keras' layout for keras, torch.utils.tensorboard's for torch),
+    """The files `run toy` really writes (Keras' layout for both, by tf.summary and torch.utils.tensorboard),
     read back through TensorBoard's own API: every epoch's loss, ending at the run's final loss."""
     home, _ = toy_run
     rec = api.load_record(None, home)
@@ -272,9 +272,10 @@ def test_a_real_toy_run_serves_each_models_loss_curve(toy_run):
     assert set(dirs) == {"keras", "torch"}
     with start(dirs, port=0) as board:
         tags = get_json(board.url.rstrip("/") + "/data/plugin/scalars/tags")
-        # TensorBoard names a run by its folder under the model's: keras/train, torch/. (the folder itself)
-        assert "epoch_loss" in tags.get("keras/train", {}) and "epoch/loss" in tags.get("torch/.", {}), tags
-        for run, tag in (("keras/train", "epoch_loss"), ("torch/.", "epoch/loss")):
+        # TensorBoard names a run by its folder under the model's: keras/train, torch/train
+        assert {run: set(t) for run, t in tags.items()} == {f"{m}/train": {"epoch_loss", "epoch_learning_rate"}
+                                                            for m in ("keras", "torch")}, tags
+        for run, tag in (("keras/train", "epoch_loss"), ("torch/train", "epoch_loss")):
             q = urllib.parse.urlencode({"run": run, "tag": tag})
             points = get_json(board.url.rstrip("/") + f"/data/plugin/scalars/scalars?{q}")
             final = rec["models"][run.split("/")[0]]["metrics"]["final_loss"]
