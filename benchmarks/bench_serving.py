@@ -17,8 +17,11 @@ gRPC Predict (tensorflow_serving stubs, the request built once), first on one co
 POST /invocations likewise with --mlflow-requests (clients x mlflow-requests/4). A few untimed requests go
 first on each connection (all connections warm up side by side). Prints one table (req/s, p50 / p99 latency of the successful requests, errors;
 a server that did not come up is a row saying so), then per model our req/s over MLflow's (the target is
->= 50x) and our p99 against MLflow's p50 / 20 at the same client count (the target is p99 below it), and
-the machine's load at start and end. Nothing here asserts on timings.
+>= 50x) and our p99 against MLflow's p50 / 20 at the same client count (the target is p99 below it), then
+our sequential REST req/s against our REST handler alone (transport "handler": the aiohttp handler called
+on prebuilt requests in a child process over the same repository, --requests per model, after the servers
+are up and before any of them is measured; the target is >= 0.7x) with p99 / p50 at --clients (the target
+is below 2), and the machine's load at start and end. Nothing here asserts on timings.
 """
 from __future__ import annotations
 
@@ -265,6 +268,112 @@ def drive(res: Result, make_caller, clients: int, per_client: int, warmup: int) 
     return res
 
 
+class _Body:
+    """A request payload for aiohttp's make_mocked_request: the body in one read."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    async def readany(self) -> bytes:
+        body, self.body = self.body, b""
+        return body
+
+    def at_eof(self) -> bool:
+        return not self.body
+
+    def set_read_chunk_size(self, n: int) -> None:
+        pass
+
+
+def handler_alone(res: Result, app, path: str, body: bytes, n: int, warmup: int) -> Result:
+    """Our REST handler called directly (route match, body read, JSON in and out, the model): what a
+    request costs without HTTP. Requests are built before the clock starts (aiohttp's mocked requests
+    are slow to make); each call is timed on its own."""
+    import asyncio
+    import gc
+
+    from aiohttp.test_utils import make_mocked_request
+
+    async def run() -> None:
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        probe = make_mocked_request("POST", path, headers=headers, app=app, payload=_Body(body))
+        match = await app.router.resolve(probe)
+        reqs = [make_mocked_request("POST", path, headers=headers, app=app, payload=_Body(body), match_info=match)
+                for _ in range(warmup + n)]
+        lat = []
+        # the prebuilt requests are a heap of young objects: collected now, they do not set off full
+        # collections inside the timed loop (which a server's steady state has no reason to run)
+        gc.collect()
+        t0 = time.perf_counter()
+        for i, req in enumerate(reqs):
+            if i == warmup:
+                t0 = time.perf_counter()
+            t = time.perf_counter()
+            resp = await match.handler(req)
+            dt = time.perf_counter() - t
+            if resp.status != 200:
+                res.errors += 1
+                res.note = res.note or f"HTTP {resp.status}: {resp.text[:100]}"
+            elif i >= warmup:
+                lat.append(dt * 1e3)
+        res.wall_s = time.perf_counter() - t0
+        res.n, res.lat_ms = n, lat
+
+    try:
+        asyncio.run(run())
+    except Exception as e:  # noqa: BLE001 - a row, not a traceback
+        res.note = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return res
+
+
+def handler_alone_child(job_file: str) -> None:
+    """`--handler-alone JOB`: our REST app over the served repository in this fresh process (what
+    `python -m serving` builds, predict answered on the event loop as there, and no more imported than
+    there: this process's TensorFlow, torch and MLflow would slow the garbage collector), each model's
+    handler measured in turn; prints one JSON line of results."""
+    from serving.models import ModelManager, ModelSettings
+    from serving.server import DEFAULT_MAX_REQUEST_BYTES, Core, _make_rest_app
+    job = json.loads(Path(job_file).read_text())
+    repo = Path(job["repo"])
+    manager = ModelManager([ModelSettings(name=m["served"], base_path=str(repo / m["served"]))
+                            for m in job["models"]], None, 0)
+    manager.start()
+
+    async def run_blocking(fn, *args):
+        return fn(*args)
+    app = _make_rest_app(Core(manager), DEFAULT_MAX_REQUEST_BYTES, run_blocking)
+    out = {}
+    try:
+        for m in job["models"]:
+            r = handler_alone(Result(m["label"], "ours", "handler", 1), app, f"/v1/models/{m['served']}:predict",
+                              m["body"].encode(), job["n"], job["warmup"])
+            out[m["label"]] = {"n": r.n, "wall_s": r.wall_s, "lat_ms": r.lat_ms, "errors": r.errors, "note": r.note}
+    finally:
+        manager.stop()
+    print(json.dumps(out))
+
+
+def measure_handlers(models: list, repo: Path, n: int, env: dict, tmp: Path) -> dict[str, Result]:
+    """Run handler_alone_child over `models` (label -> Result; a failure is a note on every row)."""
+    job = tmp / "handler-job.json"
+    job.write_text(json.dumps({"repo": str(repo), "n": n, "warmup": WARMUP, "models": [
+        {"label": m.label, "served": m.served, "body": m.rest_body.decode()} for m in models]}))
+    rows = {m.label: Result(m.label, "ours", "handler", 1) for m in models}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--handler-alone", str(job)], env=env,
+                          cwd=tmp, capture_output=True, text=True)
+    try:
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        for r in rows.values():
+            r.note = f"handler run failed (rc {done.returncode}): {done.stderr.strip()[-160:]}"
+        return rows
+    for label, r in rows.items():
+        g = got.get(label) or {}
+        r.n, r.wall_s, r.lat_ms = g.get("n", 0), g.get("wall_s", 0.0), g.get("lat_ms", [])
+        r.errors, r.note = g.get("errors", 0), g.get("note", "")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ the models
 
 @dataclass
@@ -370,7 +479,11 @@ def main() -> None:
                     help="MLflow's sequential requests (concurrent: clients x N/4)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--start-timeout", type=float, default=150.0, help="seconds for every server to come up")
+    ap.add_argument("--handler-alone", metavar="JOB", help=argparse.SUPPRESS)  # the child measure_handlers runs
     args = ap.parse_args()
+    if args.handler_alone:
+        handler_alone_child(args.handler_alone)
+        return
     if args.no_run and not args.home:
         ap.error("--no-run needs --home")
     specs = [s for s in args.specs.split(",") if s]
@@ -468,6 +581,11 @@ def main() -> None:
             # ---- measure, one model and one server at a time
             n, c = args.requests, args.clients
             nm = args.mlflow_requests
+            handlers = {}
+            if served and ours is not None and ours.ready:  # the REST handler without HTTP: the bound for REST
+                t = time.perf_counter()
+                handlers = measure_handlers(served, repo, n, env, tmp)
+                print(f"handler alone: measured in {time.perf_counter() - t:.1f} s", flush=True)
             for m in models:
                 rows = [Result(m.label, "ours", tr, k) for tr in ("rest", "grpc") for k in (1, c)]
                 if m.problem or ours is None or not ours.ready:
@@ -475,6 +593,8 @@ def main() -> None:
                         r.note = m.problem or (ours.problem if ours else "not started")
                 else:
                     path = f"/v1/models/{m.served}:predict"
+                    if m.label in handlers:
+                        rows.insert(0, handlers[m.label])
                     for r in rows:
                         per = n if r.clients == 1 else max(1, n // 2)
                         if r.transport == "rest":
@@ -512,6 +632,8 @@ def main() -> None:
         mine = {(r.transport, r.clients): r for r in results if r.model == model and r.server == "ours"}
         theirs = {r.clients: r for r in results if r.model == model and r.server == "mlflow"}
         for (tr, k), r in mine.items():
+            if tr == "handler":
+                continue
             ml = theirs.get(k)
             ratio = r.rps / ml.rps if r.rps and ml and ml.rps else None
             bound = ml.pct(50) / 20 if ml and ml.pct(50) is not None else None
@@ -519,6 +641,22 @@ def main() -> None:
             verdict = "-" if p99 is None or bound is None else ("met" if p99 < bound else "missed")
             print(f"| {model} | {tr} | {k} | {fmt(ratio, '.1f')}{'x' if ratio else ''} | {fmt(p99, '.2f')} | "
                   f"{fmt(bound, '.2f')} | {verdict} |")
+    print("\nper model, our REST against our handler alone (same run; targets: REST x1 >= 0.7x the handler; "
+          "p99 < 2x p50 at the most clients):")
+    print("| model | handler req/s | REST x1 req/s | REST / handler | transport | clients | p50 ms | p99 ms | p99 / p50 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in dict.fromkeys(r.model for r in results):
+        mine = {(r.transport, r.clients): r for r in results if r.model == model and r.server == "ours"}
+        h, r1 = mine.get(("handler", 1)), mine.get(("rest", 1))
+        share = r1.rps / h.rps if h and r1 and h.rps and r1.rps else None
+        for tr in ("rest", "grpc"):
+            r = mine.get((tr, c))
+            if r is None:
+                continue
+            p50, p99 = r.pct(50), r.pct(99)
+            spread = p99 / p50 if p50 and p99 is not None else None
+            print(f"| {model} | {fmt(h.rps if h else None, '.0f')} | {fmt(r1.rps if r1 else None, '.0f')} | "
+                  f"{fmt(share, '.2f')} | {tr} | {c} | {fmt(p50, '.2f')} | {fmt(p99, '.2f')} | {fmt(spread, '.2f')} |")
     load1 = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; "
           f"at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")

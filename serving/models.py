@@ -352,6 +352,19 @@ class Signature:
         self._to_numpy = _numpy
         self._constant = tf.constant  # numpy -> tensor up front is ~4x cheaper than inside the call
         self.batcher: _Batcher | None = None
+        self._flat = _flat_caller(fn, specs)
+
+    def _invoke(self, arrays: dict[str, np.ndarray]):
+        """The concrete function on `arrays` (already checked against the signature): its structured outputs."""
+        const = self._constant
+        flat = self._flat
+        if flat is not None:
+            order, atomic, recording, eager = flat
+            # what ConcreteFunction._call_flat does when no tape or accumulator is active, without re-binding
+            # the structured signature on every call (that costs about as much as running a small model)
+            if eager() and not recording():
+                return atomic.call_preflattened([const(arrays[k]) for k in order] + self.fn.captured_inputs)
+        return self.fn(**{k: const(v) for k, v in arrays.items()})
 
     def describe_input(self, name: str) -> str:
         s = self.inputs[name]
@@ -372,6 +385,12 @@ class Signature:
                 msg += f" Missing but required: {{{', '.join(missing)}}}."
             raise RequestError("INVALID_ARGUMENT", msg + f" Expected inputs: {self.expected()}")
 
+    def shape_fits(self, name: str, shape: tuple) -> bool:
+        """TensorShape.is_compatible_with on plain tuples: same rank, and every known dimension equal."""
+        want = self._shapes[name]
+        return want is None or (len(want) == len(shape) and
+                                all(w is None or w == g for w, g in zip(want, shape)))
+
     def check_array(self, name: str, arr: np.ndarray) -> None:
         spec = self.inputs[name]
         want = self.input_np[name]
@@ -382,16 +401,13 @@ class Signature:
         elif arr.dtype != want:
             raise RequestError("INVALID_ARGUMENT", f"input {name!r} has dtype {arr.dtype.name} but signature "
                                f"{self.name!r} expects {self.describe_input(name)}")
-        want_shape = self._shapes[name]
-        if want_shape is not None and (len(want_shape) != arr.ndim or
-                                       any(w is not None and w != g for w, g in zip(want_shape, arr.shape))):
+        if not self.shape_fits(name, arr.shape):
             raise RequestError("INVALID_ARGUMENT", f"input {name!r} has shape {list(arr.shape)} but signature "
                                f"{self.name!r} expects {self.describe_input(name)}")
 
     def _call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            const = self._constant
-            out = self.fn(**{k: const(v) for k, v in arrays.items()})
+            out = self._invoke(arrays)
         except Exception as e:  # noqa: BLE001 - a model error is the caller's answer
             tf = _tf()
             code = "INVALID_ARGUMENT"
@@ -425,6 +441,27 @@ _OPERROR_CODES = {"InvalidArgumentError": "INVALID_ARGUMENT", "NotFoundError": "
                   "AbortedError": "ABORTED", "CancelledError": "CANCELLED", "UnavailableError": "UNAVAILABLE",
                   "DeadlineExceededError": "DEADLINE_EXCEEDED", "PermissionDeniedError": "PERMISSION_DENIED",
                   "UnauthenticatedError": "UNAUTHENTICATED", "AlreadyExistsError": "ALREADY_EXISTS"}
+
+
+def _flat_caller(fn, specs: dict) -> tuple | None:
+    """(input names in flat order, the atomic function, could_possibly_record, executing_eagerly) for
+    calling `fn` without its structured-signature binding, or None where that shortcut does not apply
+    (composite or positional inputs, distributed variables, a TensorFlow without these internals)."""
+    try:
+        from tensorflow.python.distribute import distribute_utils
+        from tensorflow.python.eager import context
+        from tensorflow.python.eager import record
+        args, _ = fn.structured_input_signature
+        order = list(getattr(fn, "_arg_keywords", None) or ())
+        atomic = fn._inference_function
+        captured = fn.captured_inputs
+        if (args or sorted(order) != sorted(specs) or len(fn.inputs) != len(order) + len(captured)
+                or any(distribute_utils.is_distributed_variable(c) for c in captured)
+                or not all(type(s).__name__ == "TensorSpec" for s in specs.values())):
+            return None
+        return order, atomic, record.could_possibly_record, context.executing_eagerly
+    except Exception:  # noqa: BLE001 - TensorFlow internals moved: the structured call still works
+        return None
 
 
 def shape_str(shape) -> str:

@@ -535,7 +535,7 @@ class _Json:
                 raise RequestError("INVALID_ARGUMENT", f"input {name!r} has values out of range for "
                                    f"{np.dtype(want).name}")
         arr = arr.astype(want, copy=False)
-        if not spec.shape.is_compatible_with(arr.shape):
+        if not sig.shape_fits(name, arr.shape):
             raise RequestError("INVALID_ARGUMENT", f"input {name!r} has shape {list(arr.shape)} but signature "
                                f"{sig.name!r} expects {sig.describe_input(name)}")
         return arr

@@ -1,0 +1,227 @@
+"""The REST / gRPC predict fast path: the concrete function called without its structured-signature binding
+(serving/models.py Signature._invoke) answers exactly what the structured call answers; what a servable
+holds is never served stale after a new version appears (polling) or a reload changes the model; JSON
+output of float32 / float64 / int / string tensors, NaN and infinities included, is exactly the reference
+encoding and reads back to the same numbers."""
+import base64
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from .test_serving_server import _save_atomic, expected_y, make_linear
+
+X = np.array([[1.0, 2.0, 3.0], [-0.1, 0.2, 1e-8]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def post(server, model, body: dict) -> bytes:
+    req = urllib.request.Request(f"http://127.0.0.1:{server.rest_port}/v1/models/{model}:predict",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+        return r.read()
+
+
+def rest_y(server, model) -> np.ndarray:
+    return np.array(json.loads(post(server, model, {"inputs": {"x": X.tolist()}}))["outputs"], dtype=np.float32)
+
+
+def wait_for(pred, what, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------------------------------ the flat call is exact
+
+def make_three_inputs(base, version):
+    """Inputs named out of alphabetical order, three dtypes, a captured variable: a wrong flat order or
+    a dropped capture changes the answer."""
+    import tensorflow as tf
+    mod = tf.Module()
+    mod.v = tf.Variable([1.5, -2.0, 3.25])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="zeta"),
+                                  tf.TensorSpec([None, 3], tf.float64, name="alpha"),
+                                  tf.TensorSpec([None], tf.int32, name="mid")])
+    def serve(zeta, alpha, mid):
+        return {"b_out": zeta * mod.v - tf.cast(alpha, tf.float32),
+                "a_out": tf.cast(mid, tf.float64)[:, None] * 2.0 + alpha,
+                "z": tf.reduce_sum(zeta, axis=1)}
+    mod.serve = serve
+    return _save_atomic(base, version, lambda p: tf.saved_model.save(mod, str(p), signatures={"serving_default": serve}))
+
+
+def test_the_flat_call_answers_what_the_structured_call_answers(tmp_path):
+    import tensorflow as tf
+
+    from serving.models import Servable
+    path = make_three_inputs(tmp_path / "three", 1)
+    servable = Servable("three", 1, path, None)  # holds the variables
+    sig = servable.signature("serving_default")
+    assert sig._flat is not None, "the fast path should apply to a plain SavedModel signature"
+    assert sig._flat[0] == ["alpha", "mid", "zeta"]
+    rng = np.random.default_rng(7)
+    for rows in (1, 4, 0):
+        arrays = {"zeta": rng.normal(size=(rows, 3)).astype(np.float32), "alpha": rng.normal(size=(rows, 3)),
+                  "mid": rng.integers(-50, 50, rows).astype(np.int32)}
+        got = sig.run(arrays)
+        want = {k: v.numpy() for k, v in sig.fn(**{k: tf.constant(v) for k, v in arrays.items()}).items()}
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+            assert got[k].tobytes() == want[k].tobytes(), k
+
+
+def test_the_flat_call_is_not_taken_under_a_gradient_tape(tmp_path):
+    """A tape records variable reads and may need the structured call's forward/backward functions: the
+    fast path steps aside whenever one is active."""
+    import tensorflow as tf
+
+    from serving.models import Servable
+    servable = Servable("m", 1, make_linear(tmp_path / "m", 1, 2.0), None)  # holds the variables
+    sig = servable.signature("serving_default")
+    calls = []
+    atomic = sig._flat[1]
+
+    class Spy:
+        def call_preflattened(self, args):
+            calls.append(len(args))
+            return atomic.call_preflattened(args)
+    sig._flat = (sig._flat[0], Spy(), *sig._flat[2:])
+    np.testing.assert_array_equal(sig.run({"x": X})["y"], expected_y(X, 2.0))
+    assert calls == [3]  # x and the two captured variables
+    with tf.GradientTape():
+        np.testing.assert_array_equal(sig.run({"x": X})["y"], expected_y(X, 2.0))
+    assert calls == [3]
+
+
+# ------------------------------------------------------------------------------------ nothing stale
+
+def test_a_new_version_found_by_polling_answers_at_once(tmp_path):
+    from serving.server import LocalServer
+    base = tmp_path / "m"
+    make_linear(base, 1, 1.0)
+    with LocalServer(model_name="m", model_base_path=str(base), port=0, rest_api_port=0,
+                     file_system_poll_wait_seconds=0.05, log=lambda s: None) as srv:
+        for _ in range(3):  # the same version answered several times first
+            np.testing.assert_array_equal(rest_y(srv, "m"), expected_y(X, 1.0))
+        make_linear(base, 2, 3.0)
+        wait_for(lambda: np.array_equal(rest_y(srv, "m"), expected_y(X, 3.0)), "version 2's answer")
+        np.testing.assert_array_equal(rest_y(srv, "m"), expected_y(X, 3.0))
+        body = json.loads(post(srv, "m", {"inputs": {"x": X.tolist()}}))
+        assert "outputs" in body
+
+
+def test_a_reload_that_changes_the_model_answers_from_the_new_one(tmp_path):
+    from tests.test_serving_reload import config_text, entry, reload
+
+    from serving.server import LocalServer
+    root = tmp_path / "models"
+    make_linear(root / "a", 1, 1.0)
+    make_linear(root / "a", 2, 5.0)
+    make_linear(root / "other", 1, 7.0)
+    pin1 = "model_version_policy { specific { versions: 1 } }"
+    cfg = tmp_path / "models.config"
+    cfg.write_text(config_text(entry(root, "a", pin1)))
+    with LocalServer(model_config_file=str(cfg), port=0, rest_api_port=0, file_system_poll_wait_seconds=0,
+                     log=lambda s: None) as srv:
+        for _ in range(3):
+            np.testing.assert_array_equal(rest_y(srv, "a"), expected_y(X, 1.0))
+        # the version policy changed in place: version 2 becomes the one served, version 1 goes
+        resp = reload(srv, config_text(entry(root, "a", "model_version_policy { specific { versions: 2 } }")))
+        assert not hasattr(resp, "code"), resp
+        np.testing.assert_array_equal(rest_y(srv, "a"), expected_y(X, 5.0))
+        # the model list replaced (the manager swaps its dict): a new model answers, the old one is gone
+        resp = reload(srv, config_text(entry(root, "other")))
+        assert not hasattr(resp, "code"), resp
+        np.testing.assert_array_equal(rest_y(srv, "other"), expected_y(X, 7.0))
+        with pytest.raises(urllib.error.HTTPError) as e:
+            rest_y(srv, "a")
+        assert e.value.code == 404
+
+
+# ------------------------------------------------------------------------------------- JSON output
+
+def make_outputs(base, version):
+    """x float32 [None, 3] -> float32 / float64 with inf, -inf and NaN, int32, int64 and string outputs."""
+    import tensorflow as tf
+    mod = tf.Module()
+    div = tf.constant([0.0, 3.0, 7.0])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def serve(x):
+        n = tf.shape(x)[0]
+        return {"f32": x / div,  # column 0: x / 0 -> inf, -inf or NaN
+                "f64": tf.cast(x, tf.float64) / tf.cast(div, tf.float64),
+                "i32": tf.cast(x * 7.0, tf.int32),
+                "i64": tf.cast(x, tf.int64) * (2 ** 40) + 1,
+                "txt": tf.strings.as_string(x, precision=3),
+                "raw_bytes": tf.fill([n], tf.constant(b"ab\x00c")),
+                "odd": tf.fill([n], tf.constant(b"\xff\xfeok"))}
+    mod.serve = serve
+    return _save_atomic(base, version, lambda p: tf.saved_model.save(mod, str(p), signatures={"serving_default": serve}))
+
+
+def _reference(arr: np.ndarray, name: str):
+    """The JSON value of one output, element by element (no tolist): floats as Python floats of the same
+    value, strings as text unless named *_bytes or not UTF-8 ({"b64": ...})."""
+    if isinstance(arr, np.ndarray):
+        return [_reference(a, name) for a in arr]
+    if isinstance(arr, np.floating):
+        return float(arr)
+    if isinstance(arr, np.integer):
+        return int(arr)
+    v = arr
+    if isinstance(v, bytes):
+        try:
+            if name.endswith("_bytes"):
+                raise UnicodeDecodeError("utf-8", v, 0, 1, "named _bytes")
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(v).decode("ascii")}
+    raise TypeError(f"unexpected element {v!r}")
+
+
+def test_json_output_is_exact_for_every_dtype_with_nan_and_inf(tmp_path):
+    import tensorflow as tf
+
+    from serving.server import LocalServer
+    base = tmp_path / "out"
+    path = make_outputs(base, 1)
+    x = np.array([[1.0, 0.1, 1.0 / 3.0], [-2.5, 1e-30, 3.4e38], [0.0, -0.0, 16777217.0]], dtype=np.float32)
+    want = {k: v.numpy() for k, v in tf.saved_model.load(str(path)).signatures["serving_default"](
+        x=tf.constant(x)).items()}
+    assert np.isinf(want["f32"][:, 0]).sum() == 2 and np.isnan(want["f32"][2, 0])
+    with LocalServer(model_name="out", model_base_path=str(base), port=0, rest_api_port=0,
+                     file_system_poll_wait_seconds=0, log=lambda s: None) as srv:
+        columnar = post(srv, "out", {"inputs": {"x": x.tolist()}})
+        row = post(srv, "out", {"instances": x.tolist()})
+    ref = {k: _reference(v, k) for k, v in want.items()}
+    # byte for byte: the encoder writes what json.dumps writes for the reference values (NaN, Infinity)
+    assert columnar == json.dumps({"outputs": ref}).encode()
+    assert row == json.dumps({"predictions": [{k: v[i] for k, v in ref.items()} for i in range(len(x))]}).encode()
+    assert b"NaN" in columnar and b"-Infinity" in columnar and b'"b64"' in columnar
+    back = json.loads(columnar)["outputs"]
+    for k in ("f32", "f64", "i32", "i64"):  # the numbers read back to the very same values (NaN's sign aside)
+        got = np.array(back[k], dtype=want[k].dtype)
+        nan = np.isnan(want[k]) if want[k].dtype.kind == "f" else np.zeros(want[k].shape, bool)
+        assert np.array_equal(np.isnan(got) if got.dtype.kind == "f" else nan, nan), k
+        assert got[~nan].tobytes() == want[k][~nan].tobytes(), k
+    assert [base64.b64decode(v["b64"]) for v in back["raw_bytes"]] == [b"ab\x00c"] * 3
+    assert [base64.b64decode(v["b64"]) for v in back["odd"]] == [b"\xff\xfeok"] * 3
+    assert back["txt"] == [[s.decode() for s in r] for r in want["txt"]]
+    assert not any(isinstance(v, float) and math.isnan(v) for v in back["i32"][0])
