@@ -575,7 +575,7 @@ def main() -> None:
                 checks.append((p, ping))
             t = time.perf_counter()
             wait_all(checks, args.start_timeout)
-            print(f"servers: " + ", ".join(f"{p.name} {'up' if p.ready else 'DOWN'}" for p in procs)
+            print("servers: " + ", ".join(f"{p.name} {'up' if p.ready else 'DOWN'}" for p in procs)
                   + f" after {time.perf_counter() - t:.1f} s", flush=True)
 
             # ---- measure, one model and one server at a time
