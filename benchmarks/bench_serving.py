@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/bench_serving.py [--home DIR] [--no-run] [--requests 500] [--mlflow-requests 100]
                                                  [--clients 8] [--specs toy,digits] [--start-timeout 150]
+                                                 [--baseline-root DIR] [--no-mlflow]
 
 Runs `python -m pipeline run <spec> --no-track` for each spec in a scratch home (or in --home; --no-run
 takes the bundles already there), writes a TF Serving repository per model (served as `<spec>-<model>`)
@@ -18,10 +19,17 @@ POST /invocations likewise with --mlflow-requests (clients x mlflow-requests/4).
 first on each connection (all connections warm up side by side). Prints one table (req/s, p50 / p99 latency of the successful requests, errors;
 a server that did not come up is a row saying so), then per model our req/s over MLflow's (the target is
 >= 50x) and our p99 against MLflow's p50 / 20 at the same client count (the target is p99 below it), then
-our sequential REST req/s against our REST handler alone (transport "handler": the aiohttp handler called
-on prebuilt requests in a child process over the same repository, --requests per model, after the servers
-are up and before any of them is measured; the target is >= 0.7x) with p99 / p50 at --clients (the target
+our sequential REST req/s against our REST handler alone (transport "handler": what answers a REST predict,
+called without HTTP in a child process over the same repository, --requests per model, after the servers
+are up and before any of them is measured: the app's post_inline, which the REST port's own protocol hands
+the path and body to, or in a tree without that protocol the aiohttp handler on prebuilt requests; the
+target is >= 0.7x) with p99 / p50 at --clients (the target
 is below 2), and the machine's load at start and end. Nothing here asserts on timings.
+
+--baseline-root DIR serves the same repository a second time from another checkout of this toolkit (e.g. a
+`git worktree` of an older commit: its `serving` package, this interpreter) and measures its REST predict
+alternately with ours (ROUNDS rounds each, model by model), so the two are compared in one run under the same
+load; a table gives our REST req/s over the baseline's. --no-mlflow leaves MLflow's servers out (their rows say so).
 """
 from __future__ import annotations
 
@@ -268,6 +276,18 @@ def drive(res: Result, make_caller, clients: int, per_client: int, warmup: int) 
     return res
 
 
+ROUNDS = 5  # --baseline-root: the baseline's and our REST runs alternate in this many rounds
+
+
+def merge(into: Result, part: Result) -> None:
+    """Add a round's measurement to a row."""
+    into.n += part.n
+    into.wall_s += part.wall_s
+    into.lat_ms += part.lat_ms
+    into.errors += part.errors
+    into.note = into.note or part.note
+
+
 class _Body:
     """A request payload for aiohttp's make_mocked_request: the body in one read."""
 
@@ -326,6 +346,29 @@ def handler_alone(res: Result, app, path: str, body: bytes, n: int, warmup: int)
     return res
 
 
+def inline_alone(res: Result, post_inline, path: str, body: bytes, n: int, warmup: int) -> Result:
+    """What answers a REST predict on our port (serving/server.py _FastV1Protocol hands the path and body to
+    the app's post_inline: JSON in and out, the model, the metrics) called directly, without HTTP."""
+    import gc
+    lat = []
+    gc.collect()
+    t0 = time.perf_counter()
+    for i in range(warmup + n):
+        if i == warmup:
+            t0 = time.perf_counter()
+        t = time.perf_counter()
+        status, text = post_inline(path, body)
+        dt = time.perf_counter() - t
+        if status != 200:
+            res.errors += 1
+            res.note = res.note or f"HTTP {status}: {text[:100]}"
+        elif i >= warmup:
+            lat.append(dt * 1e3)
+    res.wall_s = time.perf_counter() - t0
+    res.n, res.lat_ms = n, lat
+    return res
+
+
 def handler_alone_child(job_file: str) -> None:
     """`--handler-alone JOB`: our REST app over the served repository in this fresh process (what
     `python -m serving` builds, predict answered on the event loop as there, and no more imported than
@@ -341,12 +384,20 @@ def handler_alone_child(job_file: str) -> None:
 
     async def run_blocking(fn, *args):
         return fn(*args)
-    app = _make_rest_app(Core(manager), DEFAULT_MAX_REQUEST_BYTES, run_blocking)
+    hooks: dict = {}
+    try:
+        app = _make_rest_app(Core(manager), DEFAULT_MAX_REQUEST_BYTES, run_blocking, hooks=hooks)
+    except TypeError:  # a tree without the REST port's own protocol
+        app = _make_rest_app(Core(manager), DEFAULT_MAX_REQUEST_BYTES, run_blocking)
     out = {}
     try:
         for m in job["models"]:
-            r = handler_alone(Result(m["label"], "ours", "handler", 1), app, f"/v1/models/{m['served']}:predict",
-                              m["body"].encode(), job["n"], job["warmup"])
+            path, body = f"/v1/models/{m['served']}:predict", m["body"].encode()
+            row = Result(m["label"], "ours", "handler", 1)
+            if "post_inline" in hooks:
+                r = inline_alone(row, hooks["post_inline"], path, body, job["n"], job["warmup"])
+            else:
+                r = handler_alone(row, app, path, body, job["n"], job["warmup"])
             out[m["label"]] = {"n": r.n, "wall_s": r.wall_s, "lat_ms": r.lat_ms, "errors": r.errors, "note": r.note}
     finally:
         manager.stop()
@@ -479,6 +530,9 @@ def main() -> None:
                     help="MLflow's sequential requests (concurrent: clients x N/4)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--start-timeout", type=float, default=150.0, help="seconds for every server to come up")
+    ap.add_argument("--baseline-root", default=None, metavar="DIR",
+                    help="another checkout whose `python -m serving` is measured beside ours (REST)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not start MLflow's servers")
     ap.add_argument("--handler-alone", metavar="JOB", help=argparse.SUPPRESS)  # the child measure_handlers runs
     args = ap.parse_args()
     if args.handler_alone:
@@ -552,9 +606,24 @@ def main() -> None:
                 def ours_ready() -> bool:
                     return all(any(s.state == "AVAILABLE" for s in status_client.status(m.served)) for m in served)
                 checks.append((ours, ours_ready))
+                if args.baseline_root:
+                    base_root = Path(args.baseline_root).resolve()
+                    bg, br = free_port(), free_port()
+                    base = Proc("baseline", [sys.executable, "-m", "serving", f"--port={bg}", f"--rest_api_port={br}",
+                                             f"--host={HOST}", f"--model_config_file={config}",
+                                             "--file_system_poll_wait_seconds=0"], tmp / "baseline.log",
+                                {**env, "PYTHONPATH": str(base_root)}, tmp)
+                    base.grpc_port, base.rest_port = bg, br
+                    base.start()
+                    procs.append(base)
+                    base_client = ServingClient(HOST, grpc_port=bg, timeout_s=2)
+
+                    def base_ready() -> bool:
+                        return all(any(s.state == "AVAILABLE" for s in base_client.status(m.served)) for m in served)
+                    checks.append((base, base_ready))
             mlflow_procs: dict[str, Proc] = {}
             for m in models:
-                if m.mlflow_dir is None:
+                if m.mlflow_dir is None or args.no_mlflow:
                     continue
                 port = free_port()
                 p = Proc(f"mlflow {m.label}", [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(m.mlflow_dir),
@@ -579,9 +648,15 @@ def main() -> None:
                   + f" after {time.perf_counter() - t:.1f} s", flush=True)
 
             # ---- measure, one model and one server at a time
+            # this process holds TensorFlow's objects (for the request protos): a full collection of them
+            # takes a few hundred ms, a pause that would land on whichever server is being measured
+            import gc
+            gc.collect()
+            gc.freeze()
             n, c = args.requests, args.clients
             nm = args.mlflow_requests
             handlers = {}
+            base = next((p for p in procs if p.name == "baseline"), None)
             if served and ours is not None and ours.ready:  # the REST handler without HTTP: the bound for REST
                 t = time.perf_counter()
                 handlers = measure_handlers(served, repo, n, env, tmp)
@@ -595,10 +670,29 @@ def main() -> None:
                     path = f"/v1/models/{m.served}:predict"
                     if m.label in handlers:
                         rows.insert(0, handlers[m.label])
+                    brows = {}
+                    if base is not None:  # interleaved with ours, round by round, under the same load
+                        brows = {k: Result(m.label, "baseline", "rest", k) for k in (1, c)}
+                        if not base.ready:
+                            for r in brows.values():
+                                r.note = base.problem
+                        results += brows.values()
                     for r in rows:
+                        if r.transport == "handler":  # measured in its child process above
+                            continue
                         per = n if r.clients == 1 else max(1, n // 2)
                         if r.transport == "rest":
-                            drive(r, lambda: RestCaller(ours.rest_port, path, m.rest_body), r.clients, per, WARMUP)
+                            b = brows.get(r.clients)
+                            if b is None or not base.ready:
+                                drive(r, lambda: RestCaller(ours.rest_port, path, m.rest_body), r.clients, per, WARMUP)
+                            else:
+                                for i in range(ROUNDS):
+                                    part = max(1, per // ROUNDS)
+                                    for row, port in ((b, base.rest_port), (r, ours.rest_port)):
+                                        merge(row, drive(Result(row.model, row.server, "rest", row.clients),
+                                                         lambda: RestCaller(port, path, m.rest_body), row.clients,
+                                                         part, WARMUP))
+                                print(f"  {m.label} baseline rest x{b.clients}: {fmt(b.rps, '.0f')} req/s", flush=True)
                         else:
                             drive(r, lambda: GrpcCaller(ours.grpc_port, m.grpc_request), r.clients, per, WARMUP)
                         print(f"  {m.label} ours {r.transport} x{r.clients}: {fmt(r.rps, '.0f')} req/s", flush=True)
@@ -607,7 +701,8 @@ def main() -> None:
                 p = mlflow_procs.get(m.label)
                 if p is None or not p.ready:
                     for r in mrows:
-                        r.note = "no MLflow model found" if p is None else p.problem
+                        r.note = ("not started (--no-mlflow)" if args.no_mlflow else
+                                  "no MLflow model found" if p is None else p.problem)
                 else:
                     for r in mrows:
                         per = nm if r.clients == 1 else max(1, nm // 4)
@@ -657,6 +752,19 @@ def main() -> None:
             spread = p99 / p50 if p50 and p99 is not None else None
             print(f"| {model} | {fmt(h.rps if h else None, '.0f')} | {fmt(r1.rps if r1 else None, '.0f')} | "
                   f"{fmt(share, '.2f')} | {tr} | {c} | {fmt(p50, '.2f')} | {fmt(p99, '.2f')} | {fmt(spread, '.2f')} |")
+    if args.baseline_root:
+        print(f"\nper model, our REST against the baseline tree's ({args.baseline_root}), same run:")
+        print("| model | clients | baseline req/s | ours req/s | ours / baseline | baseline p50 ms | ours p50 ms |")
+        print("|---|---|---|---|---|---|---|")
+        rest = {(r.model, r.server, r.clients): r for r in results if r.transport == "rest"}
+        for model in dict.fromkeys(r.model for r in results):
+            for k in (1, c):
+                b, o = rest.get((model, "baseline", k)), rest.get((model, "ours", k))
+                if b is None or o is None:
+                    continue
+                ratio = o.rps / b.rps if o.rps and b.rps else None
+                print(f"| {model} | {k} | {fmt(b.rps, '.0f')} | {fmt(o.rps, '.0f')} | {fmt(ratio, '.2f')}"
+                      f"{'x' if ratio else ''} | {fmt(b.pct(50), '.2f')} | {fmt(o.pct(50), '.2f')} |")
     load1 = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; "
           f"at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitoring_config_file", default=None, help="MonitoringConfig text proto; with "
                    "prometheus_config { enable: true } the REST port serves Prometheus metrics (path default "
                    "/monitoring/prometheus/metrics)")
+    p.add_argument("--rest_api_enable_cors_support", nargs="?", const=True, default=False, type=_bool,
+                   help="add TF Serving's CORS headers (Access-Control-Allow-Origin: *, -Methods: POST, GET, "
+                   "-Headers: Content-Type) to every /v1/ answer. Default false")
     p.add_argument("--max_request_bytes", type=int, default=None,
                    help="largest REST request body; larger ones get HTTP 413. Default 64 MiB")
     return p
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                              file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
                              model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
                              max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, log=out,
-                             monitoring_config_file=args.monitoring_config_file)
+                             monitoring_config_file=args.monitoring_config_file,
+                             rest_api_enable_cors_support=args.rest_api_enable_cors_support)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

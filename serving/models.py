@@ -359,11 +359,15 @@ class Signature:
         const = self._constant
         flat = self._flat
         if flat is not None:
-            order, atomic, recording, eager = flat
+            order, atomic, recording, eager, direct = flat
             # what ConcreteFunction._call_flat does when no tape or accumulator is active, without re-binding
             # the structured signature on every call (that costs about as much as running a small model)
             if eager() and not recording():
-                return atomic.call_preflattened([const(arrays[k]) for k in order] + self.fn.captured_inputs)
+                inputs = [const(arrays[k]) for k in order] + self.fn.captured_inputs
+                if direct is not None:
+                    small = sum(a.size for a in arrays.values()) <= SMALL_CALL_ELEMENTS
+                    return direct(inputs, small)
+                return atomic.call_preflattened(inputs)
         return self.fn(**{k: const(v) for k, v in arrays.items()})
 
     def describe_input(self, name: str) -> str:
@@ -443,10 +447,66 @@ _OPERROR_CODES = {"InvalidArgumentError": "INVALID_ARGUMENT", "NotFoundError": "
                   "UnauthenticatedError": "UNAUTHENTICATED", "AlreadyExistsError": "ALREADY_EXISTS"}
 
 
+# A call whose inputs hold at most this many elements runs on TensorFlow's single-threaded executor: the
+# function's ops run one after another on the calling thread instead of being handed to the inter-op pool
+# (each hand-off costs tens of microseconds on a busy 2-CPU machine, more than a small model's ops); the
+# kernels, and so the numbers, are the same, and a big op still uses the intra-op pool. Bigger calls keep
+# the default executor, which can run independent ops side by side.
+SMALL_CALL_ELEMENTS = 1 << 14
+_SINGLE_THREADED = "SINGLE_THREADED_EXECUTOR"
+
+
+def _direct_caller(atomic) -> Callable | None:
+    """`call(flat_inputs, small)` -> the structured outputs: what AtomicFunction.call_preflattened does in
+    eager mode (TFE_Py_Execute of the function with the thread's function-call options, the error message
+    interpolated the same way, the flat outputs packed), without its per-call context managers and attribute
+    dicts; small calls on the single-threaded executor (SMALL_CALL_ELEMENTS). None where that does not apply
+    (control captures, another eager context, TensorFlow internals moved)."""
+    try:
+        from tensorflow.python.eager import cancellation, context, execute
+        from tensorflow.python.eager.polymorphic_function.atomic_function import InterpolateRuntimeError
+        ctx = context.context()
+        if atomic._bound_context is not ctx or atomic._call_options.control_captures:
+            return None
+        op_name = atomic.name.decode("utf-8") if isinstance(atomic.name, bytes) else str(atomic.name)
+        n_out = len(atomic.function_type.flat_outputs)
+        pack = atomic.function_type.pack_output
+        interpolate = InterpolateRuntimeError(atomic)
+        quick_execute = execute.quick_execute
+        cancel_context = cancellation.context
+    except Exception:  # noqa: BLE001
+        return None
+    single_ok = [True]  # until the single-threaded executor refuses this function's graph
+
+    def call(inputs: list, small: bool):
+        if cancel_context() is not None:  # a cancellation scope: the public path honours it
+            return atomic.call_preflattened(inputs)
+        opts = ctx.function_call_options
+        chosen = opts.executor_type or ""
+        single = small and not chosen and single_ok[0]
+        config = opts.config_proto_serialized
+        if config is None:
+            return atomic.call_preflattened(inputs)
+        try:
+            with interpolate:
+                out = quick_execute(op_name, n_out, inputs,
+                                    ("executor_type", _SINGLE_THREADED if single else chosen, "config_proto", config),
+                                    ctx)
+        except Exception as e:  # noqa: BLE001
+            # refused when the executor is made, before any op runs: the default executor takes it from now on
+            if single and "Single-threaded executor" in str(e):
+                single_ok[0] = False
+                return call(inputs, False)
+            raise
+        return pack(out or None)
+    return call
+
+
 def _flat_caller(fn, specs: dict) -> tuple | None:
-    """(input names in flat order, the atomic function, could_possibly_record, executing_eagerly) for
-    calling `fn` without its structured-signature binding, or None where that shortcut does not apply
-    (composite or positional inputs, distributed variables, a TensorFlow without these internals)."""
+    """(input names in flat order, the atomic function, could_possibly_record, executing_eagerly, the direct
+    caller or None) for calling `fn` without its structured-signature binding, or None where that shortcut
+    does not apply (composite or positional inputs, distributed variables, a TensorFlow without these
+    internals)."""
     try:
         from tensorflow.python.distribute import distribute_utils
         from tensorflow.python.eager import context
@@ -459,7 +519,7 @@ def _flat_caller(fn, specs: dict) -> tuple | None:
                 or any(distribute_utils.is_distributed_variable(c) for c in captured)
                 or not all(type(s).__name__ == "TensorSpec" for s in specs.values())):
             return None
-        return order, atomic, record.could_possibly_record, context.executing_eagerly
+        return order, atomic, record.could_possibly_record, context.executing_eagerly, _direct_caller(atomic)
     except Exception:  # noqa: BLE001 - TensorFlow internals moved: the structured call still works
         return None
 
@@ -585,10 +645,10 @@ class Model:
         if version is not None:
             st = statuses.get(version)
             if st is None:
-                raise RequestError("NOT_FOUND", f"Could not find version {version} of model {self.name!r}")
+                raise RequestError("NOT_FOUND", f"Could not find version {version} of model {self.name}")
             return [st]
         if not statuses:
-            raise RequestError("NOT_FOUND", f"Could not find any versions of model {self.name!r}")
+            raise RequestError("NOT_FOUND", f"Could not find any versions of model {self.name}")
         return [statuses[v] for v in sorted(statuses, reverse=True)]
 
     def _on_disk(self) -> dict[int, Path]:
@@ -720,7 +780,9 @@ class ModelManager:
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
         m = self.models.get(name) or self._removed.get(name)
-        if m is None:
+        if m is None:  # get_model_status_impl.cc: a version asked for is named, as for a known model
+            if version is not None:
+                raise RequestError("NOT_FOUND", f"Could not find version {version} of model {name}")
             raise RequestError("NOT_FOUND", f"Could not find any versions of model {name}")
         return m.status(version, label)
 

@@ -167,3 +167,210 @@ def test_model_metadata_json_prints_fields_with_their_defaults(server, client):
     assert not resp.model_spec.signature_name and resp.model_spec.version.value == 1
     # the client reads it as before
     assert client.metadata("fixed")["serving_default"]["inputs"]["x"]["shape"] == [-1, 3]
+
+
+def _grpc_calls(pred, models):
+    """Each RPC that takes a ModelSpec, with a request made by `fill(request)`; -> [(rpc name, call)]."""
+    from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                         predict_pb2, regression_pb2)
+
+    def predict(fill):
+        req = predict_pb2.PredictRequest()
+        req.inputs["x"].CopyFrom(_tensor(X))
+        fill(req)
+        return pred.Predict(req, timeout=10)
+
+    def classify(fill):
+        req = classification_pb2.ClassificationRequest()
+        req.input.example_list.examples.add()
+        fill(req)
+        return pred.Classify(req, timeout=10)
+
+    def regress(fill):
+        req = regression_pb2.RegressionRequest()
+        req.input.example_list.examples.add()
+        fill(req)
+        return pred.Regress(req, timeout=10)
+
+    def metadata(fill):
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        fill(req)
+        return pred.GetModelMetadata(req, timeout=10)
+
+    def status(fill):
+        req = get_model_status_pb2.GetModelStatusRequest()
+        fill(req)
+        return models.GetModelStatus(req, timeout=10)
+    return [("Predict", predict), ("Classify", classify), ("Regress", regress), ("GetModelMetadata", metadata),
+            ("GetModelStatus", status)]
+
+
+def _tensor(x):
+    import tensorflow as tf
+    return tf.make_tensor_proto(x)
+
+
+def _grpc_answer(call):
+    import grpc
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_an_empty_model_name_is_invalid_argument(server):
+    """(e) A ModelSpec whose name is empty: INVALID_ARGUMENT "ModelSpec has no name specified." for every RPC
+    that resolves a servable (Predict, Classify, Regress, GetModelMetadata, MultiInference), checked before
+    the version or label; GetModelStatus looks the name up in the state monitor instead and answers
+    NOT_FOUND "Could not find any versions of model " (or "Could not find version <v> of model ").
+
+    server_core.cc:841-845 (ServableRequestFromModelSpec, which GetServableHandle calls first);
+    predict_impl.cc:49-50, get_model_metadata_impl.cc:51-52, multi_inference_helper.cc:27-33 and :50-52 (the
+    first task's ModelSpec, or the default instance, to GetServableHandle); get_model_status_impl.cc:82-100."""
+    import grpc
+    from tensorflow_serving.apis import inference_pb2
+    ch, pred, models = grpc_stubs(server)
+    with ch:
+        for rpc, call in _grpc_calls(pred, models):
+            for version in (None, 1):
+                def fill(req, version=version):
+                    req.model_spec.SetInParent()
+                    if version is not None:
+                        req.model_spec.version.value = version
+                got = _grpc_answer(lambda: call(fill))
+                if rpc == "GetModelStatus":
+                    what = "any versions" if version is None else f"version {version}"
+                    assert got == (grpc.StatusCode.NOT_FOUND, f"Could not find {what} of model "), got
+                else:
+                    assert got == (grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified."), (rpc, got)
+            got = _grpc_answer(lambda: call(lambda req: setattr(req.model_spec, "version_label", "stable")))
+            if rpc != "GetModelStatus":  # the name is checked before the label is looked up
+                assert got == (grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified."), (rpc, got)
+        for tasks in ([], [("", "tensorflow/serving/classify")]):
+            req = inference_pb2.MultiInferenceRequest()
+            req.input.example_list.examples.add()
+            for name, method in tasks:
+                t = req.tasks.add(method_name=method)
+                t.model_spec.name = name
+            got = _grpc_answer(lambda: pred.MultiInference(req, timeout=10))
+            assert got == (grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified."), (tasks, got)
+        # an unknown (non-empty) name is still NOT_FOUND, and the known model still answers
+        got = _grpc_answer(lambda: pred.Predict(_predict_request("nope"), timeout=10))
+        assert got[0] == grpc.StatusCode.NOT_FOUND
+        assert pred.Predict(_predict_request("fixed"), timeout=10).model_spec.name == "fixed"
+
+
+def _predict_request(name):
+    from tensorflow_serving.apis import predict_pb2
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = name
+    req.inputs["x"].CopyFrom(_tensor(X))
+    return req
+
+
+def test_a_request_without_a_model_spec_is_missing_modelspec(server):
+    """(f) A request with no ModelSpec at all: INVALID_ARGUMENT "Missing ModelSpec" from Predict, Classify,
+    Regress, GetModelMetadata (before its metadata_field is looked at: a request with neither says "Missing
+    ModelSpec") and GetModelStatus; an unsupported metadata field, with a ModelSpec, is "Metadata field <f> is
+    not supported".
+
+    predict_impl.cc:37-41, classification_service.cc:35-39, regression_service.cc:33-37,
+    get_model_metadata_impl.cc:76-80 then :89 (ValidateGetModelMetadataRequest, :34-45),
+    get_model_status_impl.cc:69-71."""
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2
+    ch, pred, models = grpc_stubs(server)
+    with ch:
+        for rpc, call in _grpc_calls(pred, models):
+            got = _grpc_answer(lambda: call(lambda req: None))
+            assert got == (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"), (rpc, got)
+        got = _grpc_answer(lambda: pred.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(), timeout=10))
+        assert got == (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def", "nope"])
+        req.model_spec.name = "fixed"
+        got = _grpc_answer(lambda: pred.GetModelMetadata(req, timeout=10))
+        assert got == (grpc.StatusCode.INVALID_ARGUMENT, "Metadata field nope is not supported")
+
+
+def test_json_booleans_in_a_numeric_tensor_are_a_type_error(server):
+    """(g) A JSON true / false inside a float (or integer) tensor is refused with TF Serving's TypeError for
+    the first one in document order, "JSON Value: true Type: True is not of expected type: float", HTTP 400
+    (numpy alone would read it as 1.0); row and columnar formats alike. A body without booleans, or with
+    "true" only inside a string, is served as before.
+
+    json_tensor.cc:262-267 (TypeError: JsonValueToDebugString, JsonTypeString, DataTypeString), :95-111
+    (JsonTypeString: "True" / "False"), :293-295 (DT_FLOAT takes IsNumber() only), :307 / :317 (the integer
+    types IsInt() / IsInt64()), :397-408 (FillTensorProto adds leaf values in order); http_server.cc:56-57."""
+    want = "JSON Value: {} Type: {} is not of expected type: float"
+    cases = [({"instances": [[True, 1.0, 2.0]]}, ("true", "True")),
+             ({"instances": [[1.0, 2.0, 3.0], [4.0, False, True]]}, ("false", "False")),
+             ({"inputs": {"x": [[1.0, 2.0, True]]}}, ("true", "True")),
+             ({"inputs": [[False, 2.0, 3.0]]}, ("false", "False")),
+             ({"instances": [{"x": [1.0, True, 3.0]}]}, ("true", "True"))]
+    for body, (value, kind) in cases:
+        status, obj = http(server, "POST", "/v1/models/fixed:predict", body)
+        assert (status, obj) == (400, {"error": want.format(value, kind)}), body
+    status, obj = http(server, "POST", "/v1/models/fixed:predict",
+                       {"instances": X.tolist(), "signature_name": "serving_default", "note": "true false"})
+    assert status == 200 and np.allclose(obj["predictions"], expected_y(X, 1))
+
+
+def test_cors_preflight_and_headers(server, repo):
+    """(h) OPTIONS on a /v1/ URL is a CORS preflight, answered without looking at the URL: 200 when the
+    Origin header names an http(s) origin, else FAILED_PRECONDITION -> 400; the body is empty either way.
+    With --rest_api_enable_cors_support every /v1/ answer (preflight, predict, status, errors) carries
+    Access-Control-Allow-Origin: *, -Methods: POST, GET and -Headers: Content-Type; without it none does.
+    URLs outside /v1/ are not TF Serving's handler's and get neither.
+
+    http_server.cc:170-177 (the preflight: RE2::PartialMatch(origin, "https?://"), else FailedPrecondition
+    "Origin header is missing in CORS preflight"), :183-185 (AddCORSHeaders when enable_cors_support),
+    :188-193 (headers and the output, empty for a preflight, written for every status), :68-69
+    (kFailedPrecondition -> BAD_REQUEST), :141-148 (only the /v1/ pattern reaches the dispatcher);
+    http_rest_api_util.cc:40-44 (the three headers); main.cc:104-106 (--rest_api_enable_cors_support,
+    default false: server.h:54)."""
+    import http.client
+
+    from serving.server import LocalServer
+
+    def call(srv, method, path, headers=None, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", srv.rest_port, timeout=20)
+        try:
+            chunked = "Transfer-Encoding" in (headers or {})  # aiohttp's protocol reads that one
+            c.request(method, path, body=iter([body]) if chunked else body, headers=headers or {},
+                      encode_chunked=chunked)
+            r = c.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            c.close()
+
+    cors = {"access-control-allow-origin": "*", "access-control-allow-methods": "POST, GET",
+            "access-control-allow-headers": "Content-Type"}
+    for origin, want in (("http://example.com", 200), ("https://a.b:8080", 200), (None, 400), ("null", 400),
+                         ("example.com", 400)):
+        for path in ("/v1/models/fixed:predict", "/v1/models/fixed", "/v1/anything/at/all"):
+            status, headers, body = call(server, "OPTIONS", path, {"Origin": origin} if origin else {})
+            assert (status, body) == (want, b""), (origin, path, status, body)
+            assert not set(cors) & set(headers), headers
+    body = json.dumps({"instances": X.tolist()}).encode()
+    status, headers, _ = call(server, "POST", "/v1/models/fixed:predict", {"Content-Type": "application/json"}, body)
+    assert status == 200 and not set(cors) & set(headers)
+    _, cfg = repo
+    with LocalServer(model_config_file=str(cfg), port=0, rest_api_port=0, file_system_poll_wait_seconds=0,
+                     rest_api_enable_cors_support=True, log=lambda s: None) as srv:
+        srv.wait_until_available("fixed", timeout_s=30)
+        for method, path, req_headers, req_body, want in [
+                ("OPTIONS", "/v1/models/fixed:predict", {"Origin": "http://example.com"}, None, 200),
+                ("OPTIONS", "/v1/models/fixed:predict", {}, None, 400),
+                ("POST", "/v1/models/fixed:predict", {"Content-Type": "application/json"}, body, 200),
+                ("POST", "/v1/models/nope:predict", {"Content-Type": "application/json"}, body, 404),
+                ("POST", "/v1/models/fixed:predict", {"Transfer-Encoding": "chunked"}, body, 200),
+                ("GET", "/v1/models/fixed", {}, None, 200),
+                ("GET", "/v1/models", {}, None, 400)]:
+            status, headers, got = call(srv, method, path, req_headers, req_body)
+            assert status == want, (method, path, status, got)
+            assert {k: headers.get(k) for k in cors} == cors, (method, path, headers)
+        status, headers, _ = call(srv, "GET", "/v2/health/live")
+        assert status == 200 and not set(cors) & set(headers)
+        status, headers, _ = call(srv, "GET", "/nope")
+        assert status == 404 and not set(cors) & set(headers)

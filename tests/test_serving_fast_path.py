@@ -75,7 +75,7 @@ def test_the_flat_call_answers_what_the_structured_call_answers(tmp_path):
     assert sig._flat is not None, "the fast path should apply to a plain SavedModel signature"
     assert sig._flat[0] == ["alpha", "mid", "zeta"]
     rng = np.random.default_rng(7)
-    for rows in (1, 4, 0):
+    for rows in (1, 4, 0, 6000):  # 6000 rows: over SMALL_CALL_ELEMENTS, the default executor's call
         arrays = {"zeta": rng.normal(size=(rows, 3)).astype(np.float32), "alpha": rng.normal(size=(rows, 3)),
                   "mid": rng.integers(-50, 50, rows).astype(np.int32)}
         got = sig.run(arrays)
@@ -84,6 +84,33 @@ def test_the_flat_call_answers_what_the_structured_call_answers(tmp_path):
         for k in want:
             assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
             assert got[k].tobytes() == want[k].tobytes(), k
+
+
+def test_a_graph_the_single_threaded_executor_refuses_is_answered_by_the_default_one(tmp_path):
+    """Small calls run on TensorFlow's single-threaded executor, which refuses graphs whose control flow is
+    lowered to Switch / Merge (a while loop, a cond): such a function is called on the default executor
+    instead, from its first call on, with the structured call's answers."""
+    import tensorflow as tf
+
+    from serving.models import SMALL_CALL_ELEMENTS, Servable
+
+    def write(p):
+        mod = tf.Module()
+        mod.v = tf.Variable(2.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def serve(x):
+            _, y = tf.while_loop(lambda i, acc: i < 5, lambda i, acc: (i + 1, acc * mod.v + 1.0),
+                                 (tf.constant(0), x))
+            return {"y": tf.cond(tf.reduce_sum(x) > 0, lambda: y * 2.0, lambda: y - 1.0)}
+        mod.serve = serve
+        tf.saved_model.save(mod, str(p), signatures={"serving_default": serve})
+    servable = Servable("w", 1, _save_atomic(tmp_path / "w", 1, write), None)
+    sig = servable.signature("serving_default")
+    assert sig._flat is not None and sig._flat[4] is not None
+    for x in (X, -X, np.ones((SMALL_CALL_ELEMENTS, 3), np.float32)):
+        want = sig.fn(x=tf.constant(x))["y"].numpy()
+        assert sig.run({"x": x})["y"].tobytes() == want.tobytes()
 
 
 def test_the_flat_call_is_not_taken_under_a_gradient_tape(tmp_path):
@@ -95,13 +122,13 @@ def test_the_flat_call_is_not_taken_under_a_gradient_tape(tmp_path):
     servable = Servable("m", 1, make_linear(tmp_path / "m", 1, 2.0), None)  # holds the variables
     sig = servable.signature("serving_default")
     calls = []
-    atomic = sig._flat[1]
+    order, atomic, recording, eager, direct = sig._flat
+    assert direct is not None, "the direct call should apply to a plain SavedModel signature"
 
-    class Spy:
-        def call_preflattened(self, args):
-            calls.append(len(args))
-            return atomic.call_preflattened(args)
-    sig._flat = (sig._flat[0], Spy(), *sig._flat[2:])
+    def spy(inputs, small):
+        calls.append(len(inputs))
+        return direct(inputs, small)
+    sig._flat = (order, atomic, recording, eager, spy)
     np.testing.assert_array_equal(sig.run({"x": X})["y"], expected_y(X, 2.0))
     assert calls == [3]  # x and the two captured variables
     with tf.GradientTape():
@@ -225,3 +252,123 @@ def test_json_output_is_exact_for_every_dtype_with_nan_and_inf(tmp_path):
     assert [base64.b64decode(v["b64"]) for v in back["odd"]] == [b"\xff\xfeok"] * 3
     assert back["txt"] == [[s.decode() for s in r] for r in want["txt"]]
     assert not any(isinstance(v, float) and math.isnan(v) for v in back["i32"][0])
+
+
+# ----------------------------------------------------------------------- the REST port's own protocol
+
+def _responses(sock, n: int, timeout: float = 20.0) -> list[tuple[int, dict, bytes]]:
+    """Read `n` HTTP/1.1 responses (Content-Length bodies) from a raw socket."""
+    sock.settimeout(timeout)
+    data, out = b"", []
+    while len(out) < n:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            lines = data[:end].decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            size = int(headers["content-length"])
+            if len(data) >= end + 4 + size:
+                out.append((int(lines[0].split(" ")[1]), headers, data[end + 4:end + 4 + size]))
+                data = data[end + 4 + size:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {len(out)} of {n} responses")
+        data += chunk
+    return out
+
+
+def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), extra, len(body), body))
+
+
+def test_the_rest_port_answers_pipelined_requests_in_order_across_the_hand_off(rest_server):
+    """POSTs to /v1/ are read and answered by the server's own protocol; the first request it does not take
+    (a GET here) hands the connection to aiohttp with the bytes not yet answered. Pipelined in one send, or
+    trickled a few bytes at a time, every request is answered once, in order, with the same status, body
+    and headers (Date aside) whichever of the two answered it."""
+    import socket
+    srv = rest_server
+    body = json.dumps({"instances": X.tolist()}).encode()
+    want = json.loads(post(srv, "m", {"instances": X.tolist()}))
+    good, bad = _post("/v1/models/m:predict", body), _post("/v1/models/nope:predict", body)
+    junk = _post("/v1/models/m:predict", b"{not json")
+    get = b"GET /v1/models/m HTTP/1.1\r\nHost: t\r\n\r\n"
+    stream = good + bad + junk + good + get + good + bad + junk
+    for trickle in (False, True):
+        with socket.create_connection(("127.0.0.1", srv.rest_port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if trickle:
+                for i in range(0, len(stream), 7):
+                    sock.sendall(stream[i:i + 7])
+                    time.sleep(0.001)
+            else:
+                sock.sendall(stream)
+            got = _responses(sock, 8)
+        assert [s for s, _, _ in got] == [200, 404, 400, 200, 200, 200, 404, 400], trickle
+        assert json.loads(got[0][2]) == want and got[3][2] == got[0][2] == got[5][2]
+        assert "model_version_status" in json.loads(got[4][2])
+        for fast, slow in ((0, 5), (1, 6), (2, 7)):  # before the GET: this protocol; after it: aiohttp's
+            assert got[fast][2] == got[slow][2]
+            assert {k: v for k, v in got[fast][1].items() if k != "date"} == \
+                   {k: v for k, v in got[slow][1].items() if k != "date"}, (got[fast][1], got[slow][1])
+        assert got[0][1]["content-type"] == "application/json; charset=utf-8"
+
+
+def test_the_rest_port_hands_over_what_it_does_not_take(rest_server):
+    """Chunked bodies, Expect: 100-continue, HTTP/1.0, a query string and Connection: close are each answered
+    correctly (by aiohttp, or here with the connection closed after the answer)."""
+    import http.client
+    import socket
+    srv = rest_server
+    body = json.dumps({"inputs": {"x": X.tolist()}}).encode()
+    want = json.loads(post(srv, "m", {"inputs": {"x": X.tolist()}}))
+    c = http.client.HTTPConnection("127.0.0.1", srv.rest_port, timeout=20)
+    try:
+        c.request("POST", "/v1/models/m:predict", body=iter([body[:10], body[10:]]), encode_chunked=True,
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read()) == want
+        c.request("POST", "/v1/models/m:predict?x=1", body=body, headers={"Expect": "100-continue"})
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read()) == want
+    finally:
+        c.close()
+    with socket.create_connection(("127.0.0.1", srv.rest_port)) as sock:
+        sock.sendall(_post("/v1/models/m:predict", body).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        (status, _, got), = _responses(sock, 1)
+        assert status == 200 and json.loads(got) == want
+    with socket.create_connection(("127.0.0.1", srv.rest_port)) as sock:
+        sock.sendall(_post("/v1/models/m:predict", body, b"Connection: close\r\n")
+                     + _post("/v1/models/m:predict", body))
+        (status, headers, got), = _responses(sock, 1)
+        assert status == 200 and json.loads(got) == want and headers.get("connection") == "close"
+        sock.settimeout(20)
+        assert sock.recv(100) == b""  # closed after the first answer; the second request is not read
+
+
+def test_the_rest_port_closes_a_connection_left_idle(rest_server, monkeypatch):
+    """As aiohttp's keep-alive timeout does: a connection silent for _FAST_KEEPALIVE_S is closed, one that
+    keeps sending is not."""
+    import socket
+
+    from serving import server
+    monkeypatch.setattr(server, "_FAST_KEEPALIVE_S", 0.5)
+    body = json.dumps({"instances": X.tolist()}).encode()
+    with socket.create_connection(("127.0.0.1", rest_server.rest_port)) as sock:
+        for _ in range(3):  # answered while it keeps talking, with pauses under the timeout
+            sock.sendall(_post("/v1/models/m:predict", body))
+            assert _responses(sock, 1)[0][0] == 200
+            time.sleep(0.2)
+        sock.settimeout(30)  # far over the timeout: a recv that times out means it was never closed
+        assert sock.recv(100) == b""  # then, silent, it is closed
+
+
+@pytest.fixture(scope="module")
+def rest_server(tmp_path_factory):
+    from serving.server import LocalServer
+    base = tmp_path_factory.mktemp("proto") / "m"
+    make_linear(base, 1, 2.0)
+    with LocalServer(model_name="m", model_base_path=str(base), port=0, rest_api_port=0,
+                     file_system_poll_wait_seconds=0, log=lambda s: None) as srv:
+        yield srv

@@ -332,3 +332,17 @@ def test_agent_metrics_after_pushes_predicts_and_a_rollback(agent, edge_setup):
     assert after.value("edge_agent_rollbacks") == 1
     assert after.value("edge_agent_active_version", model="m") == 1
     assert after.families["edge_agent_predict_latency_seconds"].type == "histogram"
+
+
+def test_a_cors_preflight_is_counted_without_a_model(server):
+    """OPTIONS on a /v1/ URL (a CORS preflight) is counted as TF Serving counts it: request_count with no
+    model name, OK or FAILED_PRECONDITION (http_server.cc:170-177 and :201, RecordModelRequestCount with the
+    empty model_name the handler never filled)."""
+    before = scrape(server)
+    assert http(server.rest_port, "OPTIONS", "/v1/models/fixed:predict", headers={"Origin": "http://a.b"})[0] == 200
+    assert http(server.rest_port, "OPTIONS", "/v1/models/fixed:predict")[0] == 400
+    after = scrape(server)
+    name = ":tensorflow:serving:request_count"
+    assert delta(after, before, name, model_name="", status="OK") == 1
+    assert delta(after, before, name, model_name="", status="FAILED_PRECONDITION") == 1
+    assert delta(after, before, name, model_name="fixed") == 0
