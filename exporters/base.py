@@ -281,9 +281,13 @@ def keras_input_names(model) -> list[str] | None:
 def keras_feed(model, x):
     """`x` bound to a Keras model's inputs (parity.feeds.bind_inputs) as tensors: one float32 tensor
     for one input (called positionally, as model(x) is), else {name: tensor} keeping each dtype."""
-    import tensorflow as tf
+    import keras
     from parity.feeds import bind_inputs
     bound, _ = bind_inputs(x, keras_input_names(model))
+    if keras.backend.backend() != "tensorflow":  # numpy: every backend takes it, and TensorFlow stays unloaded
+        return {k: np.asarray(v) for k, v in bound.items()} if isinstance(bound, dict) else \
+            np.asarray(bound, dtype=np.float32)
+    import tensorflow as tf
     if isinstance(bound, dict):
         return {k: tf.constant(v) for k, v in bound.items()}
     return tf.constant(bound, dtype=tf.float32)

@@ -43,12 +43,15 @@ from exporters.base import (Artifact, ArtifactLoadError, BaseRunner, ExportError
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "litert"
-REQUIRES = {"tensorflow": ("saved_model",), "torch": (), "jax": ("saved_model",)}
+REQUIRES = {"tensorflow": ("saved_model",), "torch": (), "jax": ("saved_model",), "keras-jax": ("saved_model",),
+            "keras-torch": ()}
 # the installed distributions whose versions decide the artifact (per family) and its runtime's answers
-CONVERTER_PACKAGES = {"tensorflow": ("tensorflow",), "torch": ("litert-torch", "torch"), "jax": ("tensorflow",)}
+CONVERTER_PACKAGES = {"tensorflow": ("tensorflow",), "torch": ("litert-torch", "torch"), "jax": ("tensorflow",),
+                      "keras-jax": ("tensorflow",), "keras-torch": ("litert-torch", "torch", "keras")}
 RUNTIME_PACKAGES = ("ai-edge-litert",)
 RUNTIMES = ("litert-interpreter",)
-LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow"}  # TFLiteConverter vs litert-torch
+LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow",  # TFLiteConverter vs litert-torch
+        "keras-jax": "tensorflow", "keras-torch": "keras-torch"}
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 VARIANTS = ("fp32", "fp16", "int8")
@@ -74,9 +77,9 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     example = example_batch(example, FORMAT, name, framework, several=True)
     options = dict(options or {})
     family = family_of(framework, family)
-    if family in ("tensorflow", "jax"):  # jax: the jax2tf SavedModel (one XlaCallModule op), which it lowers
-        made = _export_saved_model(name, out_dir, upstream or {}, options, example, expected)
-    elif family == "torch":
+    if family in ("tensorflow", "jax", "keras-jax"):  # jax: the jax2tf SavedModel (one XlaCallModule op),
+        made = _export_saved_model(name, out_dir, upstream or {}, options, example, expected)  # which it lowers
+    elif family in ("torch", "keras-torch"):  # Keras on torch: its model is a torch.nn.Module
         made = _export_torch(model, name, example, out_dir, options)
     else:
         raise unsupported_family(FORMAT, name, family, REQUIRES)

@@ -26,14 +26,16 @@ from parity.feeds import flatten_outputs
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "onnx"
-REQUIRES = {"tensorflow": (), "torch": (), "jax": ()}
+REQUIRES = {"tensorflow": (), "torch": (), "jax": (), "keras-jax": (), "keras-torch": ()}
 # the installed distributions whose versions decide the artifact (per family) and its runtime's answers
 CONVERTER_PACKAGES = {"tensorflow": ("keras", "tensorflow", "tf2onnx", "onnx"), "torch": ("torch", "onnxscript", "onnx"),
-                      "jax": ("jax", "jax2onnx", "onnx")}
+                      "jax": ("jax", "jax2onnx", "onnx"), "keras-jax": ("keras", "jax", "jax2onnx", "onnx"),
+                      "keras-torch": ("keras", "torch", "onnxscript", "onnx")}
 RUNTIME_PACKAGES = ("onnxruntime",)
 RUNTIMES = ("onnxruntime-cpu",)
-LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow"}  # tf2onnx needs TensorFlow; dynamo
-# needs torch; jax2onnx needs only jax, which runs in the TensorFlow worker
+LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow",  # tf2onnx needs TensorFlow; dynamo
+        "keras-jax": "keras-jax", "keras-torch": "keras-torch"}  # needs torch; jax2onnx needs only jax, which
+# runs in the TensorFlow worker; Keras exports on its own backend, in that backend's lane
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.onnx"
@@ -54,8 +56,16 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
         route, details = _export_torch(model, name, example, path)
     elif family == "jax":
         route, details = _export_jax(model, name, example, path)
+    elif family in ("keras-jax", "keras-torch"):
+        route, details = _export_keras(model, name, example, path)
     else:
         raise unsupported_family(FORMAT, name, family, REQUIRES)
+    if family in ("jax", "keras-jax"):  # jax2onnx's pooling over N and C, which runtimes refuse
+        from .onnx_graph import spatial_pools
+        pools = spatial_pools(path)
+        if pools:
+            details["repairs"] = [f"{pools} pooling node(s) over NHWC with a kernel spanning N and C rewritten "
+                                  f"as Transpose -> 2-D pool -> Transpose (exporters/onnx_graph.py)"]
     export_s = time.perf_counter() - t0
     _drop_function_counter(path)
 
@@ -115,10 +125,11 @@ def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[st
     import keras
 
     model(keras_feed(model, example))  # Keras refuses to export a model that has never been called
-    details = {"converter": "keras.Model.export(format='onnx')", "keras_backend": keras.backend.backend(),
-               "versions": {"keras": package_version("keras"), "tensorflow": package_version("tensorflow"),
-                            "tf2onnx": package_version("tf2onnx"), "onnx": package_version("onnx")}}
-    via = "tf2onnx" if keras.backend.backend() == "tensorflow" else f"{keras.backend.backend()} backend"
+    backend = keras.backend.backend()
+    via = {"tensorflow": "tf2onnx", "jax": "jax2onnx", "torch": "torch.onnx"}.get(backend, f"{backend} backend")
+    converters = {"tensorflow": ("tensorflow", "tf2onnx"), "jax": ("jax", "jax2onnx"), "torch": ("torch", "onnxscript")}
+    details = {"converter": "keras.Model.export(format='onnx')", "keras_backend": backend,
+               "versions": {p: package_version(p) for p in ("keras", *converters.get(backend, ()), "onnx")}}
     route = f"keras.Model.export(format='onnx') ({via})"
     try:
         model.export(str(path), format="onnx", verbose=False)
@@ -127,6 +138,8 @@ def _export_keras(model, name: str, example: np.ndarray, path: Path) -> tuple[st
         why = f"model.export(format='onnx') failed: {type(e).__name__}: {str(e).strip()[:600]}"
     if why is None:
         return route, details
+    if backend != "tensorflow":
+        raise ExportError(f"onnx export of {name} (keras on {backend}): {route}: {why}")
     # the second route: the model's function with its captured tensors frozen into constants first
     try:
         _export_keras_frozen(model, example, path)

@@ -36,15 +36,19 @@ from parity.feeds import flat_rows, take
 from parity.signature import Signature, TensorSpec
 
 FORMAT = "saved_model"
-REQUIRES = {"tensorflow": (), "torch": ("onnx",), "jax": ()}
+REQUIRES = {"tensorflow": (), "torch": ("onnx",), "jax": (), "keras-jax": (), "keras-torch": ("onnx",)}
 # the installed distributions whose versions decide the artifact (per family) and its runtime's answers:
 # both join the stages' cache keys, so an upgraded converter or runtime makes and checks anew
 CONVERTER_PACKAGES = {"tensorflow": ("tensorflow", "keras"), "torch": ("torch", "onnx", "onnx2tf", "nobuco", "tensorflow"),
-                      "jax": ("jax", "tensorflow")}
+                      "jax": ("jax", "tensorflow"), "keras-jax": ("keras", "jax", "tensorflow"),
+                      "keras-torch": ("onnx", "onnx2tf", "tensorflow")}
 RUNTIME_PACKAGES = ("tensorflow",)
 RUNTIMES = ("tensorflow",)
-LATER_ROUTES_TAKE_MODEL = ("torch",)  # nobuco converts the module itself when onnx2tf refuses the ONNX file
-LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # onnx2tf, jax2tf need TensorFlow
+# nobuco converts the torch module itself when onnx2tf refuses the ONNX file; a Keras model on torch is
+# loaded with the same weights on this lane's TensorFlow backend, and Keras exports it
+LATER_ROUTES_TAKE_MODEL = ("torch", "keras-torch")
+LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow",  # onnx2tf, jax2tf need TensorFlow;
+        "keras-jax": "keras-jax", "keras-torch": "tensorflow"}  # Keras' own export runs on its JAX backend (jax2tf)
 RUNTIME_LANE = "tensorflow"  # the process that loads the artifact ("any": no framework)
 
 SIGNATURE_KEY = "serving_default"
@@ -59,11 +63,11 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
     out_dir.mkdir(parents=True, exist_ok=True)
     example = example_batch(example, FORMAT, name, framework, several=True)
     family = family_of(framework, family)
-    if family == "tensorflow":
+    if family in ("tensorflow", "keras-jax"):  # Keras on JAX: Model.export lowers it through jax2tf
         return [_export_tensorflow(model, framework, name, example, out_dir)]
-    if family == "torch":
+    if family in ("torch", "keras-torch"):  # Keras on torch: from its ONNX file (its own export needs torch_xla)
         return [_export_torch(model, framework, name, example, out_dir, upstream or {}, expected,
-                              (options or {}).get("load_model"))]
+                              (options or {}).get("load_model"), keras=family == "keras-torch")]
     if family == "jax":
         return [_export_jax(model, framework, name, example, out_dir)]
     raise unsupported_family(FORMAT, name, family, REQUIRES)
@@ -176,9 +180,10 @@ def _torch_outputs(model, example) -> np.ndarray:
 
 
 def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir: Path, upstream: dict,
-                  expected=None, load_model=None) -> Artifact:
+                  expected=None, load_model=None, keras: bool = False) -> Artifact:
     """The routes of _torch_routes in turn; the first that writes a SavedModel is kept, and each one
-    left is recorded with its reason. `load_model` gives the torch module, for the route that needs it."""
+    left is recorded with its reason. `load_model` gives the model, for the route that needs it: the
+    torch module, or (`keras`) the Keras model, loaded in this process on its TensorFlow backend."""
     onnx_artifacts = upstream.get("onnx") or []
     onnx_artifact = onnx_artifacts[0] if onnx_artifacts else None
     if onnx_artifact is None and load_model is None:
@@ -193,7 +198,7 @@ def _export_torch(model, framework: str, name: str, example: np.ndarray, out_dir
     # `expected` (the model's stored outputs on `example`) spares importing torch next to TensorFlow
     ref = np.asarray(expected) if expected is not None else _torch_outputs(model, example)
     taken, left = None, []
-    for route in _torch_routes(onnx_artifact, final, name, example, load_model):
+    for route in _torch_routes(onnx_artifact, final, name, example, load_model, keras):
         try:
             route.facts = route.run()
             sig = _describe_signature(final, name)
@@ -246,9 +251,11 @@ class _Route:
     facts: dict = field(default_factory=dict)
 
 
-def _torch_routes(onnx_artifact: Artifact | None, final: Path, name: str, example, load_model) -> list[_Route]:
+def _torch_routes(onnx_artifact: Artifact | None, final: Path, name: str, example, load_model,
+                  keras: bool = False) -> list[_Route]:
     """1) onnx2tf on the dynamic-batch ONNX artifact; 2) nobuco on the torch module itself (a dynamic
-    batch still); 3) onnx2tf on the batch-1 export the ONNX stage keeps for graphs that compute with
+    batch still), or for a Keras model on torch, Keras' own export of the same model and weights on the
+    TensorFlow backend; 3) onnx2tf on the batch-1 export the ONNX stage keeps for graphs that compute with
     their shapes (the SavedModel then takes one row at a time)."""
     options = "onnx2tf.convert(not_use_onnxsim=True, output_signaturedefs=True)"
     onnx_path = Path(onnx_artifact.path) if onnx_artifact is not None else None
@@ -260,7 +267,10 @@ def _torch_routes(onnx_artifact: Artifact | None, final: Path, name: str, exampl
         return {"onnx2tf_extra_files_dropped": _onnx2tf(onnx_path, final, name)}
     routes = [_Route("onnx2tf", f"ONNX ({onnx_path.name if onnx_path else 'model.onnx'}) -> {options}", first,
                      onnx_path)]
-    if load_model is not None:
+    if load_model is not None and keras:
+        routes.append(_Route("keras on tensorflow", KERAS_ON_TENSORFLOW,
+                             lambda: _keras_on_tensorflow(load_model, final, name)))
+    elif load_model is not None:
         from exporters import nobuco_route
         routes.append(_Route("nobuco", nobuco_route.ROUTE,
                              lambda: _nobuco(load_model, example, final, name)))
@@ -270,6 +280,31 @@ def _torch_routes(onnx_artifact: Artifact | None, final: Path, name: str, exampl
         routes.append(_Route("onnx2tf, batch 1", f"ONNX with a fixed batch of 1 ({fixed.name}) -> {options}",
                              lambda: {"onnx2tf_extra_files_dropped": _onnx2tf(fixed, final, name)}, fixed))
     return routes
+
+
+KERAS_ON_TENSORFLOW = ("the same keras.Model and weights loaded on Keras' TensorFlow backend -> "
+                       "Model.export(format=\"tf_saved_model\") (Keras' own export on torch needs torch_xla)")
+
+
+def _keras_on_tensorflow(load_model, final: Path, name: str) -> dict:
+    import keras
+    try:
+        model = load_model()
+    except Exception as e:  # noqa: BLE001 - the route cannot start: said as its reason
+        raise ExportError(f"saved_model artifact {name}: loading the Keras model on the TensorFlow backend "
+                          f"failed: {type(e).__name__}: {e}") from e
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError(f"saved_model artifact {name}: this process runs Keras on {keras.backend.backend()}, "
+                          f"expected TensorFlow")
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".saved_model-") as tmp:
+        staged = Path(tmp) / _DIR_NAME
+        try:
+            model.export(str(staged), format="tf_saved_model", verbose=False)
+        except Exception as e:  # noqa: BLE001 - the converter's own error, with what was being done
+            raise ExportError(f"saved_model artifact {name}: Keras' export on TensorFlow failed: "
+                              f"{type(e).__name__}: {str(e).strip()[:1500]}") from e
+        _replace_dir(staged, final)
+    return {"versions": {"keras": keras.__version__}}
 
 
 def _nobuco(load_model, example, final: Path, name: str) -> dict:

@@ -44,14 +44,19 @@ from .tfjs_graph import rank1_fused_biases, sorted_node_attributes, unfused_hard
 FORMAT = "tfjs"
 # jax: jax2tf's SavedModel is one XlaCallModule op, which the converter refuses; the ONNX file (jax2onnx)
 # goes through onnx2tf to a SavedModel of plain TF ops instead (see _plain_saved_model)
-REQUIRES = {"tensorflow": ("saved_model",), "torch": ("saved_model",), "jax": ("onnx",)}
+REQUIRES = {"tensorflow": ("saved_model",), "torch": ("saved_model",), "jax": ("onnx",), "keras-jax": ("onnx",),
+            "keras-torch": ("saved_model",)}
+# Keras on JAX, when onnx2tf refuses its ONNX file: the same model and weights on this lane's TensorFlow backend
+LATER_ROUTES_TAKE_MODEL = ("keras-jax",)
 # the installed distributions whose versions decide the artifact (per family); the runtime's versions
 # are the npm packages' lock file, among RUNTIME_FILES
 CONVERTER_PACKAGES = {"tensorflow": ("tensorflowjs", "tensorflow"), "torch": ("tensorflowjs", "tensorflow"),
-                      "jax": ("tensorflowjs", "onnx2tf", "tensorflow")}
+                      "jax": ("tensorflowjs", "onnx2tf", "tensorflow"),
+                      "keras-jax": ("tensorflowjs", "onnx2tf", "tensorflow"), "keras-torch": ("tensorflowjs", "tensorflow")}
 RUNTIME_PACKAGES = ()
 RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
-LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow"}  # tensorflowjs needs TensorFlow
+LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow",  # tensorflowjs needs TensorFlow
+        "keras-jax": "tensorflow", "keras-torch": "tensorflow"}
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 RUNTIME_FILES = ("exporters/js/runner.js", "exporters/js/package-lock.json")  # what it runs, and the npm versions
 
@@ -222,25 +227,53 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
            options: dict | None = None, expected=None, family: str | None = None) -> list[Artifact]:
     """Convert the upstream SavedModel into a TF.js graph model folder (model.json + weight shards)."""
     options = dict(options or {})
+    load_model = options.pop("load_model", None)  # for the later route; the stage passes the trained folder too
+    options.pop("trained_dir", None)
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ExportError(f"tfjs artifact {name}: unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTIONS)}")
     out_dir = Path(out_dir)
     family = family_of(framework, family)
     t0 = time.perf_counter()
-    if family == "jax":  # converted from the ONNX artifact (see REQUIRES)
-        sm = _plain_saved_model(name, framework, upstream, out_dir, example, expected)
+    from_onnx = REQUIRES.get(family) == ("onnx",)  # JAX: jax2tf's SavedModel is one op TF.js lacks
+    left = []
+    if from_onnx:
+        try:
+            sm = _plain_saved_model(name, framework, upstream, out_dir, example, expected)
+        except ExportError as first:
+            if family != "keras-jax" or load_model is None:
+                raise
+            sm = _keras_on_tensorflow(load_model, name, framework, out_dir)
+            left = [{"route": f"{framework} -> onnx -> onnx2tf (plain-TF SavedModel)",
+                     "why": str(first).split(": ", 2)[-1][:600]}]
     else:
         sm = _pick_saved_model(upstream, name)
-    before = time.perf_counter() - t0 if family == "jax" else 0.0  # onnx2tf's share of the export
+    before = time.perf_counter() - t0 if from_onnx else 0.0  # onnx2tf's share of the export
     try:
         made = _convert(sm, name, framework, out_dir, options)
         for a in made:
             a.export_s += before
+            if left:
+                a.route += " (the first route failed)"
+                a.details["routes_left"] = left
         return made
     finally:
-        if family == "jax":
+        if from_onnx:
             shutil.rmtree(Path(sm.path).parent, ignore_errors=True)
+
+
+def _keras_on_tensorflow(load_model, name: str, framework: str, out_dir: Path) -> Artifact:
+    """The Keras model's SavedModel made by Keras itself on this lane's TensorFlow backend, from the same
+    model and weights, in a work folder the caller removes."""
+    from .saved_model import KERAS_ON_TENSORFLOW, _keras_on_tensorflow as export_on_tensorflow
+    work = out_dir / ".tfjs-saved_model"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    staged = work / "saved_model"
+    export_on_tensorflow(load_model, staged, f"{name} (for tfjs)")
+    return Artifact(model=name, format="saved_model", variant="fp32", path=str(staged), framework=framework,
+                    route=f"{framework}: {KERAS_ON_TENSORFLOW} (not kept)", batch_sizes=None,
+                    input_layout="as-trained", details={"made_for_tfjs": True})
 
 
 def _convert(sm: Artifact, name: str, framework: str, out_dir: Path, options: dict) -> list[Artifact]:

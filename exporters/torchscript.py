@@ -31,13 +31,15 @@ from parity.signature import Signature, TensorSpec
 from parity.feeds import flat_rows, flatten_outputs
 
 FORMAT = "torchscript"
-REQUIRES = {"tensorflow": ("onnx",), "torch": (), "jax": ("onnx",)}
+REQUIRES = {"tensorflow": ("onnx",), "torch": (), "jax": ("onnx",), "keras-jax": ("onnx",), "keras-torch": ()}
 # the installed distributions whose versions decide the artifact (per family) and its runtime's answers
 CONVERTER_PACKAGES = {"tensorflow": ("keras", "onnx", "onnx2fx", "torch"), "torch": ("torch",),
-                      "jax": ("onnx", "onnx2fx", "torch")}
+                      "jax": ("onnx", "onnx2fx", "torch"), "keras-jax": ("onnx", "onnx2fx", "torch"),
+                      "keras-torch": ("keras", "torch")}
 RUNTIME_PACKAGES = ("torch",)
 RUNTIMES = ("torch-jit",)
-LANE = {"tensorflow": "torch", "torch": "torch", "jax": "torch"}  # onnx2fx and tracing need torch only
+LANE = {"tensorflow": "torch", "torch": "torch", "jax": "torch",  # onnx2fx and tracing need torch only;
+        "keras-jax": "torch", "keras-torch": "keras-torch"}  # Keras on torch is traced on its own backend
 LATER_ROUTES_TAKE_MODEL = ("tensorflow",)  # Keras on its torch backend reads the kept .keras file
 RUNTIME_LANE = "torch"  # the process that loads the artifact ("any": no framework)
 
@@ -89,6 +91,14 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
             model.train(was_training)
         if more.get("scripted"):
             route = "torch.jit.script"
+        details.update(more)
+    elif family == "keras-torch":  # on Keras' torch backend the keras.Model is a torch.nn.Module
+        if isinstance(example, dict):
+            raise ExportError(f"torchscript export of {name} ({framework}): torch.jit.trace passes inputs by "
+                              f"position; this Keras model takes {len(example)} by name ({', '.join(example)})")
+        route = "torch.jit.trace (the keras.Model on Keras' torch backend)"
+        details = {"versions": {"keras": package_version("keras"), "torch": package_version("torch")}}
+        scripted, batch_sizes, more = _trace(model, name, framework, arrays)
         details.update(more)
     elif family in REQUIRES:  # converted from the ONNX artifact, or else by Keras on its torch backend
         try:

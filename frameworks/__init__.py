@@ -6,13 +6,17 @@ declarations before any worker starts):
     FAMILY = "torch"                    # what the exporters dispatch on: "tensorflow" (a TensorFlow graph:
                                         #   a Keras model or a tf.Module), "torch" (an nn.Module) or "jax"
                                         #   (a function with its parameter pytree)
-    LANE = "torch"                      # the worker process that runs it: "tensorflow" or "torch"
+    LANE = "torch"                      # the worker process that runs it: "tensorflow" or "torch", or a lane
+    LANE_ENVIRONMENT = {...}            #   of its own whose process starts with this environment (optional;
+                                        #   pipeline/lanes.py): Keras on JAX sets KERAS_BACKEND=jax
     PACKAGES = ("torch", "lightning")   # top-level modules it needs, checked without importing them
     INSTALL = "pip install lightning"   # what to run when they are missing
     PRETRAINED_SUFFIXES = (".pt",)      # the files `source =` may name; () when none
     PRETRAINED_FOLDER = ("config.json", "a Hugging Face save_pretrained folder")  # optional: a folder
                                         # `source =` may name, told by the file inside it
     FLAVOR = "pytorch"                  # the MLflow flavor its native model is saved with
+    PRECISIONS = ("fp32", "bf16")       # what `[train] precision` may say (fp32 only when absent), with
+                                        #   NOT_MIXED saying why the others are not built (frameworks/precision.py)
     DISTRIBUTION = "lightning-ddp"      # how `[train] workers = N` trains it on N processes (a kind in
                                         #   frameworks/distributed.py; the adapter's train_rank is one rank),
                                         #   or None, with NOT_DISTRIBUTED saying why it cannot
@@ -29,7 +33,7 @@ import pkgutil
 from functools import lru_cache
 from types import ModuleType
 
-_HELPERS = {"base", "distributed", "dist_worker", "mirrored"}  # modules of this package that are not frameworks
+_HELPERS = {"base", "distributed", "dist_worker", "mirrored", "precision"}  # modules of this package that are not frameworks
 
 
 class UnknownFramework(ValueError):

@@ -65,6 +65,7 @@ class History:
     lr: list[float] = field(default_factory=list)
     best_epoch: int | None = None     # the epoch whose weights were kept (a checkpoint callback)
     stopped_epoch: int | None = None  # the epoch early stopping ended training after
+    compute_dtype: str | None = None  # mixed precision: the dtype a training forward was seen computing in
 
     def to_json(self) -> dict:
         return {"loss": [float(v) for v in self.loss], "val_loss": [float(v) for v in self.val_loss],
@@ -151,6 +152,36 @@ class PlainCallbacks:
     def train_end(self) -> None:
         if self.best_weights is not None:
             self.set_weights(self.best_weights)
+
+
+def shuffled_rows(n: int, shuffle: bool, seed: int):
+    """`rows(epoch)` for epoch_loop: a seeded permutation each epoch, or the rows in order."""
+    rng = np.random.default_rng(seed)
+    return lambda epoch: rng.permutation(n) if shuffle else np.arange(n)
+
+
+def epoch_loop(t, history: History, callbacks: PlainCallbacks, *, rows, batch: int, step, evaluate=None,
+               on_epoch=None, summed=lambda total, count: (total, count)) -> None:
+    """The epochs of every hand-written training loop (tensorflow, torch, jax): `rows(epoch)` this process's
+    rows in order, `step(idx) -> loss` one update on each batch of `batch` rows, the epoch's loss the
+    row-weighted mean (`summed` adds it up over processes), `evaluate() -> loss` on the validation rows
+    when given, then the callbacks (which may stop training) and the progress report."""
+    for epoch in range(1, t.epochs + 1):
+        order = rows(epoch)
+        total = 0.0
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            total += float(step(idx)) * len(idx)
+        total, count = summed(total, len(order))
+        history.loss.append(total / count)
+        if evaluate is not None:
+            history.val_loss.append(float(evaluate()))
+        stop = callbacks.epoch_end(epoch, epoch_logs(history))
+        if on_epoch:
+            on_epoch(epoch, history.loss[-1])
+        if stop:
+            break
+    callbacks.train_end()
 
 
 def epoch_logs(history: History) -> dict:

@@ -23,6 +23,8 @@ INSTALL = "pip install --no-deps fastai==2.8.12, then its requirements as requir
 PRETRAINED_SUFFIXES = ()
 FLAVOR = "pytorch"
 BUILDS_ON = ("torch",)
+NOT_MIXED = ("fastai's mixed precision (Learner.to_bf16 / to_fp16) is not wired into this style yet; "
+             "framework = \"torch\" or \"lightning\" train the same module in bf16")
 DISTRIBUTION = None
 NOT_DISTRIBUTED = ("fastai trains on several processes through Hugging Face Accelerate (Learner.distrib_ctx and "
                    "to_distributed wrap accelerate.Accelerator, each process started by `accelerate launch`), and "

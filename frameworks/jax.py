@@ -12,7 +12,7 @@ import numpy as np
 from parity.feeds import n_rows
 from parity.signature import Signature, TensorSpec
 
-from .base import (History, PlainCallbacks, WrongModelKind, check_kind, epoch_logs, output_kind, output_specs,
+from .base import (History, PlainCallbacks, WrongModelKind, check_kind, epoch_loop, shuffled_rows, output_kind, output_specs,
                    tf_summaries)
 
 NAME = "jax"
@@ -22,6 +22,8 @@ PACKAGES = ("jax", "optax")
 INSTALL = "pip install jax optax"
 PRETRAINED_SUFFIXES = ()
 FLAVOR = "python_function"
+NOT_MIXED = ("the factory's function computes in its parameters' dtype (float32); bfloat16 means casting "
+             "inside that function, which the style cannot do for it")
 DISTRIBUTION = None
 NOT_DISTRIBUTED = ("this style trains with one jitted step on one device, and JAX has no launcher that spreads such "
                    "a step over processes: its multi-process runtime (jax.distributed.initialize, with gloo "
@@ -129,26 +131,15 @@ class Adapter:
             get_lr=lambda: float(box["state"].hyperparams["learning_rate"]), set_lr=set_lr)
         xs, ys = jnp.asarray(x), jnp.asarray(y)
         n = n_rows(x)
-        bs = min(t.batch_size or n, n)
-        rng = np.random.default_rng(seed)
-        for epoch in range(1, t.epochs + 1):
-            order = rng.permutation(n) if t.shuffle else np.arange(n)
-            total = 0.0
-            for start in range(0, n, bs):
-                idx = order[start:start + bs]
-                xb, yb = (xs, ys) if len(idx) == n and not t.shuffle else (xs[idx], ys[idx])
-                box["params"], box["state"], loss = step(box["params"], box["state"], xb, yb)
-                total += float(loss) * len(idx)
-            history.loss.append(total / n)
-            if val is not None:
-                history.val_loss.append(float(evaluate(box["params"], jnp.asarray(val[0], jnp.float32),
-                                                       jnp.asarray(val[1]))))
-            stop = callbacks.epoch_end(epoch, epoch_logs(history))
-            if on_epoch:
-                on_epoch(epoch, history.loss[-1])
-            if stop:
-                break
-        callbacks.train_end()
+
+        def one_step(idx):
+            xb, yb = (xs, ys) if len(idx) == n and not t.shuffle else (xs[idx], ys[idx])
+            box["params"], box["state"], loss = step(box["params"], box["state"], xb, yb)
+            return loss
+        epoch_loop(t, history, callbacks, rows=shuffled_rows(n, t.shuffle, seed), batch=min(t.batch_size or n, n),
+                   step=one_step, on_epoch=on_epoch,
+                   evaluate=None if val is None else
+                   lambda: evaluate(box["params"], jnp.asarray(val[0], jnp.float32), jnp.asarray(val[1])))
         model.params = box["params"]
         if logdir:
             tf_summaries(logdir, history)

@@ -1,5 +1,10 @@
 """Keras 3 on TensorFlow: a keras.Model from a factory or a .keras/.h5 file, trained in compiled chunks
-of epochs (the same updates as `fit`, without a Python round trip per epoch)."""
+of epochs (the same updates as `fit`, without a Python round trip per epoch).
+
+The same model on Keras' other backends is `framework = "keras"` with `backend = "jax"` or `"torch"` in
+the spec, which names the modules keras_jax.py and keras_torch.py (BACKENDS): each a lane of its own,
+since Keras picks its backend once per process, and a model family of its own for the exporters. This
+module's Adapter serves all three; on those backends it trains by `fit`."""
 from __future__ import annotations
 
 import math
@@ -23,8 +28,11 @@ PACKAGES = ("tensorflow", "keras")
 INSTALL = "pip install tensorflow==2.21.0 (Keras 3 comes with it)"
 PRETRAINED_SUFFIXES = (".keras", ".h5")
 FLAVOR = "keras"
+PRECISIONS = ("fp32", "bf16")  # Keras' mixed_bfloat16 policy (frameworks/precision.py: fp16 is refused on a CPU)
 DISTRIBUTION = "multi-worker-mirrored"  # workers > 1: one process per worker, told its place by TF_CONFIG
 
+# `backend = ...` in a spec: the framework module that runs Keras on it (its lane sets KERAS_BACKEND)
+BACKENDS = {"tensorflow": "keras", "jax": "keras_jax", "torch": "keras_torch"}
 EPOCH_CHUNKS = 20  # epochs are trained in this many compiled chunks, reporting progress between chunks
 
 
@@ -47,9 +55,12 @@ class Adapter:
     def train(self, model, t, x, y: np.ndarray, seed: int, on_epoch=None, val=None, logdir=None) -> History:
         """Keras' own `fit` with its callbacks when the spec asks for validation or callbacks; else the
         same updates in compiled chunks of epochs (several times faster on small models)."""
+        import keras
+        if t.precision != "fp32":
+            return self._train_mixed(model, t, x, y, seed, on_epoch, val, logdir)
         xs = keras_feed(model, x)
         loss_fn, opt = self._loss_and_optimizer(model, t, xs)
-        if val is not None or any(callbacks_of(t).values()):
+        if val is not None or any(callbacks_of(t).values()) or keras.backend.backend() != "tensorflow":
             return self._fit(model, t, x, y, loss_fn, opt, on_epoch, val, logdir)
         losses = self._chunked(model, t, xs, y, seed, loss_fn, opt, on_epoch)
         # the rate is constant here; recorded as fit's TensorBoard callback logs it (epoch_learning_rate)
@@ -58,13 +69,28 @@ class Adapter:
             tf_summaries(logdir, history)
         return history
 
+    def _train_mixed(self, model, t, x, y, seed, on_epoch, val, logdir) -> History:
+        """Keras' mixed precision: a copy of the model whose layers compute in bfloat16 under
+        Keras' mixed policy, its last layer in float32 as Keras advises, trained like any model; its
+        float32 weights then go back into `model`, which computes in float32 as before."""
+        from dataclasses import replace
+
+        import keras
+        mixed = _in_policy(model, {"bf16": "mixed_bfloat16"}[t.precision])
+        history = self.train(mixed, replace(t, precision="fp32"), x, y, seed, on_epoch, val, logdir)
+        model.set_weights(mixed.get_weights())
+        first = keras_feed(mixed, x)
+        first = {k: v[:1] for k, v in first.items()} if isinstance(first, dict) else first[:1]
+        history.compute_dtype = str(keras.ops.dtype(mixed.layers[0](first)))  # the first layer, seen computing
+        return history
+
     def _loss_and_optimizer(self, model, t, xs, reduction="sum_over_batch_size"):
         import keras
         multi = isinstance(xs, dict)
         if t.loss == "mse":
             loss_fn = keras.losses.MeanSquaredError(reduction=reduction)
         else:
-            self.output_kind = output_kind(np.asarray(model({k: v[:8] for k, v in xs.items()} if multi else xs[:8])))
+            self.output_kind = output_kind(_numpy(model({k: v[:8] for k, v in xs.items()} if multi else xs[:8])))
             loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=self.output_kind == "logits",
                                                                  reduction=reduction)
         opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[t.optimizer](learning_rate=t.lr)
@@ -193,7 +219,7 @@ class Adapter:
     def predict(self, model, x):
         """One array, or {name: array} for a model of several outputs (a list is named by output_names)."""
         names = list(getattr(model, "output_names", None) or []) or None
-        return one_or_named(flatten_outputs(model(keras_feed(model, x), training=False), np.asarray, names=names))
+        return one_or_named(flatten_outputs(model(keras_feed(model, x), training=False), _numpy, names=names))
 
     def layer_outputs(self, model, x) -> list[tuple[str, np.ndarray]]:
         """Each layer's output on `x`, in the model's order (what parity/localize.py pairs with an
@@ -208,7 +234,7 @@ class Adapter:
             return []
         values = tapped(keras_feed(model, x), training=False)
         values = values if isinstance(values, (list, tuple)) else [values]
-        return [(name, np.asarray(v)) for (name, _), v in zip(outs, values)]
+        return [(name, _numpy(v)) for (name, _), v in zip(outs, values)]
 
     def output_layers(self, model) -> dict[str, list[str]]:
         """For a model of several outputs: each output (by its last layer) with the layers it is computed
@@ -264,9 +290,38 @@ class Adapter:
         """What pipeline/tracking.py saves as the MLflow model: Keras 3's own flavor (mlflow.tensorflow
         expects tf.keras models)."""
         import keras
-        import tensorflow as tf
+        from exporters.base import package_version
+        backend = keras.backend.backend()
+        needs = {"tensorflow": ["tensorflow"], "jax": ["jax", "jaxlib"], "torch": ["torch"]}[backend]
         return {"flavor": "keras", "model": model, "example": x_example, "input_example": True,
-                "pip_requirements": [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]}
+                "pip_requirements": [f"{p}=={package_version(p)}" for p in needs] + [f"keras=={keras.__version__}"]}
+
+
+def _in_policy(model, policy: str):
+    """A clone of a Sequential or functional model with every layer under `policy` but the last (float32,
+    so the outputs and the loss stay float32), holding the model's weights."""
+    import keras
+    from .base import WrongModelKind
+    last = model.layers[-1] if model.layers else None
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer is last else policy
+        return layer.__class__.from_config(config)
+    try:
+        mixed = keras.models.clone_model(model, clone_function=clone)
+        mixed.set_weights(model.get_weights())
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise WrongModelKind(f"mixed precision ({policy}) clones the model with each layer under Keras' mixed "
+                             f"policy; expected a Sequential or functional keras.Model whose layers clone, "
+                             f"cloning failed: {type(e).__name__}: {first_line(e)}") from None
+    return mixed
+
+
+def _numpy(value) -> np.ndarray:
+    """A backend's tensor as numpy (a torch tensor that requires grad included)."""
+    import keras
+    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def _tensorboard(logdir: Path):

@@ -22,6 +22,7 @@ INSTALL = "pip install lightning==2.6.6"
 PRETRAINED_SUFFIXES = ()
 FLAVOR = "pytorch"
 BUILDS_ON = ("torch",)  # frameworks/torch.py: its loading, saving, prediction and loss
+PRECISIONS = ("fp32", "bf16")  # the Trainer's own precision= ("bf16-mixed")
 DISTRIBUTION = "lightning-ddp"  # workers > 1: Trainer(strategy="ddp"), ranks started by Lightning's launcher
 
 
@@ -102,6 +103,7 @@ class Adapter(TorchAdapter):
                 callbacks.append(keep)
             trainer = lightning.Trainer(
                 max_epochs=t.epochs, accelerator="cpu", **spread, logger=False, callbacks=callbacks,
+                precision={"fp32": "32-true", "bf16": "bf16-mixed"}[t.precision],
                 enable_checkpointing=bool(keep), enable_progress_bar=False, enable_model_summary=False,
                 num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True, default_root_dir=tmp)
             if workers > 1:
@@ -114,6 +116,8 @@ class Adapter(TorchAdapter):
                 history.best_epoch = int(state["epoch"]) + 1
         if stop and stop.stopped_epoch:
             history.stopped_epoch = int(stop.stopped_epoch) + 1
+        if t.precision != "fp32":
+            history.compute_dtype = f"{trainer.precision} (Lightning's precision plugin)"
         if logdir and trainer.is_global_zero:  # on several ranks, rank 0's History holds the averaged values
             torch_summaries(logdir, history)
         model.eval()

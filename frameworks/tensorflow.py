@@ -14,7 +14,7 @@ from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
 from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, RankRun, WrongModelKind, check_kind,
-                   epoch_logs, first_line, kept_pretrained, output_kind, output_specs, tf_summaries)
+                   epoch_loop, shuffled_rows, first_line, kept_pretrained, output_kind, output_specs, tf_summaries)
 
 NAME = "tensorflow"
 FAMILY = "tensorflow"
@@ -24,6 +24,9 @@ INSTALL = "pip install tensorflow==2.21.0"
 PRETRAINED_SUFFIXES = ()
 PRETRAINED_FOLDER = ("saved_model.pb", "a TensorFlow SavedModel folder")
 FLAVOR = "tensorflow"
+NOT_MIXED = ("this style's model is a tf.Module of tf.Variables whose ops take the variables' own dtype; "
+             "computing it in bfloat16 means writing the module for it (Keras' mixed policies do this "
+             "for keras models: framework = \"keras\")")
 DISTRIBUTION = "multi-worker-mirrored"  # workers > 1: one process per worker, told its place by TF_CONFIG
 
 CHECKPOINT = "checkpoint"  # tf.train.Checkpoint prefix in the train stage's folder
@@ -80,23 +83,10 @@ class Adapter:
             get_lr=lambda: float(opt.learning_rate.numpy()), set_lr=lambda lr: opt.learning_rate.assign(lr))
         xs, ys = tf.constant(x, tf.float32), tf.constant(y)
         n = n_rows(x)
-        bs = min(t.batch_size or n, n)
-        rng = np.random.default_rng(seed)
-        for epoch in range(1, t.epochs + 1):
-            order = rng.permutation(n) if t.shuffle else np.arange(n)
-            total = 0.0
-            for start in range(0, n, bs):
-                idx = order[start:start + bs]
-                total += float(step(tf.gather(xs, idx), tf.gather(ys, idx))) * len(idx)
-            history.loss.append(total / n)
-            if val is not None:
-                history.val_loss.append(float(evaluate(tf.constant(val[0], tf.float32), tf.constant(val[1]))))
-            stop = callbacks.epoch_end(epoch, epoch_logs(history))
-            if on_epoch:
-                on_epoch(epoch, history.loss[-1])
-            if stop:
-                break
-        callbacks.train_end()
+        epoch_loop(t, history, callbacks, rows=shuffled_rows(n, t.shuffle, seed), batch=min(t.batch_size or n, n),
+                   step=lambda idx: step(tf.gather(xs, idx), tf.gather(ys, idx)),
+                   evaluate=None if val is None else
+                   lambda: evaluate(tf.constant(val[0], tf.float32), tf.constant(val[1])), on_epoch=on_epoch)
         if logdir:
             tf_summaries(logdir, history, graph_fn=model.__call__.get_concrete_function())
         return history

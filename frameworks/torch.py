@@ -11,7 +11,7 @@ from exporters.base import forward_order, keyword_call
 from parity.feeds import flatten_outputs, n_rows, one_or_named
 from parity.signature import Signature, TensorSpec
 
-from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, RankRun, check_kind, epoch_logs,
+from .base import (PRETRAINED, History, PlainCallbacks, PretrainedLoadError, RankRun, check_kind, epoch_loop,
                    first_line, kept_pretrained, output_kind, output_specs, torch_summaries)
 
 NAME = "torch"
@@ -22,6 +22,7 @@ INSTALL = "pip install torch==2.13.0+cpu --extra-index-url https://download.pyto
 PRETRAINED_SUFFIXES = (".pt", ".pth", ".pt2")
 PRETRAINED_FOLDER = ("config.json", "a Hugging Face save_pretrained folder")
 FLAVOR = "pytorch"
+PRECISIONS = ("fp32", "bf16")  # torch.autocast around each forward and loss (frameworks/precision.py)
 DISTRIBUTION = "ddp-gloo"  # workers > 1: DistributedDataParallel on gloo, started by torchrun
 
 
@@ -119,31 +120,27 @@ class Adapter:
             t, history, get_weights=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
             set_weights=model.load_state_dict, get_lr=lambda: opt.param_groups[0]["lr"],
             set_lr=lambda lr: [g.__setitem__("lr", lr) for g in opt.param_groups])
+
+        def step(idx) -> float:
+            opt.zero_grad()
+            with autocast(t.precision):
+                out = forward(*(a[idx] for a in xs))
+                loss = loss_fn(out, ys[idx])
+            if history.compute_dtype is None and t.precision != "fp32":
+                history.compute_dtype = str(next(iter(flatten_outputs(out, lambda v: v.dtype).values())))
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        def evaluate() -> float:
+            model.eval()
+            with torch.no_grad():
+                loss = float(loss_fn(model(*torch_inputs(model, val[0])), torch.from_numpy(val[1])))
+            model.train()
+            return loss
         model.train()
-        for epoch in range(1, t.epochs + 1):
-            order = rows(epoch)
-            total = 0.0
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
-                opt.zero_grad()
-                loss = loss_fn(forward(*(a[idx] for a in xs)), ys[idx])
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            total, count = summed(total, len(order))
-            history.loss.append(total / count)
-            if val is not None:
-                model.eval()
-                with torch.no_grad():
-                    history.val_loss.append(float(loss_fn(model(*torch_inputs(model, val[0])),
-                                                          torch.from_numpy(val[1]))))
-                model.train()
-            stop = callbacks.epoch_end(epoch, epoch_logs(history))
-            if on_epoch:
-                on_epoch(epoch, history.loss[-1])
-            if stop:
-                break
-        callbacks.train_end()
+        epoch_loop(t, history, callbacks, rows=rows, batch=bs, step=step, evaluate=None if val is None else evaluate,
+                   on_epoch=on_epoch, summed=summed)
         model.eval()
         if logdir:
             torch_summaries(logdir, history, graph=(model, tuple(a[:2] for a in xs)))
@@ -379,3 +376,10 @@ def torch_inputs(model, x) -> tuple:
     if isinstance(x, dict):
         return tuple(torch.from_numpy(np.ascontiguousarray(x[k])) for k in forward_order(model, list(x)))
     return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),)
+
+
+def autocast(precision: str):
+    """torch.autocast on the CPU in bfloat16 for a bf16 spec; nothing for fp32. The parameters and their
+    gradients stay float32."""
+    import torch
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

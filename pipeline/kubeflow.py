@@ -30,7 +30,8 @@ from .cache import PACKAGE_ROOT
 KFP_PYTHON_ENV = "PIPELINE_KFP_PYTHON"
 DEFAULT_IMAGE = "train-to-edge:latest"  # the Dockerfile's image, as `docker build -t train-to-edge .` tags it
 # what a stage's container asks for, by lane: a framework lane imports TensorFlow or torch and converts
-RESOURCES = {"tensorflow": ("2", "6G"), "torch": ("2", "4G"), None: ("1", "2G")}
+RESOURCES = {"tensorflow": ("2", "6G"), "torch": ("2", "4G"), "keras-jax": ("2", "6G"), "keras-torch": ("2", "4G"),
+             None: ("1", "2G")}
 
 
 class KfpError(spec_mod.SpecError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import lanes
 from . import spec as spec_mod
 from .cache import Cache
 from .progress import Display
@@ -39,6 +40,7 @@ def run_one(spec_ref: str, name: str, home: Path) -> StageResult:
             raise spec_mod.SpecError(f"stage {name}: expected its input {upstream} (key "
                                      f"{stage.input_keys[upstream][:10]}) in {where}, found none; run stage "
                                      f"{upstream} first")
+    lanes.enter(stage.lane, warm=False)  # before any framework loads (Keras reads its backend once)
     display = Display()
     try:
         for line in cache.changed:

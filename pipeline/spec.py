@@ -81,6 +81,7 @@ class TrainSettings:
     reduce_lr: dict | None = None       # {monitor, factor, patience, min_delta, min_lr}
     tensorboard: bool = True            # event files of the training, under the train stage
     workers: int = 1                    # worker processes training the one model (data parallel)
+    precision: str = "fp32"             # what training computes in: fp32, or bf16 / fp16 mixed precision
 
 
 DEPLOY_TARGETS = ("serving", "edge")  # [deploy.<target>] tables, each checked by its own package
@@ -298,7 +299,7 @@ class _Validator:
             where = f"model[{i}]"
             if not isinstance(m, dict):
                 self.fail(where, "a table", m)
-            self.known_keys(m, where, {"name", "framework", "factory", "params", "train", "accept",
+            self.known_keys(m, where, {"name", "framework", "backend", "factory", "params", "train", "accept",
                                        "litert_batch_sizes", "source", "signature"})
             mname = self.get(m, "name", where, str)
             if any(x.name == mname for x in models):
@@ -319,6 +320,7 @@ class _Validator:
                 self._train({**train_defaults, **train_raw}, f"{where}.train")
             if train is not None:
                 self._distributable(framework, train, f"{where}.train")
+                self._mixed_precision(framework, train, f"{where}.train")
             if train is None and not pretrained:
                 self.fail(f"{where}.train", "a table (or true): a model without `source` is trained from its "
                                             "factory", False)
@@ -349,9 +351,16 @@ class _Validator:
         return uri
 
     def _framework(self, m: dict, where: str) -> str:
-        """One of frameworks/' modules, with its packages installed (checked without importing them)."""
+        """One of frameworks/' modules, with its packages installed (checked without importing them);
+        a keras model's `backend = ...` names the module that runs Keras on it (frameworks/keras.py BACKENDS)."""
         import frameworks
         framework = self.get(m, "framework", where, str, choices=frameworks.names())
+        backends = getattr(frameworks.module(framework), "BACKENDS", None)
+        if "backend" in m and not backends:
+            self.fail(f"{where}.backend", f"no backend for a {framework} model (only keras runs on several)",
+                      m["backend"])
+        if backends:  # Keras: each backend is a framework module of its own (its lane, its model family)
+            framework = backends[self.get(m, "backend", where, str, "tensorflow", choices=tuple(backends))]
         missing = frameworks.missing_packages(framework)
         if missing:
             self.fail(f"{where}.framework", f"a framework whose packages are installed: {framework} needs "
@@ -466,6 +475,7 @@ class _Validator:
             shuffle=self.get(t, "shuffle", where, bool, False),
             threads=self.get(t, "threads", where, int, 1, positive=True),
             workers=self._workers(t, where),
+            precision=self._precision(t, where),
             **self._callbacks(t, where),
         )
 
@@ -475,6 +485,27 @@ class _Validator:
             self.fail(f"{where}.workers", "a positive integer (the worker processes that train the model "
                                           "together)", workers)
         return workers
+
+    def _precision(self, t: dict, where: str) -> str:
+        from frameworks.precision import PRECISIONS, refusal
+        precision = self.get(t, "precision", where, str, "fp32", choices=PRECISIONS)
+        why = refusal(precision)
+        if why:
+            self.fail(f"{where}.precision", f"a precision this machine trains in: {why}", precision)
+        return precision
+
+    def _mixed_precision(self, framework: str, train: TrainSettings, where: str) -> None:
+        """bf16 (or fp16) only for a framework whose own mechanism is wired in (PRECISIONS), on one worker."""
+        import frameworks
+        mod = frameworks.module(framework)
+        if train.precision == "fp32":
+            return
+        if train.precision not in getattr(mod, "PRECISIONS", ("fp32",)):
+            why = getattr(mod, "NOT_MIXED", "its training computes in float32 only")
+            self.fail(f"{where}.precision", f"fp32 for a {framework} model: {why}", train.precision)
+        if train.workers > 1:
+            self.fail(f"{where}.precision", "fp32 when several workers train the model (mixed precision "
+                                            "trains on one worker here)", train.precision)
 
     def _distributable(self, framework: str, train: TrainSettings, where: str) -> None:
         """workers > 1 only for a framework that declares its own launcher (frameworks/<name>.py
@@ -646,7 +677,7 @@ def _top_level_names(source: Path) -> set[str]:
 
 
 _TRAIN_KEYS = {"optimizer", "lr", "epochs", "batch_size", "loss", "shuffle", "threads", "validation_split",
-               "early_stopping", "checkpoint", "reduce_lr", "tensorboard", "workers"}
+               "early_stopping", "checkpoint", "reduce_lr", "tensorboard", "workers", "precision"}
 
 
 GATE_KEYS = ("baseline", "max_metric_drop", "max_latency_ratio", "max_size_ratio")

@@ -26,6 +26,20 @@ def mlp_keras(input_shape, n_outputs, hidden=128, **_):
     ], name="mlp")
 
 
+def cnn_keras(input_shape, n_outputs, filters=16, **_):
+    """A small CNN on one-channel images (digits' 8x8): Conv2D(3x3, relu) -> max pool -> Dense(softmax).
+    Plain Keras layers, so it runs on every Keras backend."""
+    import keras
+    return keras.Sequential([
+        keras.Input(input_shape, name="x"),
+        keras.layers.Reshape((*input_shape, 1)),
+        keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(n_outputs, activation="softmax"),
+    ], name="cnn")
+
+
 def mlp_torch(input_shape, n_outputs, hidden=128, **_):
     import math
     import torch.nn as nn
@@ -119,3 +133,26 @@ def linear_jax(input_shape, n_outputs, **_):
     params = {"W": 0.1 * jax.random.normal(jax.random.PRNGKey(0), (n_in, n_outputs), jnp.float32),
               "b": jnp.zeros((n_outputs,), jnp.float32)}
     return JaxModel(apply, params)
+
+
+def linear_flax(input_shape, n_outputs, **_):
+    """Flax: one nnx.Linear (seeded by nnx.Rngs(0)); the flax style trains its nnx.Param values."""
+    from flax import nnx
+    return nnx.Linear(int(input_shape[-1]), n_outputs, rngs=nnx.Rngs(0))
+
+
+def mlp_flax(input_shape, n_outputs, hidden=128, **_):
+    """mlp_keras as a flax.nnx.Module: Flatten -> Linear(hidden), relu -> Linear(n_outputs), softmax."""
+    import math
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(math.prod(input_shape), hidden, rngs=rngs)
+            self.out = nnx.Linear(hidden, n_outputs, rngs=rngs)
+
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            return nnx.softmax(self.out(nnx.relu(self.hidden(x))))
+
+    return MLP(nnx.Rngs(0))

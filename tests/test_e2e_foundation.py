@@ -205,15 +205,6 @@ def test_kill_9_during_training_then_rerun_completes(tmp_path):
         assert abs(rec["models"][name]["metrics"]["slope"] - 3.0) <= 0.05
 
 
-@pytest.mark.slow
-def test_digits_accuracy(tmp_path):
-    r = run_cli("run", "digits", "--no-track", home=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rec = records(tmp_path)[-1]
-    for name in ("keras", "torch"):
-        assert rec["models"][name]["metrics"]["accuracy"] >= 0.95
-
-
 def test_from_stage_and_force(tmp_path):
     spec = user_spec(tmp_path)
     spec.write_text(spec.read_text() + '\n[export]\nformats = ["onnx", "torchscript"]\n')

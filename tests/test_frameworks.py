@@ -19,12 +19,14 @@ ADAPTER_METHODS = ("check", "build", "train", "predict", "signature", "save", "l
 
 
 def test_every_style_is_one_module_that_declares_what_the_pipeline_and_exporters_need():
-    assert set(frameworks.names()) == {"tensorflow", "keras", "torch", "lightning", "fastai", "jax"}
+    assert set(frameworks.names()) == {"tensorflow", "keras", "keras_jax", "keras_torch", "torch", "lightning",
+                                       "fastai", "jax", "flax"}
     for name in frameworks.names():
         mod = frameworks.module(name)
         missing = [a for a in DECLARED if not hasattr(mod, a)]
         assert not missing, f"frameworks/{name}.py lacks {missing}"
-        assert mod.NAME == name and mod.LANE in ("tensorflow", "torch")
+        assert mod.NAME == name
+        assert mod.LANE in ("tensorflow", "torch") or getattr(mod, "LANE_ENVIRONMENT", None), name
         assert all(callable(getattr(mod.Adapter, m, None)) for m in ADAPTER_METHODS), name
         for fmt in exporters.FORMATS:  # every exporter has a route (or a stated refusal) for the family
             module = exporters.module(fmt)
@@ -35,7 +37,8 @@ def test_every_style_is_one_module_that_declares_what_the_pipeline_and_exporters
 
 def test_reading_the_declarations_imports_no_framework():
     code = ("import sys, frameworks; [frameworks.module(n).FAMILY for n in frameworks.names()]; "
-            "print([m for m in ('tensorflow', 'torch', 'keras', 'jax', 'lightning', 'fastai') if m in sys.modules])")
+            "print([m for m in ('tensorflow', 'torch', 'keras', 'jax', 'flax', 'lightning', 'fastai') "
+            "if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
@@ -43,7 +46,8 @@ def test_reading_the_declarations_imports_no_framework():
 def test_no_module_outside_frameworks_names_a_style():
     """A new style is one file: the pipeline dispatches on frameworks/' declarations and the exporters on
     families ("jax" is a family there), never on a style's name."""
-    names = {"pipeline": ('"lightning"', '"fastai"', '"jax"'), "exporters": ('"lightning"', '"fastai"')}
+    names = {"pipeline": ('"lightning"', '"fastai"', '"jax"', '"flax"'),
+             "exporters": ('"lightning"', '"fastai"', '"flax"')}
     wrong = [f"{path.relative_to(ROOT)} names {name}" for package, styles in names.items()
              for path in sorted((ROOT / package).glob("*.py")) for name in styles if name in path.read_text()]
     assert not wrong, wrong

@@ -38,9 +38,9 @@ def write(tmp_path, text, name="spec.toml"):
 
 
 def test_builtin_specs_load():
-    for name in ("toy", "digits"):
+    for name, styles in (("toy", {"keras", "torch"}), ("digits", {"keras", "torch", "flax"})):
         s = spec_mod.load(name)
-        assert {m.framework for m in s.models} == {"keras", "torch"}
+        assert {m.framework for m in s.models} == styles
     toy = spec_mod.load("toy")
     assert toy.model("keras").train.optimizer == "adam" and toy.model("torch").train.optimizer == "sgd"
     assert toy.model("keras").train.epochs == 200 and toy.model("keras").train.lr == 0.1
@@ -62,7 +62,7 @@ def test_malformed_toml_names_file_and_line(tmp_path):
     ('name = "mine"', 'name = "mine"\ncolour = "red"', "pipeline.colour: expected one of the known keys"),
     ('lr = 0.1', 'lr = "fast"', "train.lr: expected float, found 'fast'"),
     ('framework = "torch"', 'framework = "mxnet"',
-     "model[0].framework: expected one of fastai, jax, keras, lightning, tensorflow, torch, found 'mxnet'"),
+     "model[0].framework: expected one of fastai, flax, jax, keras, keras_jax, keras_torch, lightning, tensorflow, torch, found 'mxnet'"),
     ('factory = "pipeline.zoo:linear_torch"', 'factory = "no_such_module:build"',
      "model[0].factory: expected an importable module 'no_such_module'"),
     ('factory = "pipeline.zoo:linear_torch"', 'factory = "pipeline.zoo"', "expected 'module:function'"),

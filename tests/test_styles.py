@@ -1,4 +1,5 @@
-"""`run styles`: the toy trained in six styles (raw TensorFlow, Keras, PyTorch, Lightning, fastai, JAX),
+"""`run styles`: the toy trained in nine styles (raw TensorFlow, Keras on TensorFlow, JAX and PyTorch, PyTorch,
+Lightning, fastai, JAX, Flax),
 each exported to all five formats and verified; then the callbacks, each through its style's own
 mechanism; each process holds only its frameworks."""
 import json
@@ -8,7 +9,7 @@ import pytest
 
 from .conftest import ROOT, run_cli
 
-STYLES = ("tensorflow", "keras", "torch", "lightning", "fastai", "jax")
+STYLES = ("tensorflow", "keras", "keras-jax", "keras-torch", "torch", "lightning", "fastai", "jax", "flax")
 pytestmark = pytest.mark.e2e
 
 
@@ -45,8 +46,14 @@ def test_every_style_converges_and_every_cell_it_claims_is_verified(styles_run):
                 else:
                     assert cell["status"] == "passed", cell
     # the ones a person would ask about: Lightning and fastai are torch modules to every exporter
-    for style in ("tensorflow", "lightning", "fastai"):
+    for style in ("tensorflow", "lightning", "fastai", "keras-jax", "keras-torch"):
         assert all(c["status"] == "passed" for cells in by_model[style].values() for c in cells), style
+    # Keras on its other backends: the same seed gives the same line, and each format came by its own route
+    fits = [rec["models"][s]["metrics"] for s in ("keras-jax", "keras-torch")]
+    assert abs(fits[0]["slope"] - fits[1]["slope"]) < 1e-3, fits
+    routes = {(x["model"], x["format"]): (x.get("details") or {}).get("route", "") for x in parity["records"]}
+    assert "jax2onnx" in routes["keras-jax", "onnx"] and "torch.onnx" in routes["keras-torch", "onnx"], routes
+    assert "torch.jit.trace" in routes["keras-torch", "torchscript"], routes
 
 
 def test_each_style_writes_tensorboard_event_files_in_keras_layout(styles_run):
@@ -64,13 +71,17 @@ def test_each_process_imports_only_its_frameworks(styles_run):
     home, _ = styles_run
     loaded = {}
     for dump in (home / "modules").glob("*.json"):
-        loaded.setdefault(dump.name.split("-")[0], set()).update(json.loads(dump.read_text()))
-    assert set(loaded) == {"main", "tensorflow", "torch"}
-    assert not loaded["main"] & {"tensorflow", "keras", "torch", "jax", "lightning", "fastai", "optax"}
-    assert {"tensorflow", "keras", "jax", "optax"} <= loaded["tensorflow"]
+        loaded.setdefault(dump.name.rsplit("-", 1)[0], set()).update(json.loads(dump.read_text()))
+    assert set(loaded) == {"main", "tensorflow", "torch", "keras-jax", "keras-torch"}
+    assert not loaded["main"] & {"tensorflow", "keras", "torch", "jax", "lightning", "fastai", "optax", "flax"}
+    assert {"tensorflow", "keras", "jax", "optax", "flax"} <= loaded["tensorflow"]
     assert not loaded["tensorflow"] & {"torch", "lightning", "fastai"}
     assert {"torch", "lightning", "fastai"} <= loaded["torch"]
-    assert not loaded["torch"] & {"tensorflow", "keras", "tf_keras", "optax", "torchvision"}
+    assert not loaded["torch"] & {"tensorflow", "keras", "tf_keras", "optax", "flax", "torchvision"}
+    # Keras on JAX never loads torch; Keras on torch loads JAX only through litert-torch's converter (and
+    # TensorFlow for TensorBoard's writer), so its backend shows in its routes (the styles test)
+    assert {"keras", "jax"} <= loaded["keras-jax"] and "torch" not in loaded["keras-jax"]
+    assert {"keras", "torch"} <= loaded["keras-torch"]
 
 
 CALLBACKS = """
@@ -102,10 +113,14 @@ formats = ["onnx"]
 
 
 def test_callbacks_act_through_each_styles_own_mechanism(tmp_path):
-    models = "\n".join(f'[[model]]\nname = "{s}"\nframework = "{s}"\nfactory = "pipeline.zoo:linear_{f}"\n'
-                       + ('train = { lr = 0.5, epochs = 60 }\n' if s == "fastai" else "")
-                       for s, f in [("tensorflow", "tf_module"), ("keras", "keras"), ("torch", "torch"),
-                                    ("lightning", "lightning"), ("fastai", "fastai")])
+    def model(style: str, factory: str) -> str:
+        framework, _, backend = style.partition("-")
+        return (f'[[model]]\nname = "{style}"\nframework = "{framework}"\nfactory = "pipeline.zoo:linear_{factory}"\n'
+                + (f'backend = "{backend}"\n' if backend else "")
+                + ('train = { lr = 0.5, epochs = 60 }\n' if style == "fastai" else ""))
+    models = "\n".join(model(s, f) for s, f in [("tensorflow", "tf_module"), ("keras", "keras"), ("keras-jax", "keras"),
+                                                ("keras-torch", "keras"), ("torch", "torch"), ("lightning", "lightning"),
+                                                ("fastai", "fastai")])
     (tmp_path / "spec.toml").write_text(textwrap.dedent(CALLBACKS).replace("{models}", models))
     r = run_cli("run", str(tmp_path / "spec.toml"), "--no-track", home=tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

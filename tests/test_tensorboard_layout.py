@@ -12,7 +12,7 @@ import pytest
 from .conftest import ROOT
 
 EPOCHS = 3
-LANES = {"tensorflow": ("tensorflow", "keras", "jax"), "torch": ("torch", "lightning", "fastai")}
+LANES = {"tensorflow": ("tensorflow", "keras", "jax", "flax"), "torch": ("torch", "lightning", "fastai")}
 LAYOUT = {("train", "epoch_loss"), ("train", "epoch_learning_rate"), ("validation", "epoch_loss")}
 
 TRAIN_AND_READ = r"""
@@ -24,7 +24,8 @@ from frameworks.base import tensorboard_without_tensorflow
 from pipeline import zoo
 from pipeline.spec import TrainSettings
 FACTORIES = {"tensorflow": zoo.linear_tf_module, "keras": zoo.linear_keras, "torch": zoo.linear_torch,
-             "lightning": zoo.linear_lightning, "fastai": zoo.linear_fastai, "jax": zoo.linear_jax}
+             "lightning": zoo.linear_lightning, "fastai": zoo.linear_fastai, "jax": zoo.linear_jax,
+             "flax": zoo.linear_flax}
 root, styles = Path(sys.argv[1]), sys.argv[2].split(",")
 if "tensorflow" not in styles:
     tensorboard_without_tensorflow()  # the torch lane reads without TensorFlow, as it writes

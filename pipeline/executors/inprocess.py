@@ -14,6 +14,15 @@ class InProcess(Executor):
     name = "inprocess"
 
     def __init__(self, lanes, cache_root, log_dir, on_event=None):
+        from .. import lanes as lane_env
+        from ..spec import SpecError
+        foreign = lane_env.foreign(lanes)
+        if foreign:
+            raise SpecError(f"executor inprocess: the {', '.join(foreign)} lane{'s' if len(foreign) > 1 else ''} "
+                            f"need{'' if len(foreign) > 1 else 's'} a process of {'their' if len(foreign) > 1 else 'its'} "
+                            f"own ({', '.join(f'{k}={v}' for l in foreign for k, v in lane_env.environment(l).items())}, "
+                            f"read once when Keras is first imported); expected the local or ray executor for "
+                            f"a spec with such models")
         super().__init__(lanes, cache_root, log_dir, on_event)
         self.cache = Cache(self.cache_root)
         self.memo: dict = {}

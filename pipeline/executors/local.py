@@ -1,10 +1,9 @@
-"""The local executor: one spawned process per lane ("tensorflow", "torch"), each importing its
+"""The local executor: one spawned process per lane (pipeline/lanes.py), each importing its
 framework once while the parent prepares, each running its lane's stages in turn as their inputs
 complete, so the two sides of a run proceed at once. A worker's own stdout and stderr (library
 chatter, native banners) go to a log file, shown only where a stage fails."""
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
@@ -14,11 +13,11 @@ import time
 import traceback
 from pathlib import Path
 
+from .. import lanes
 from ..cache import Cache
 from ..stage_run import Stage, StageFailed, StageResult, dump_modules, run_stage
 from .base import Event, EventRelay, Executor, Note, Result
 
-WARM_IMPORTS = {"tensorflow": ("tensorflow", "keras"), "torch": ("torch",)}
 KEEP_LOGS = 40  # worker log files kept in .pipeline/logs (two per run that started workers)
 
 
@@ -29,8 +28,7 @@ def _worker_main(lane: str, cache_root: str, log_path: str, tasks, results) -> N
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=FutureWarning)  # converters' deprecation chatter
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for module in WARM_IMPORTS.get(lane, ()):
-        importlib.import_module(module)
+    lanes.enter(lane)
     for noisy in ("torch.onnx", "torch.utils._pytree"):  # "torchvision is not installed" x4, deprecations
         logging.getLogger(noisy).setLevel(logging.ERROR)
     cache, memo, relay = Cache(Path(cache_root)), {}, EventRelay(results.put)

@@ -29,6 +29,7 @@ import os
 from collections import deque
 from pathlib import Path
 
+from .. import lanes
 from ..cache import PACKAGE_ROOT
 from ..stage_run import Stage, StageResult
 from .base import Event, Executor, Result
@@ -43,7 +44,8 @@ PASSED_ON = ("PIPELINE_", "T2E_", "MLFLOW_", "AWS_", "TF_ENABLE_ONEDNN_OPTS")
 def _stage_environment(lane: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON)}
     env["PIPELINE_HOME"] = str(Path(os.environ.get("PIPELINE_HOME", ".")).resolve())
-    return {**env, "PIPELINE_LANE": lane, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(PACKAGE_ROOT)}
+    return {**env, **lanes.environment(lane), "PIPELINE_LANE": lane, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": str(PACKAGE_ROOT)}
 
 
 def node_cache(node_id: str) -> Path:
@@ -58,13 +60,10 @@ class LaneWorker:
     """One lane's process on some node: imports the lane's framework once, then runs stages on request."""
 
     def __init__(self, lane: str, cache_root: str, events):
-        import importlib
         import ray
         from ..cache import Cache
         from .base import EventRelay
-        from .local import WARM_IMPORTS
-        for module in WARM_IMPORTS.get(lane, ()):
-            importlib.import_module(module)
+        lanes.enter(lane)
         node = ray.get_runtime_context().get_node_id()
         store = os.environ.get("PIPELINE_STORE")
         # with a store, a node keeps a working copy of its own and every output travels through the

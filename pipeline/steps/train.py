@@ -62,8 +62,11 @@ def run_train(ctx: Context, spec: dict, model: str) -> dict:
             "timings": {"build_s": build_s, "fit_s": fit_s, "save_mlflow_model_s": time.perf_counter() - t0},
             "mlflow_model": mlflow_note,
             "callbacks": history.describe() or None, "input_binding": binding or None, "distribution": distribution,
+            "precision": {"trained_in": m.train.precision, "computed_in": history.compute_dtype,
+                          "weights": "float32"} if m.train.precision != "fp32" else None,
             "summary": f"{m.framework}: {len(losses)} epochs"
                        + (f" on {m.train.workers} workers ({distribution['kind']})" if m.train.workers > 1 else "")
+                       + (f" in {m.train.precision} ({history.compute_dtype})" if m.train.precision != "fp32" else "")
                        + f", {shown} loss={losses[-1]:.5f}"
                        + (f" ({history.describe()})" if history.describe() else "")
                        + (f"; inputs {binding}" if binding else "")}
