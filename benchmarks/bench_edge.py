@@ -57,7 +57,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 HOST = "127.0.0.1"
 TARGET = 1.5
-VARIANTS = ("fp32", "fp16", "int8")
 
 EMPTY_SERVER = r"""
 import asyncio, sys
@@ -332,6 +331,7 @@ def bench_model(model: str, bundle_dir: Path, client, agent_port: int, empty_por
     from exporters.bundle import read_bundle
 
     bundle = read_bundle(bundle_dir)
+    from edge.package import VARIANTS
     pkg = build_package(bundle, tmp / f"{model}.tar.gz", private_key, variants=VARIANTS, version=1)
     t = time.perf_counter()
     report = client.push(pkg)
@@ -353,6 +353,7 @@ def bench_model(model: str, bundle_dir: Path, client, agent_port: int, empty_por
         sig = None
     artifacts = {a.variant: a for a in bundle.artifacts("litert")}
     rows = []
+    from edge.package import VARIANTS
     for variant in VARIANTS:
         row = Row(model, variant)
         rows.append(row)

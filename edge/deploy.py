@@ -6,7 +6,7 @@ The spec's `[deploy.edge]` table is validated here (`settings`):
     [deploy.edge]
     devices = "devices.toml"           # the devices file (edge/devices.py), relative to the spec
     targets = ["dev-a", "dev-b"]       # which of its devices (default: all)
-    variants = ["fp32", "fp16", "int8"]
+    variants = ["fp32", "int8"]         # which LiteRT variants to ship (default: every one)
     browser = true                     # the TF.js web bundle in headless Chromium, cpu/wasm/webgl
 
 Each device's on-device report (parity per variant, latency p50/p99, bundle size) comes back as
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 KEYS = {"devices", "targets", "variants", "browser"}
-VARIANTS = ("fp32", "fp16", "int8")
 BACKENDS = ("cpu", "wasm", "webgl")
 
 
@@ -66,9 +65,11 @@ def settings(table: dict, base: Path | None = None, where: str = "deploy.edge") 
         unknown = [t for t in targets if t not in known]
         if unknown:
             raise TargetError(f"{where}.targets", f"devices of {path} ({', '.join(known)})", unknown)
-    variants = table.get("variants", list(VARIANTS))
-    if not isinstance(variants, list) or not variants or not set(variants) <= set(VARIANTS):
-        raise TargetError(f"{where}.variants", f"a non-empty list among {', '.join(VARIANTS)}", variants)
+    from exporters import variants as variants_of
+    known = variants_of("litert")
+    variants = table.get("variants", list(known))
+    if not isinstance(variants, list) or not variants or not set(variants) <= set(known):
+        raise TargetError(f"{where}.variants", f"a non-empty list among {', '.join(known)}", variants)
     browser = table.get("browser", False)
     if not isinstance(browser, bool):
         raise TargetError(f"{where}.browser", "true or false", browser)

@@ -39,6 +39,7 @@ from typing import Iterable
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 
+from exporters import variants
 from exporters.bundle import sha256_file  # one hashing of files for bundles and packages
 from parity.feeds import unpack
 
@@ -49,8 +50,8 @@ KIND = "edge-package"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 REFERENCE = "reference.npz"
-VARIANTS = ("fp32", "fp16", "int8")
 FORMAT = "litert"
+VARIANTS = variants(FORMAT)  # what a package may carry: the format's own variants (exporters/litert.py)
 RUNTIME = "litert-interpreter"
 
 DEFAULT_MAX_BYTES = 1 << 30          # all files together, unpacked

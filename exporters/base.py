@@ -51,7 +51,7 @@ class RuntimeUnavailable(ArtifactLoadError):
 @dataclass
 class Artifact:
     model: str                      # the spec's model name
-    format: str                     # saved_model | torchscript | onnx | litert | tfjs
+    format: str                     # one of exporters.FORMATS
     variant: str                    # fp32 | fp16 | int8
     path: str                       # file or folder, absolute when handed around, relative in stage.json
     framework: str                  # framework the model was trained in

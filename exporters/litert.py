@@ -55,6 +55,8 @@ LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow",  # TF
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 VARIANTS = ("fp32", "fp16", "int8")
+OPTIONS = ("int8_fallback", "int8_max_float_layers")  # [export.litert]: the int8 variant's layers left in float
+SUFFIXES = (".tflite",)
 FILES = {"fp32": "model.tflite", "fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 DEFAULT_BATCH_SIZES = (1, 16)
 QUANTIZATION = {

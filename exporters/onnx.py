@@ -39,6 +39,7 @@ LANE = {"tensorflow": "tensorflow", "torch": "torch", "jax": "tensorflow",  # tf
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.onnx"
+SUFFIXES = (".onnx",)
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream=None,

@@ -52,6 +52,7 @@ LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow", 
 RUNTIME_LANE = "tensorflow"  # the process that loads the artifact ("any": no framework)
 
 SIGNATURE_KEY = "serving_default"
+MARKER = "saved_model.pb"  # a folder holding it is a SavedModel
 _DIR_NAME = "saved_model"
 
 

@@ -13,21 +13,10 @@ import numpy as np
 
 from parity.localize import Tap
 
-FORMATS_WITH_TAPS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
-
-
 def artifact_taps(fmt: str, path: str | Path, x) -> list[Tap]:
     """Every intermediate tensor of the artifact at `path` on the rows `x` (an array, or {name: array})."""
-    if fmt == "onnx":
-        return onnx_taps(Path(path), x)
-    if fmt == "litert":
-        return litert_taps(Path(path), x)
-    if fmt == "saved_model":
-        return saved_model_taps(Path(path), x)
-    if fmt == "tfjs":
-        return tfjs_taps(Path(path), x)
-    if fmt == "torchscript":
-        return torchscript_taps(Path(path), x)
+    if fmt in TAPS:
+        return TAPS[fmt](Path(path), x)
     raise NotImplementedError(f"reading intermediate tensors of a {fmt} artifact is not built yet; "
                               f"it is for {', '.join(FORMATS_WITH_TAPS)}")
 
@@ -279,3 +268,9 @@ def torchscript_taps(path: Path, x) -> list[Tap]:
         values = run(module._c, *[torch.from_numpy(np.ascontiguousarray(r)) for r in rows])
     return [Tap(v.debugName(), out.detach().numpy(), h, v.unique() == final)
             for v, out, h in zip(tapped, values, hints)]
+
+
+# the formats whose intermediate tensors are read, and how
+TAPS = {"onnx": onnx_taps, "litert": litert_taps, "saved_model": saved_model_taps, "tfjs": tfjs_taps,
+        "torchscript": torchscript_taps}
+FORMATS_WITH_TAPS = tuple(TAPS)

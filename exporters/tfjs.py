@@ -58,6 +58,7 @@ RUNTIMES = ("tfjs-node-cpu", "tfjs-node-wasm")
 LANE = {"tensorflow": "tensorflow", "torch": "tensorflow", "jax": "tensorflow",  # tensorflowjs needs TensorFlow
         "keras-jax": "tensorflow", "keras-torch": "tensorflow"}
 RUNTIME_LANE = "any"  # the process that loads the artifact ("any": no framework)
+MARKER = "model.json"  # a folder holding it is a TF.js graph model
 RUNTIME_FILES = ("exporters/js/runner.js", "exporters/js/package-lock.json")  # what it runs, and the npm versions
 
 JS_DIR = Path(__file__).resolve().parent / "js"

@@ -44,6 +44,7 @@ LATER_ROUTES_TAKE_MODEL = ("tensorflow",)  # Keras on its torch backend reads th
 RUNTIME_LANE = "torch"  # the process that loads the artifact ("any": no framework)
 
 FILE_NAME = "model.pt"
+SUFFIXES = (".pt", ".ts")
 BATCH_PROBE_ATOL = 1e-5   # traced vs source module, same weights, same ops: anything above is a shape bug
 ONNX2FX_INSTALL = "pip install --no-deps onnx2fx==0.0.1"
 

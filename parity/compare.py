@@ -19,8 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-VARIANTS = ("fp32", "fp16", "int8")
-FORMATS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
+VARIANTS = ("fp32", "fp16", "int8")  # the precisions an artifact may compute in, each with a default tolerance
 TASKS = ("regression", "classification")
 # The parity set stores a `kind` per row (pipeline/data.py): 0 held-out, 1 random, 2 extreme.
 KIND_NAMES = {0: "held-out", 1: "random", 2: "extreme"}
@@ -116,21 +115,24 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 
 
 def tolerance_for(variant: str, fmt: str, overrides: Mapping[str, Any] | None = None, *,
-                  formats: Iterable[str] = ()) -> Tolerance:
+                  formats: Iterable[str] | None = None) -> Tolerance:
     """The tolerance for one artifact: the variant's default, then overrides, most specific last.
 
     `overrides` maps keys to partial tolerances (dicts of Tolerance fields, or Tolerance objects):
     "<variant>" (e.g. "fp32"), "<format>" (e.g. "litert") and "<format>-<variant>" (e.g. "litert-int8").
     Precedence: "<format>-<variant>" > "<format>" > "<variant>" > defaults; fields merge one by one.
-    Known formats are FORMATS, `fmt` itself and `formats`; any other key raises ValueError naming it.
+    With `formats` (every format there is: the caller's registry), a key naming anything else raises
+    ValueError naming it; without, keys for other formats are passed over (checked where they were read),
+    but a '<format>-<variant>' key of an unknown variant still raises.
     """
     if variant not in DEFAULT_TOLERANCES:
         raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     overrides = dict(overrides or {})
-    known_formats = set(FORMATS) | {fmt} | set(formats)
+    known_formats = {fmt} | set(formats or ())
     valid = set(VARIANTS) | known_formats | {f"{f}-{v}" for f in known_formats for v in VARIANTS}
     for key, value in overrides.items():
-        if key not in valid:
+        name, dash, tail = key.rpartition("-")
+        if key not in valid and (formats is not None or (dash and tail not in VARIANTS)):
             raise ValueError(
                 f"tolerance overrides: unknown key {key!r}; expected a variant ({', '.join(VARIANTS)}), "
                 f"a format ({', '.join(sorted(known_formats))}) or '<format>-<variant>' such as 'litert-int8'")

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("run", nargs="?", help="pipeline run id (default: the latest)")
     dp.add_argument("--to", required=True, action="append", help="device name in the devices file (repeatable)")
     dp.add_argument("--devices", required=True, help="the devices file (TOML)")
-    dp.add_argument("--variants", default="fp32,fp16,int8")
+    dp.add_argument("--variants", default=None, help="the LiteRT variants to ship, comma-separated (default: all)")
 
     st = sub.add_parser("stage", help="run one stage of a spec (its inputs from the cache or PIPELINE_STORE): "
                                       "what a Kubeflow component runs")
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "a SavedModel or a TF.js folder")
     xp.add_argument("--model", metavar="ORIGINAL", help="with --file: the model it was converted from (.keras, .h5, .pt, .pt2)")
     xp.add_argument("--example", metavar="INPUTS.npz", help="with --file: inputs to run both on (an array x)")
-    xp.add_argument("--variant", default="fp32", choices=("fp32", "fp16", "int8"), help="whose tolerance applies")
+    xp.add_argument("--variant", default="fp32", help="whose tolerance applies: a precision parity has one for "
+                                                      "(fp32 and the quantized variants)")
     xp.add_argument("--tolerance", action="append", default=[], metavar="KEY=FIELD:VALUE[,FIELD:VALUE]",
                     help="a tolerance override, as for `export`")
     xp.add_argument("--out", metavar="DIR", help="with --file: where the table, plot and repro go "
@@ -464,7 +465,7 @@ def cmd_deploy(args) -> int:
         raise LookupError(f"run {record['run_id']} has no bundles (it failed before its bundle stages?)")
     try:
         s = settings({"devices": str(Path(args.devices).resolve()), "targets": args.to,
-                      "variants": args.variants.split(",")})
+                      **({"variants": args.variants.split(",")} if args.variants else {})})
         out = api.work_dir(api.home_dir()) / "deploys" / f"{record['run_id']}-{int(time.time())}"
         result = deploy(bundles, s, out, keys.private_key_path())
     except TargetError as e:

@@ -17,17 +17,11 @@ import numpy as np
 
 from .spec import SpecError
 
-ARTIFACT_KINDS = {".onnx": "onnx", ".tflite": "litert", ".pt": "torchscript", ".ts": "torchscript"}
-REPRO_FORMATS = ("onnx", "litert", "saved_model", "torchscript")  # run by a script in their bare runtime
-
-
 def artifact_format(path: Path) -> str:
-    if path.is_dir() and (path / "saved_model.pb").is_file():
-        return "saved_model"
-    if path.is_dir() and (path / "model.json").is_file():
-        return "tfjs"
-    fmt = ARTIFACT_KINDS.get(path.suffix)
-    if fmt is None:
+    from exporters import format_of
+    from exporters.taps import FORMATS_WITH_TAPS
+    fmt = format_of(path)
+    if fmt not in FORMATS_WITH_TAPS:
         raise SpecError(f"{path}: expected an artifact whose intermediate tensors can be read: a .onnx, .tflite "
                         f"or TorchScript .pt file, a SavedModel folder or a TF.js folder (model.json); found "
                         f"{'a folder without either' if path.is_dir() else repr(path.suffix or 'no suffix')}")
@@ -53,6 +47,9 @@ def explain_file(artifact: str, model: str, example: str, *, out: Path, variant:
     from frameworks import adapter
     from parity.compare import tolerance_for
     from .localization import rows_to_run
+    from parity.compare import VARIANTS
+    if variant not in VARIANTS:
+        raise SpecError(f"--variant {variant}: expected one of {', '.join(VARIANTS)}")
     art, original = Path(artifact).resolve(), Path(model).resolve()
     if not art.exists():
         raise SpecError(f"--file {artifact}: no such artifact")
@@ -70,7 +67,8 @@ def explain_file(artifact: str, model: str, example: str, *, out: Path, variant:
         loaded = fw.load_pretrained(original, where=f"--model {model}")
     except ValueError as e:  # the framework's loader refused the file: said as a usage error
         raise SpecError(str(e)) from None
-    tolerance = tolerance_for(variant, fmt, tolerances or {})
+    from exporters import FORMATS
+    tolerance = tolerance_for(variant, fmt, tolerances or {}, formats=FORMATS)
     from exporters.taps import artifact_taps
     from parity.localize import localize
     layers = fw.layer_outputs(loaded, x)
@@ -85,7 +83,7 @@ def explain_file(artifact: str, model: str, example: str, *, out: Path, variant:
     from .plots import plot_layer_errors
     plot_layer_errors({f"{art.name} ({fmt})": loc}, out / "layers.png",
                       title=f"{art.name}: error per layer against {original.name}")
-    if found.first is not None and fmt in REPRO_FORMATS:
+    if found.first is not None and fmt in REPRO_RUNS:
         loc["repro"] = str(write_repro(fmt, art, x, found.first.node, found.expected, found.first.allowed,
                                        out / "repro"))
     return loc
@@ -102,13 +100,12 @@ def write_repro(fmt: str, artifact: Path, x, node: str, expected: np.ndarray, al
     np.savez(out / "inputs.npz", **feeds)
     np.savez(out / "expected.npz", expected=expected.astype(np.float32))
     if fmt == "onnx":
-        model_file, run = _onnx_piece(artifact, node, out), ONNX_RUN
-    elif fmt == "litert":
-        model_file, run = shutil.copy2(artifact, out / artifact.name), LITERT_RUN
-    elif fmt == "torchscript":
-        model_file, run = shutil.copy2(artifact, out / artifact.name), TORCHSCRIPT_RUN
+        model_file = _onnx_piece(artifact, node, out)
+    elif artifact.is_dir():
+        model_file = shutil.copytree(artifact, out / artifact.name)
     else:
-        model_file, run = shutil.copytree(artifact, out / "saved_model"), SAVED_MODEL_RUN
+        model_file = shutil.copy2(artifact, out / artifact.name)
+    run = REPRO_RUNS[fmt]
     script = REPRO.format(node=node, fmt=fmt, model=Path(model_file).name, allowed=repr(float(allowed)),
                           run=textwrap.dedent(run).strip())
     (out / "repro.py").write_text(script)
@@ -218,3 +215,7 @@ def explain_run(record: dict, artifact: str | None = None) -> list[dict]:
         raise SpecError(f"--artifact {artifact}: run {record['run_id']} has no such artifact; expected one of "
                         f"{', '.join(sorted({r['label'] for r in records}))}")
     return failed
+
+
+# what a repro script runs, per format whose bare runtime it can drive (TF.js runs in Node: none)
+REPRO_RUNS = {"onnx": ONNX_RUN, "litert": LITERT_RUN, "saved_model": SAVED_MODEL_RUN, "torchscript": TORCHSCRIPT_RUN}

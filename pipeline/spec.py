@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporters import FORMATS  # the format registry: declarations only, no converter imported
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "specs"
 DATA_SOURCES = ("linear", "digits", "npz")
-FORMATS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
 LOSSES = ("mse", "sparse_categorical_crossentropy")
 OPTIMIZERS = ("sgd", "adam")
 TASKS = ("regression", "classification")
@@ -285,9 +286,9 @@ class _Validator:
         models_raw = raw.get("model")
         if not isinstance(models_raw, list) or not models_raw:
             self.fail("model", "one or more [[model]] tables", models_raw, show_found=models_raw is not None)
-        export = self.table(raw, "export", "export", {"formats", "litert_batch_sizes", "litert"}, required=False)
-        int8_fallback = self._int8_fallback(self.table(export, "litert", "export.litert",
-                                                       {"int8_fallback", "int8_max_float_layers"}, required=False))
+        export = self.table(raw, "export", "export", {"formats", "litert_batch_sizes", *FORMATS}, required=False)
+        options = self._format_options(export)
+        int8_fallback = self._int8_fallback(options.get("litert", {}))
         formats = tuple(self.get(export, "formats", "export", list, list(FORMATS)))
         for f in formats:
             if f not in FORMATS:
@@ -443,6 +444,18 @@ class _Validator:
             self.fail("gate.baseline", "the alias to compare with (e.g. \"production\") when thresholds are set",
                       None, show_found=False)
         return gate
+
+    def _format_options(self, export: dict) -> dict[str, dict]:
+        """[export.<format>] tables, each holding what its format module declares (OPTIONS); a format
+        module is imported only when its table is there."""
+        import exporters
+        found = {}
+        for fmt in (f for f in FORMATS if f in export):
+            allowed = exporters.options(fmt)
+            if not allowed:
+                self.fail(f"export.{fmt}", f"no [export.{fmt}] table: {fmt} takes no options", export[fmt])
+            found[fmt] = self.table(export, fmt, f"export.{fmt}", set(allowed))
+        return found
 
     def _int8_fallback(self, table: dict) -> dict | None:
         """[export.litert] int8_fallback = "auto": the int8 variant keeps its worst layers in float, at
@@ -601,7 +614,7 @@ class _Validator:
         from parity.compare import VARIANTS, tolerance_for  # numpy only: still no framework import
         try:
             for variant in VARIANTS:
-                tolerance_for(variant, "onnx", tolerances)
+                tolerance_for(variant, FORMATS[0], tolerances, formats=FORMATS)
         except ValueError as e:
             self.fail("parity.tolerances", f"valid tolerance overrides ({e})", show_found=False)
         return ParitySpec(

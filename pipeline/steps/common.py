@@ -14,9 +14,6 @@ from ..spec import ModelSpec, Spec
 PERTURBATION = 1e-3  # relative weight noise of the "slightly perturbed model" the parity set must catch
 
 
-VARIANTS_BY_FORMAT = {"litert": ("fp32", "fp16", "int8")}
-
-
 def side(framework: str) -> str:
     """The worker lane whose process has this framework imported."""
     import frameworks

@@ -9,7 +9,7 @@ import numpy as np
 from ..spec_slice import from_slice
 from ..stage_run import Context
 from ..spec import ModelSpec
-from .common import PERTURBATION, VARIANTS_BY_FORMAT
+from .common import PERTURBATION
 
 
 def run_report(ctx: Context, spec: dict) -> dict:
@@ -25,7 +25,7 @@ def run_report(ctx: Context, spec: dict) -> dict:
     for m in spec.models:
         outs = {}
         for fmt in exporters.FORMATS:
-            variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
+            variants = exporters.variants(fmt)
             if fmt not in spec.formats:
                 for v in variants:
                     report.add(ParityRecord.skipped(m.name, fmt, v, "format not listed in the spec's export.formats"))

@@ -12,7 +12,7 @@ from parity.feeds import unpack
 from ..spec_slice import from_slice
 from ..stage_run import Context
 from ..spec import ModelSpec, Spec
-from .common import VARIANTS_BY_FORMAT, trained_model
+from .common import trained_model
 
 
 def run_verify(ctx: Context, spec: dict, model: str, fmt: str) -> dict:
@@ -27,7 +27,7 @@ def run_verify(ctx: Context, spec: dict, model: str, fmt: str) -> dict:
     with np.load(ctx.input_dir(f"reference:{m.name}") / "reference.npz") as f:
         ref = {k: f[k] for k in f.files if not k.startswith("x:")} | {"x": unpack(f, "x")}
     model_sig = Signature.from_json(ctx.input_facts(f"reference:{m.name}")["signature"])
-    variants = VARIANTS_BY_FORMAT.get(fmt, ("fp32",))
+    variants = exporters.variants(fmt)
     name = f"export:{m.name}:{fmt}"
     facts = ctx.input_facts(name)
     records, outputs = [], {}
