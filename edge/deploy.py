@@ -7,11 +7,13 @@ The spec's `[deploy.edge]` table is validated here (`settings`):
     devices = "devices.toml"           # the devices file (edge/devices.py), relative to the spec
     targets = ["dev-a", "dev-b"]       # which of its devices (default: all)
     variants = ["fp32", "int8"]         # which LiteRT variants to ship (default: every one)
-    browser = true                     # the TF.js web bundle in headless Chromium, cpu/wasm/webgl
+    browser = true                     # the web bundle in headless Chromium (edge/web.py)
 
 Each device's on-device report (parity per variant, latency p50/p99, bundle size) comes back as
-ParityRecords of format `edge` (runtime `edge:<device>`), and the browser's as format `tfjs_web`
-(runtime `chromium-<backend>`), with a screenshot per backend.
+ParityRecords of format `edge` (runtime `edge:<device>`), and the browser's as formats `tfjs_web` (TF.js,
+runtime `chromium-<backend>` for cpu, wasm and webgl), `onnx_web` (onnxruntime-web, wasm and webgpu) and
+`litert_web` (LiteRT.js, wasm and webgpu), with a screenshot per cell; an artifact its browser runtime
+cannot run (LiteRT.js and a dynamic batch) is a skipped cell naming why.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 KEYS = {"devices", "targets", "variants", "browser"}
-BACKENDS = ("cpu", "wasm", "webgl")
 
 
 class TargetError(ValueError):
@@ -108,11 +109,15 @@ def deploy(bundles: list, s: EdgeSettings, out: Path, private_key: Path | None,
                 result["devices"].setdefault(name, {})[b.model] = report
                 records += _device_records(b.model, name, s.variants, report)
     if s.browser:
-        from .web import verify_in_browser, write_web_bundle
+        from parity.compare import ParityRecord
+        from .web import browser_record, unsupported_cells, verify_in_browser, web_targets, write_web_bundle
         for b in bundles:
             web = write_web_bundle(b, out / "web" / b.model)
-            results = verify_in_browser(web, BACKENDS, screenshot_dir=out / "screenshots")
-            records += [_browser_record(b, r) for r in results]
+            results = verify_in_browser(web, web_targets(web), screenshot_dir=out / "screenshots")
+            records += [browser_record(b, r) for r in results]
+            # an artifact the bundle carries that its browser runtime cannot run: said, not run
+            records += [ParityRecord.skipped(b.model, fmt, "fp32", why, skip="not-produced").to_json()
+                        for fmt, why in unsupported_cells(web).items()]
             for r in results:  # the values are in the records; keep the summaries small
                 (r.get("page") or {}).pop("outputs", None)
             result["browser"][b.model] = results
@@ -144,28 +149,3 @@ def _device_records(model: str, device: str, variants, report: dict) -> list[dic
                           "device": report.get("device")}
         out.append(rec)
     return out
-
-
-def _browser_record(bundle, r: dict) -> dict:
-    """The page's outputs judged as every other artifact is (parity.compare under the fp32 TF.js
-    tolerance), so the verdict cannot drift from the rest of the report; a page that failed to load,
-    or ran on another backend than asked, is a failed record with its error."""
-    import numpy as np
-    from parity.compare import ParityRecord, compare, tolerance_for
-    runtime, fmt = f"chromium-{r['backend']}", "tfjs_web"
-    details = {"tf_backend": r.get("tf_backend"), "backend_facts": r.get("backend_facts"),
-               "seconds": r.get("seconds"), "screenshot": Path(r["screenshot"]).name if r.get("screenshot") else None}
-    values = (r.get("page") or {}).get("outputs")
-    if r.get("error") or values is None:
-        rec = ParityRecord.failed_to_load(bundle.model, fmt, "fp32", runtime, None,
-                                          r.get("error") or "the page returned no outputs", details=details)
-        return rec.to_json()
-    ref = bundle.reference()
-    y = ref["y"]
-    got = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
-    got = got.reshape(y.shape) if got.size == y.size else got
-    tol = tolerance_for("fp32", "tfjs", bundle.manifest.get("tolerances") or {})
-    several = len(bundle.manifest["signature"].get("outputs", [])) > 1
-    comparison = compare(y, got, tolerance=tol, task="regression" if several else bundle.manifest["task"],
-                         labels=None if several else ref.get("labels"), kinds=ref.get("kind"))
-    return ParityRecord.checked(bundle.model, fmt, "fp32", runtime, None, comparison, details=details).to_json()

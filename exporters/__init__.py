@@ -3,8 +3,9 @@ converted from, whatever this order). Each is one module, exporters/<format>.py,
 (exporters/base.py), and declares, importing no converter:
 
     FORMAT = "litert"                    # its name in specs, records and bundles
-    VARIANTS = ("fp32", "fp16", "int8")  # the precisions it writes, each judged by parity's tolerance for it
-                                         #   (("fp32",) when absent)
+    VARIANTS = ("fp32", "fp16", "int8")  # the artifacts it writes per model (("fp32",) when absent), each
+    PRECISION = {"xnnpack": "fp32"}      #   judged by parity's tolerance for its precision: the variant's own
+                                         #   name unless PRECISION says (ExecuTorch's delegates are all fp32)
     RUNTIMES = ("litert-interpreter",)   # where its artifacts run, the default first
     OPTIONS = ("int8_fallback", ...)     # what a spec's [export.<format>] table may say (() when absent)
     SUFFIXES = (".tflite",)              # how a file of it is told (a folder: its marker file, MARKER)
@@ -22,7 +23,10 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-FORMATS = ("saved_model", "torchscript", "onnx", "litert", "tfjs")
+FORMATS = ("saved_model", "torchscript", "onnx", "litert", "tfjs", "executorch")
+# made only when a spec's [export] formats names them: ExecuTorch lowers torch models alone, so by default
+# every other model would carry a refused cell
+OPT_IN = ("executorch",)
 
 
 def module(fmt: str) -> ModuleType:
@@ -34,6 +38,16 @@ def module(fmt: str) -> ModuleType:
 
 def variants(fmt: str) -> tuple[str, ...]:
     return tuple(getattr(module(fmt), "VARIANTS", ("fp32",)))
+
+
+def precision(fmt: str, variant: str) -> str:
+    """The precision a variant computes in: which of parity's tolerances judges it."""
+    return getattr(module(fmt), "PRECISION", {}).get(variant, variant)
+
+
+def by_default() -> tuple[str, ...]:
+    """The formats a spec exports when its [export] formats names none."""
+    return tuple(f for f in FORMATS if f not in OPT_IN)
 
 
 def runtimes(fmt: str) -> tuple[str, ...]:

@@ -77,6 +77,8 @@ def write_bundle(out_dir: Path, *, model: str, framework: str, task: str, signat
             src = Path(a.path)
             rel = Path(fmt) / src.name
             _place(src, out_dir / rel)
+            for name in (a.details or {}).get("companions", ()):  # files that travel with it (a self-check)
+                _place(src.with_name(name), out_dir / fmt / name)
             records.append({**_reproducible(a.to_json()), "path": rel.as_posix()})
         formats[fmt] = records
     files = {p.relative_to(out_dir).as_posix(): sha256_file(p)

@@ -254,7 +254,7 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
     .pipeline/implicit/) and runs it, so caching, MLflow and the reports work as for any spec."""
     import frameworks
     from . import registry_ref
-    from .spec import FORMATS
+    from .spec import FORMATS, by_default
     suffixes_of = {fw: frameworks.module(fw).PRETRAINED_SUFFIXES for fw in frameworks.names()}
     home = home or home_dir()
     if registry_ref.is_ref(model_path):  # a registered version: its framework tag says which loader
@@ -298,7 +298,7 @@ def export(model_path: str, *, example: str | None, formats: list[str] | None = 
              f"source = {json.dumps(model_path if path is None else str(path))}"]
     if factory:
         lines.append(f"factory = {json.dumps(factory)}")
-    lines += ["", "[export]", f"formats = {json.dumps(list(formats or FORMATS))}", ""]
+    lines += ["", "[export]", f"formats = {json.dumps(list(formats or by_default()))}", ""]
     if tolerances:  # checked like any spec's, when the spec is loaded
         lines += ["[parity.tolerances]"] + [
             f'"{key}" = {{ ' + ", ".join(f"{f} = {v!r}" for f, v in fields.items()) + " }"

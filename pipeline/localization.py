@@ -43,6 +43,7 @@ def localize_failures(records: list, artifacts: list, ref: dict, tolerances: dic
                       log=lambda line: None) -> None:
     """Give each failed record with numbers its first diverging layer (details["localization"]) and
     the one line that names it at the end of its message. `load_model` is called only when one failed."""
+    from exporters import precision
     from frameworks import adapter
     from parity.compare import tolerance_for
     from parity.localize import one_line
@@ -63,7 +64,7 @@ def localize_failures(records: list, artifacts: list, ref: dict, tolerances: dic
         try:
             loc = localize_artifact(fw, model, rec.format, artifact.path,
                                     rows_to_run(ref["x"], rec.comparison.metrics.get("worst_index")),
-                                    tolerance_for(rec.variant, rec.format, tolerances))
+                                    tolerance_for(precision(rec.format, rec.variant), rec.format, tolerances))
         except Exception as e:  # noqa: BLE001 - the verdict stands; only the pointer to the layer is missing
             loc = {"note": f"localisation failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         rec.details["localization"] = loc

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporters import FORMATS  # the format registry: declarations only, no converter imported
+from exporters import FORMATS, by_default  # the format registry: declarations only, no converter imported
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "specs"
 DATA_SOURCES = ("linear", "digits", "npz")
@@ -289,7 +289,7 @@ class _Validator:
         export = self.table(raw, "export", "export", {"formats", "litert_batch_sizes", *FORMATS}, required=False)
         options = self._format_options(export)
         int8_fallback = self._int8_fallback(options.get("litert", {}))
-        formats = tuple(self.get(export, "formats", "export", list, list(FORMATS)))
+        formats = tuple(self.get(export, "formats", "export", list, list(by_default())))
         for f in formats:
             if f not in FORMATS:
                 self.fail("export.formats", f"formats among {', '.join(FORMATS)}", f)

@@ -413,8 +413,18 @@ def test_a_spec_with_edge_targets_deploys_to_both_devices_and_proves_tfjs_in_the
     assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
     browser = {(x["model"], x["runtime"]): x["status"] for x in parity["records"] if x["format"] == "tfjs_web"}
     assert browser == {(m, f"chromium-{b}"): "passed" for m in ("keras", "torch") for b in ("cpu", "wasm", "webgl")}
+    # the ONNX and LiteRT fp32 artifacts in the browser too: onnxruntime-web and LiteRT.js, wasm and webgpu;
+    # LiteRT.js cannot run the keras model's dynamic-batch signature, which its skipped cell says
+    web = {(x["model"], x["format"], x["runtime"]): x["status"] for x in parity["records"]
+           if x["format"] in ("onnx_web", "litert_web")}
+    assert web == {**{(m, "onnx_web", f"onnxruntime-web-{b}"): "passed" for m in ("keras", "torch")
+                      for b in ("wasm", "webgpu")},
+                   **{("torch", "litert_web", f"litertjs-{b}"): "passed" for b in ("wasm", "webgpu")},
+                   ("keras", "litert_web", None): "skipped"}, web
+    skipped = next(x for x in parity["records"] if x["format"] == "litert_web" and x["model"] == "keras")
+    assert "dynamic dimension" in skipped["reason"], skipped
     shots = sorted(p.name for p in Path(rec["report_dir"]).glob("browser_*.png"))
-    assert len(shots) == 6 and all((Path(rec["report_dir"]) / s).stat().st_size > 1000 for s in shots)
+    assert len(shots) == 6 + 6 and all((Path(rec["report_dir"]) / s).stat().st_size > 1000 for s in shots), shots
     assert_serves_reference(hosts["dev-a"].client, edge["reference"])  # the device answers with the new version
 
 

@@ -98,7 +98,7 @@ def test_wasm_asked_but_served_by_cpu_in_chromium_is_a_failure_not_a_wasm_pass(w
     registered under the name 'wasm', so tf.getBackend() says 'wasm' while the CPU computes the right numbers.
     The wasm result and its record must fail, naming what was asked and what ran (the backend's own facts);
     the cpu result still passes."""
-    from edge.deploy import _browser_record
+    from edge.web import browser_record
     from exporters.tfjs import FAULT_ENV
     monkeypatch.setenv(FAULT_ENV, "wasm-served-by-cpu")
     cpu, wasm = verify_in_browser(web_dirs["keras"], ("cpu", "wasm"), timeout_s=60)
@@ -106,7 +106,7 @@ def test_wasm_asked_but_served_by_cpu_in_chromium_is_a_failure_not_a_wasm_pass(w
     assert not wasm["passed"], wasm
     assert wasm["tf_backend"] == "cpu" and wasm["backend_facts"]["registered"] == "wasm", wasm
     assert "asked for the wasm backend" in wasm["error"] and "cpu" in wasm["error"], wasm["error"]
-    record = _browser_record(bundles["keras"], wasm)
+    record = browser_record(bundles["keras"], wasm)
     assert record["status"] == "failed" and record["runtime"] == "chromium-wasm", record
     assert record["details"]["tf_backend"] == "cpu", record
     assert "asked for the wasm backend" in record["message"], record["message"]

@@ -55,8 +55,8 @@ def test_every_format_module_declares_what_the_registry_reads():
     for fmt in exporters.FORMATS:
         mod = exporters.module(fmt)
         assert mod.FORMAT == fmt
-        assert exporters.runtimes(fmt) and set(exporters.variants(fmt)) <= set(VARIANTS), fmt
-        assert "fp32" in exporters.variants(fmt), fmt
+        precisions = {exporters.precision(fmt, v) for v in exporters.variants(fmt)}
+        assert exporters.runtimes(fmt) and precisions <= set(VARIANTS) and "fp32" in precisions, fmt
         assert set(mod.REQUIRES) == set(mod.LANE) == families, (fmt, families ^ set(mod.LANE))
         for family, sources in mod.REQUIRES.items():  # converted only from formats there are
             assert set(sources) <= set(exporters.FORMATS) - {fmt}, (fmt, family)

@@ -82,12 +82,7 @@
     }
   }
 
-  function typed(values, dtype) {
-    const clean = values.map((v) => (v === null ? NaN : v));
-    if (dtype === 'float32') return Float32Array.from(clean);
-    if (dtype === 'int32') return Int32Array.from(clean);
-    throw new Error(`unsupported input dtype ${dtype}`);
-  }
+  const typed = (values, dtype) => window.T2E.typed(values, dtype);  // compare.js
 
   // the model's tensor whose name is `want` (graph node names may carry a ":0" suffix)
   function resolve(list, want, what) {
@@ -184,32 +179,16 @@
     }
     result.run_ms = performance.now() - t0;
 
-    const ref = parity.reference.values.map((v) => (v === null ? NaN : v));
+    const ref = parity.reference.values;
     const flat = [].concat(...got);
     if (flat.length !== ref.length) {
       throw new Error(`the model gave ${flat.length} output values for ${rows} rows, the reference has ${ref.length}`);
     }
     result.rows = rows;
     result.outputs = flat;  // the values themselves, so the caller can judge them with its own comparison
-    let maxAbs = 0, maxRel = 0, nOut = 0, nBad = 0;
-    const floor = tol.rel_floor ? tol.rel_floor : Number.MIN_VALUE;
-    for (let i = 0; i < ref.length; i++) {
-      const g = flat[i], e = ref[i];
-      if (!Number.isFinite(g) || !Number.isFinite(e)) { nBad++; continue; }
-      const d = Math.abs(g - e);
-      const rel = d / Math.max(Math.abs(e), floor);
-      if (d > maxAbs) maxAbs = d;
-      if (rel > maxRel) maxRel = rel;
-      let beyond = null;
-      if (tol.atol !== null && tol.atol !== undefined) beyond = d > tol.atol;
-      if (tol.rtol !== null && tol.rtol !== undefined) beyond = (beyond === null ? true : beyond) && rel > tol.rtol;
-      if (beyond) nOut++;
-    }
-    result.max_abs = maxAbs;
-    result.max_rel = maxRel;
-    result.n_out_of_tolerance = nOut;
-    result.n_nonfinite = nBad;
-    result.passed = nOut === 0 && nBad === 0;
+    const c = window.T2E.compare(flat, ref, tol);  // compare.js: the check every page of the bundle uses
+    Object.assign(result, c);
+    const nBad = c.n_nonfinite;
     if (nBad) result.error = `${nBad} non-finite value(s) in the outputs or the reference`;
     model.dispose();
   }

@@ -63,10 +63,11 @@ def in_each_runtime(module, artifacts, ref: dict, tolerances: dict, *, task: str
     """Each artifact of one format in each of its runtimes, against the reference outputs, under the
     tolerance of its variant: (artifact, runtime, record, outputs, environment problem) one by one.
     The one comparison the pipeline's verify and the release gate's share."""
+    import exporters
     from exporters.verify import check_artifact
     from parity.compare import tolerance_for
     for artifact in artifacts:
-        tol = tolerance_for(artifact.variant, module.FORMAT, tolerances)
+        tol = tolerance_for(exporters.precision(module.FORMAT, artifact.variant), module.FORMAT, tolerances)
         for runtime in module.RUNTIMES:
             rec, got, env = check_artifact(module, artifact, runtime, ref, tol, task=task, max_batch=max_batch,
                                            model=model, model_signature=signature)
