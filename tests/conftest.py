@@ -36,6 +36,52 @@ def toy_run(tmp_path_factory):
     return home, first
 
 
+DIGITS_MORE_MODELS = """
+[[model]]
+name = "keras-jax-cnn"
+framework = "keras"
+backend = "jax"
+factory = "pipeline.zoo:cnn_keras"
+train = { epochs = 30 }
+
+[[model]]
+name = "keras-torch-cnn"
+framework = "keras"
+backend = "torch"
+factory = "pipeline.zoo:cnn_keras"
+train = { epochs = 30 }
+
+[[model]]
+name = "keras-bf16"
+framework = "keras"
+factory = "pipeline.zoo:mlp_keras"
+train = { precision = "bf16" }
+
+[[model]]
+name = "torch-bf16"
+framework = "torch"
+factory = "pipeline.zoo:mlp_torch"
+train = { precision = "bf16" }
+"""
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """The built-in digits spec and more models in one cold run (tests/test_digits_frameworks.py says which):
+    (the run's record, its parity records, its home)."""
+    import json
+
+    from pipeline.spec import builtin_specs
+    home = tmp_path_factory.mktemp("digits")
+    spec = home / "digits.toml"
+    spec.write_text(builtin_specs()["digits"].read_text() + DIGITS_MORE_MODELS)
+    r = run_cli("run", str(spec), "--no-track", home=home, timeout=1500)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    rec = json.loads(sorted((home / ".pipeline" / "runs").glob("*.json"))[-1].read_text())
+    parity = json.loads((home / ".pipeline" / "runs" / rec["run_id"] / "parity.json").read_text())
+    return rec, parity["records"], home
+
+
 def copy_home(src: Path, dst: Path) -> Path:
     """A copy of a home whose MLflow store points at its own artifacts (the store records absolute
     artifact locations, so a plain copy would still read, and let a test tamper with, the original's)."""

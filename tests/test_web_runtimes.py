@@ -151,3 +151,19 @@ def test_onnx_web_and_litert_web_name_a_truncated_model_file(webs, tmp_path):
     onnx, litert = verify_in_browser(web, ("onnx_web:wasm", "litert_web:wasm"), timeout_s=60)
     assert not onnx["passed"] and onnx["error"].startswith("onnxruntime-web could not load onnx/model.onnx"), onnx["error"]
     assert not litert["passed"] and litert["error"].startswith("LiteRT.js could not load litert/model.tflite"), litert["error"]
+
+
+def test_onnx_web_and_litert_web_pass_on_the_digits_models_in_chromium(digits_run, tmp_path):
+    """The digits MLPs (10 softmax outputs over 8x8 images; the shared digits run's bundles): the ONNX file
+    of the Keras and the PyTorch model in onnxruntime-web, and the PyTorch model's LiteRT file (static
+    signatures of 1 and 32 rows) in LiteRT.js, on wasm, each judged as every other cell is (fp32: top-1 kept
+    on every row besides the values)."""
+    _, _, home = digits_run
+    found = latest_bundles(home)
+    for model, targets in (("keras", ["onnx_web:wasm"]), ("torch", ["onnx_web:wasm", "litert_web:wasm"])):
+        bundle = read_bundle(found[model])
+        web = write_web_bundle(bundle, tmp_path / model, webgpu=False)
+        for r in verify_in_browser(web, targets, screenshot_dir=SHOTS, timeout_s=90):
+            rec = browser_record(bundle, r)
+            assert r["passed"] and rec["status"] == "passed", _summary(r)  # fp32: every row's top-1 kept too
+            assert rec["runtime"] == RUNTIMES[r["format"], r["backend"]], rec
