@@ -217,11 +217,12 @@ def _plain_saved_model(name: str, framework: str, upstream: dict, out_dir: Path,
 
 
 def _js_package_versions() -> dict:
+    """TF.js' own npm packages and their versions (the folder also holds the browser's other runtimes)."""
     try:
         deps = json.loads((JS_DIR / "package.json").read_text())["dependencies"]
     except (OSError, ValueError, KeyError):
         return {}
-    return dict(deps)
+    return {k: v for k, v in deps.items() if k.startswith("@tensorflow/")}
 
 
 def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, upstream: dict,
