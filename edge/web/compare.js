@@ -4,6 +4,8 @@
 //     a value is out of tolerance when its absolute error exceeds atol AND its relative error
 //     |got - ref| / max(|ref|, rel_floor) exceeds rtol; a non-finite value fails (null in JSON = NaN).
 //   T2E.typed(values, dtype) -> Float32Array | Int32Array | BigInt64Array | Uint8Array ...
+//   T2E.show(id, text); T2E.showOutcome(result, done, sub): the result rows every page's table has (rows,
+//     errors, timings, verdict, error line, subtitle)
 'use strict';
 (function () {
   const ARRAYS = { float32: Float32Array, float64: Float64Array, int32: Int32Array, int16: Int16Array,
@@ -38,5 +40,23 @@
              passed: nOut === 0 && nBad === 0 };
   }
 
-  window.T2E = { typed, compare };
+  function show(id, text) { const el = document.getElementById(id); if (el) el.textContent = text; }
+  function fmt(v) { return v === null || v === undefined ? '-' : (typeof v === 'number' ? v.toExponential(3) : String(v)); }
+
+  function showOutcome(result, done, sub) {
+    show('r-rows', String(result.rows));
+    show('r-max-abs', fmt(result.max_abs));
+    show('r-max-rel', fmt(result.max_rel));
+    show('r-n-out', result.n_out_of_tolerance === null ? '-' : String(result.n_out_of_tolerance));
+    show('r-ms', result.load_ms === null ? '-' :
+         `${result.load_ms.toFixed(1)} ms / ${result.run_ms === null ? '-' : result.run_ms.toFixed(1) + ' ms'}`);
+    const v = document.getElementById('r-verdict');
+    const verdict = !done ? 'RUNNING' : (result.passed ? 'PASS' : 'FAIL');
+    v.textContent = verdict;
+    v.className = verdict;
+    show('error', result.error ? 'error: ' + result.error : '');
+    show('sub', sub);
+  }
+
+  window.T2E = { typed, compare, show, showOutcome };
 })();

@@ -18,8 +18,7 @@
                    max_rel: null, n_out_of_tolerance: null, passed: false, error: null, model: null, tfjs: null,
                    load_ms: null, run_ms: null };
 
-  function show(id, text) { const el = document.getElementById(id); if (el) el.textContent = text; }
-  function fmt(v) { return v === null || v === undefined ? '-' : (typeof v === 'number' ? v.toExponential(3) : String(v)); }
+  const show = T2E.show;
 
   function render(done) {
     show('r-model', result.model || '-');
@@ -27,18 +26,7 @@
     const f = result.backend_facts;
     show('r-tf-backend', !f ? (result.tf_backend || '-') :
          `${f.kind} (${f.class}, registered as ${f.registered}${f.threads ? `, ${f.threads} thread(s)` : ''})`);
-    show('r-rows', String(result.rows));
-    show('r-max-abs', fmt(result.max_abs));
-    show('r-max-rel', fmt(result.max_rel));
-    show('r-n-out', result.n_out_of_tolerance === null ? '-' : String(result.n_out_of_tolerance));
-    show('r-ms', result.load_ms === null ? '-' :
-         `${result.load_ms.toFixed(1)} ms / ${result.run_ms === null ? '-' : result.run_ms.toFixed(1) + ' ms'}`);
-    const v = document.getElementById('r-verdict');
-    const verdict = !done ? 'RUNNING' : (result.passed ? 'PASS' : 'FAIL');
-    v.textContent = verdict;
-    v.className = verdict;
-    show('error', result.error ? 'error: ' + result.error : '');
-    show('sub', done ? `TF.js ${result.tfjs || '?'} on ${backend}` : `running on ${backend} ...`);
+    T2E.showOutcome(result, done, done ? `TF.js ${result.tfjs || '?'} on ${backend}` : `running on ${backend} ...`);
   }
 
   function injectFault() {

@@ -17,8 +17,7 @@ const result = { format, backend, runtime: null, runtime_facts: null, rows: 0, m
                  n_out_of_tolerance: null, passed: false, error: null, model: null, version: null,
                  load_ms: null, run_ms: null };
 
-function show(id, text) { const el = document.getElementById(id); if (el) el.textContent = text; }
-function fmt(v) { return v === null || v === undefined ? '-' : (typeof v === 'number' ? v.toExponential(3) : String(v)); }
+const show = T2E.show;
 
 function render(done, doc) {
   show('title', `${TITLES[format] || format} parity check`);
@@ -27,19 +26,9 @@ function render(done, doc) {
   show('r-runtime', result.runtime || '-');
   const f = result.runtime_facts;
   show('r-ran-on', f ? Object.entries(f).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join(', ') : '-');
-  show('r-rows', String(result.rows));
   show('r-feeds', doc ? doc.feeds.map(([a, n, s, sig]) => `${n}${s !== n ? `+${s - n} pad` : ''}${sig ? ` @${sig}` : ''}`).join(', ') : '-');
-  show('r-max-abs', fmt(result.max_abs));
-  show('r-max-rel', fmt(result.max_rel));
-  show('r-n-out', result.n_out_of_tolerance === null ? '-' : String(result.n_out_of_tolerance));
-  show('r-ms', result.load_ms === null ? '-' :
-       `${result.load_ms.toFixed(1)} ms / ${result.run_ms === null ? '-' : result.run_ms.toFixed(1) + ' ms'}`);
-  const v = document.getElementById('r-verdict');
-  const verdict = !done ? 'RUNNING' : (result.passed ? 'PASS' : 'FAIL');
-  v.textContent = verdict;
-  v.className = verdict;
-  show('error', result.error ? 'error: ' + result.error : '');
-  show('sub', done ? `${TITLES[format] || format} ${result.version || '?'} on ${backend}` : `running on ${backend} ...`);
+  T2E.showOutcome(result, done, done ? `${TITLES[format] || format} ${result.version || '?'} on ${backend}`
+                                     : `running on ${backend} ...`);
 }
 
 // the model file's bytes, refused when they are not the bytes the bundle recorded (a truncated copy)
