@@ -270,7 +270,7 @@ def _torch_routes(onnx_artifact: Artifact | None, final: Path, name: str, exampl
                      onnx_path)]
     if load_model is not None and keras:
         routes.append(_Route("keras on tensorflow", KERAS_ON_TENSORFLOW,
-                             lambda: _keras_on_tensorflow(load_model, final, name)))
+                             lambda: keras_on_tensorflow(load_model, final, name)))
     elif load_model is not None:
         from exporters import nobuco_route
         routes.append(_Route("nobuco", nobuco_route.ROUTE,
@@ -287,7 +287,7 @@ KERAS_ON_TENSORFLOW = ("the same keras.Model and weights loaded on Keras' Tensor
                        "Model.export(format=\"tf_saved_model\") (Keras' own export on torch needs torch_xla)")
 
 
-def _keras_on_tensorflow(load_model, final: Path, name: str) -> dict:
+def keras_on_tensorflow(load_model, final: Path, name: str) -> dict:
     import keras
     try:
         model = load_model()

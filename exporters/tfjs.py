@@ -267,7 +267,7 @@ def export(model, *, framework: str, name: str, example: np.ndarray, out_dir, up
 def _keras_on_tensorflow(load_model, name: str, framework: str, out_dir: Path) -> Artifact:
     """The Keras model's SavedModel made by Keras itself on this lane's TensorFlow backend, from the same
     model and weights, in a work folder the caller removes."""
-    from .saved_model import KERAS_ON_TENSORFLOW, _keras_on_tensorflow as export_on_tensorflow
+    from .saved_model import KERAS_ON_TENSORFLOW, keras_on_tensorflow as export_on_tensorflow
     work = out_dir / ".tfjs-saved_model"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -131,7 +131,7 @@ def tolerance_for(variant: str, fmt: str, overrides: Mapping[str, Any] | None = 
     known_formats = {fmt} | set(formats or ())
     valid = set(VARIANTS) | known_formats | {f"{f}-{v}" for f in known_formats for v in VARIANTS}
     for key, value in overrides.items():
-        name, dash, tail = key.rpartition("-")
+        _, dash, tail = key.rpartition("-")
         if key not in valid and (formats is not None or (dash and tail not in VARIANTS)):
             raise ValueError(
                 f"tolerance overrides: unknown key {key!r}; expected a variant ({', '.join(VARIANTS)}), "
