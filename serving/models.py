@@ -1,8 +1,9 @@
 """The model manager behind serving/server.py: a TF Serving model repository, its versions, their signatures.
 
 Layout (as TF Serving): `<base_path>/<version>/saved_model.pb` (+ variables/, assets/, assets.extra/); a
-version is a folder whose name is an integer. Each served version is loaded once with
-`tf.saved_model.load`; its signature concrete functions are kept ready and called directly (no Keras).
+version is a folder whose name is an integer. Each served version is loaded once, as TF Serving loads it:
+its serving MetaGraph in a Session of its own; each signature is a callable made once that feeds and fetches
+the SignatureDef's tensors by name in one Session run (no Keras, no eager function call).
 
 Version policy (ModelConfig.model_version_policy): latest{num_versions} (default 1), all, specific{versions}.
 A version that fails to load is recorded as END with its error and skipped: under `latest` the newest
@@ -36,7 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
@@ -330,45 +331,43 @@ class _Item:
 
 
 class Signature:
-    """One signature of a loaded version: its concrete function, kept ready, and what it expects."""
+    """One signature of a loaded version, called as TF Serving calls it: its SignatureDef's input tensors fed and
+    its output tensors fetched in one Session run (a callable made once), and what it expects."""
 
-    def __init__(self, name: str, fn, method_name: str):
+    def __init__(self, name: str, sig_def, session):
         tf = _tf()
         self.name = name
-        self.fn = fn
-        self.method_name = method_name or PREDICT_METHOD
-        args, kwargs = fn.structured_input_signature
-        specs = dict(kwargs)
-        for i, a in enumerate(args):  # signatures are keyword-only in practice; keep any positional by name
-            specs[getattr(a, "name", None) or f"arg{i}"] = a
-        self.inputs: dict[str, Any] = specs  # name -> tf.TensorSpec
-        outs = fn.structured_outputs
-        self.outputs: list[str] = sorted(outs) if isinstance(outs, Mapping) else ["output_0"]
-        self.input_np = {k: s.dtype.as_numpy_dtype for k, s in specs.items()}
+        self.method_name = sig_def.method_name or PREDICT_METHOD
+        # name -> tf.TensorSpec, from the SignatureDef (what GetModelMetadata shows too)
+        self.inputs: dict[str, Any] = {k: tf.TensorSpec(tf.TensorShape(i.tensor_shape), tf.as_dtype(i.dtype), name=k)
+                                       for k, i in sig_def.inputs.items()}
+        self.outputs: list[str] = sorted(sig_def.outputs)
+        self.input_np = {k: s.dtype.as_numpy_dtype for k, s in self.inputs.items()}
         # plain-Python shape constraints (TensorShape methods cost more than the check itself)
-        self._shapes = {k: None if s.shape.rank is None else tuple(s.shape.as_list()) for k, s in specs.items()}
-        self.batchable = bool(specs) and all(s.shape.rank is not None and s.shape.rank >= 1 and s.shape[0] is None
-                                             for s in specs.values())
-        self._to_numpy = _numpy
-        self._constant = tf.constant  # numpy -> tensor up front is ~4x cheaper than inside the call
+        self._shapes = {k: None if s.shape.rank is None else tuple(s.shape.as_list()) for k, s in self.inputs.items()}
+        self.batchable = bool(self.inputs) and all(s.shape.rank is not None and s.shape.rank >= 1 and s.shape[0] is None
+                                                   for s in self.inputs.values())
         self.batcher: _Batcher | None = None
-        self._flat = _flat_caller(fn, specs)
+        self._feed_order = sorted(self.inputs)
+        self._fetch_order = list(sig_def.outputs)  # as stored: the order answers list them in, as before
+        # TF Serving feeds and fetches a SignatureDef's tensors by name (predict_util.cc): a sparse or composite
+        # encoding has none, and such a signature cannot be called
+        self._not_dense = sorted(k for k, i in [*sig_def.inputs.items(), *sig_def.outputs.items()]
+                                 if i.WhichOneof("encoding") != "name")
+        self._small = self._large = None
+        if not self._not_dense:
+            self._small, self._large = _session_callables(
+                session, [sig_def.inputs[k].name for k in self._feed_order],
+                [sig_def.outputs[k].name for k in self._fetch_order])
 
-    def _invoke(self, arrays: dict[str, np.ndarray]):
-        """The concrete function on `arrays` (already checked against the signature): its structured outputs."""
-        const = self._constant
-        flat = self._flat
-        if flat is not None:
-            order, atomic, recording, eager, direct = flat
-            # what ConcreteFunction._call_flat does when no tape or accumulator is active, without re-binding
-            # the structured signature on every call (that costs about as much as running a small model)
-            if eager() and not recording():
-                inputs = [const(arrays[k]) for k in order] + self.fn.captured_inputs
-                if direct is not None:
-                    small = sum(a.size for a in arrays.values()) <= SMALL_CALL_ELEMENTS
-                    return direct(inputs, small)
-                return atomic.call_preflattened(inputs)
-        return self.fn(**{k: const(v) for k, v in arrays.items()})
+    def _invoke(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One Session run on `arrays` (already checked against the signature): its outputs by name."""
+        if self._not_dense:
+            raise RequestError("INVALID_ARGUMENT", f"signature {self.name!r} has tensors that are not dense "
+                               f"({', '.join(self._not_dense)}): only dense tensors can be fed and fetched")
+        feeds = [arrays[k] for k in self._feed_order]
+        small = sum(a.size for a in feeds) <= SMALL_CALL_ELEMENTS
+        return dict(zip(self._fetch_order, (self._small if small else self._large)(*feeds)))
 
     def describe_input(self, name: str) -> str:
         s = self.inputs[name]
@@ -411,7 +410,9 @@ class Signature:
 
     def _call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            out = self._invoke(arrays)
+            return self._invoke(arrays)
+        except RequestError:
+            raise
         except Exception as e:  # noqa: BLE001 - a model error is the caller's answer
             tf = _tf()
             code = "INVALID_ARGUMENT"
@@ -420,10 +421,6 @@ class Signature:
                 code = (error_codes_pb2.Code.Name(e.error_code) if e.error_code in error_codes_pb2.Code.values()
                         else "INVALID_ARGUMENT")
             raise RequestError(code, f"{type(e).__name__}: {getattr(e, 'message', None) or e}") from None
-        if not isinstance(out, Mapping):
-            out = {"output_0": out}
-        to_numpy = self._to_numpy
-        return {k: to_numpy(v) for k, v in out.items()}
 
     def run(self, arrays: dict[str, np.ndarray], *, validate: bool = True) -> dict[str, np.ndarray]:
         """Run on numpy inputs keyed by signature input name; returns numpy outputs keyed by output name."""
@@ -447,81 +444,54 @@ _OPERROR_CODES = {"InvalidArgumentError": "INVALID_ARGUMENT", "NotFoundError": "
                   "UnauthenticatedError": "UNAUTHENTICATED", "AlreadyExistsError": "ALREADY_EXISTS"}
 
 
-# A call whose inputs hold at most this many elements runs on TensorFlow's single-threaded executor: the
-# function's ops run one after another on the calling thread instead of being handed to the inter-op pool
-# (each hand-off costs tens of microseconds on a busy 2-CPU machine, more than a small model's ops); the
-# kernels, and so the numbers, are the same, and a big op still uses the intra-op pool. Bigger calls keep
-# the default executor, which can run independent ops side by side.
+# A call whose inputs hold at most this many elements runs on the calling thread (RunOptions
+# inter_op_thread_pool = -1): the graph's ops run one after another there instead of being handed to the
+# inter-op pool (each hand-off costs tens of microseconds on a busy 2-CPU machine, more than a small model's
+# ops); the kernels, and so the numbers, are the same, and a big op still uses the intra-op pool. Bigger calls
+# run on the inter-op pool, which can run independent ops side by side.
 SMALL_CALL_ELEMENTS = 1 << 14
-_SINGLE_THREADED = "SINGLE_THREADED_EXECUTOR"
+_INTER_OP_POOL = "serving-inter-op"  # one pool shared by every version's session, as TF Serving's
 
 
-def _direct_caller(atomic) -> Callable | None:
-    """`call(flat_inputs, small)` -> the structured outputs: what AtomicFunction.call_preflattened does in
-    eager mode (TFE_Py_Execute of the function with the thread's function-call options, the error message
-    interpolated the same way, the flat outputs packed), without its per-call context managers and attribute
-    dicts; small calls on the single-threaded executor (SMALL_CALL_ELEMENTS). None where that does not apply
-    (control captures, another eager context, TensorFlow internals moved)."""
-    try:
-        from tensorflow.python.eager import cancellation, context, execute
-        from tensorflow.python.eager.polymorphic_function.atomic_function import InterpolateRuntimeError
-        ctx = context.context()
-        if atomic._bound_context is not ctx or atomic._call_options.control_captures:
-            return None
-        op_name = atomic.name.decode("utf-8") if isinstance(atomic.name, bytes) else str(atomic.name)
-        n_out = len(atomic.function_type.flat_outputs)
-        pack = atomic.function_type.pack_output
-        interpolate = InterpolateRuntimeError(atomic)
-        quick_execute = execute.quick_execute
-        cancel_context = cancellation.context
-    except Exception:  # noqa: BLE001
-        return None
-    single_ok = [True]  # until the single-threaded executor refuses this function's graph
-
-    def call(inputs: list, small: bool):
-        if cancel_context() is not None:  # a cancellation scope: the public path honours it
-            return atomic.call_preflattened(inputs)
-        opts = ctx.function_call_options
-        chosen = opts.executor_type or ""
-        single = small and not chosen and single_ok[0]
-        config = opts.config_proto_serialized
-        if config is None:
-            return atomic.call_preflattened(inputs)
-        try:
-            with interpolate:
-                out = quick_execute(op_name, n_out, inputs,
-                                    ("executor_type", _SINGLE_THREADED if single else chosen, "config_proto", config),
-                                    ctx)
-        except Exception as e:  # noqa: BLE001
-            # refused when the executor is made, before any op runs: the default executor takes it from now on
-            if single and "Single-threaded executor" in str(e):
-                single_ok[0] = False
-                return call(inputs, False)
-            raise
-        return pack(out or None)
-    return call
+def _session_config():
+    tf = _tf()
+    config = tf.compat.v1.ConfigProto()
+    config.session_inter_op_thread_pool.add(num_threads=0, global_name=_INTER_OP_POOL)  # 0: one per core
+    return config
 
 
-def _flat_caller(fn, specs: dict) -> tuple | None:
-    """(input names in flat order, the atomic function, could_possibly_record, executing_eagerly, the direct
-    caller or None) for calling `fn` without its structured-signature binding, or None where that shortcut
-    does not apply (composite or positional inputs, distributed variables, a TensorFlow without these
-    internals)."""
-    try:
-        from tensorflow.python.distribute import distribute_utils
-        from tensorflow.python.eager import context
-        from tensorflow.python.eager import record
-        args, _ = fn.structured_input_signature
-        order = list(getattr(fn, "_arg_keywords", None) or ())
-        atomic = fn._inference_function
-        captured = fn.captured_inputs
-        if (args or sorted(order) != sorted(specs) or len(fn.inputs) != len(order) + len(captured)
-                or any(distribute_utils.is_distributed_variable(c) for c in captured)
-                or not all(type(s).__name__ == "TensorSpec" for s in specs.values())):
-            return None
-        return order, atomic, record.could_possibly_record, context.executing_eagerly, _direct_caller(atomic)
-    except Exception:  # noqa: BLE001 - TensorFlow internals moved: the structured call still works
-        return None
+def load_session(path: Path, tags: list[str]):
+    """The SavedModel's MetaGraph of `tags` in a Session of its own, variables restored and its init op run:
+    TF Serving's LoadSavedModel (TF1 and TF2 SavedModels alike)."""
+    tf = _tf()
+    session = tf.compat.v1.Session(graph=tf.Graph(), config=_session_config())
+    try:  # the loader without its deprecation notice (tf.compat.v1.saved_model.load wraps this one)
+        from tensorflow.python.saved_model.loader_impl import SavedModelLoader
+        load = SavedModelLoader(str(path)).load
+    except ImportError:
+        load = lambda sess, tags: tf.compat.v1.saved_model.load(sess, tags, str(path))  # noqa: E731
+    with session.graph.as_default():
+        load(session, tags)
+    return session
+
+
+def _session_callables(session, feeds: list[str], fetches: list[str]) -> tuple[Callable, Callable]:
+    """(small, large): `callable(*arrays) -> [output arrays]` for one Session run feeding `feeds` and fetching
+    `fetches` by tensor name; small ones on the calling thread, large ones on the inter-op pool. Made from
+    CallableOptions (BaseSession._make_callable_from_options: about 8 us for a small model here, where the
+    public make_callable's per-call Python costs about 80 us); the public one where that is gone."""
+    from tensorflow.core.protobuf import config_pb2
+    options = config_pb2.CallableOptions(feed=feeds, fetch=fetches)
+    make = getattr(session, "_make_callable_from_options", None)
+    if make is None:  # pragma: no cover - a TensorFlow without it
+        graph = session.graph
+        run = session.make_callable([graph.get_tensor_by_name(n) for n in fetches],
+                                    [graph.get_tensor_by_name(n) for n in feeds], accept_options=True)
+        inline = config_pb2.RunOptions(inter_op_thread_pool=-1)
+        return (lambda *a: run(*a, options=inline)), run
+    large = make(options)
+    options.run_options.inter_op_thread_pool = -1  # the calling thread
+    return make(options), large
 
 
 def shape_str(shape) -> str:
@@ -536,7 +506,6 @@ class Servable:
     """One loaded version of a model."""
 
     def __init__(self, model: str, version: int, path: Path, batching: BatchingParameters | None):
-        tf = _tf()
         from tensorflow.core.protobuf import saved_model_pb2
         self.model, self.version, self.path = model, version, path
         proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
@@ -544,11 +513,13 @@ class Servable:
         if not metas:
             raise ValueError(f"{path / 'saved_model.pb'} holds no MetaGraph")
         self.signature_defs = metas[0].signature_def  # name -> SignatureDef proto (metadata)
-        self.loaded = tf.saved_model.load(str(path), tags=list(metas[0].meta_info_def.tags) or None)
+        # freed with this object once the last request holding it lets go, not closed here (see Model.unload)
+        self.session = load_session(path, list(metas[0].meta_info_def.tags))
         self.signatures: dict[str, Signature] = {}
-        for name, fn in self.loaded.signatures.items():
-            sd = self.signature_defs.get(name)
-            self.signatures[name] = sig = Signature(name, fn, sd.method_name if sd is not None else PREDICT_METHOD)
+        for name, sd in self.signature_defs.items():
+            if name.startswith("__"):  # "__saved_model_init_op": the loader's, not a signature to serve
+                continue
+            self.signatures[name] = sig = Signature(name, sd, self.session)
             if batching is not None and sig.batchable:
                 sig.batcher = _Batcher(sig._call, batching, f"{model}-{version}-{name}")
         self._warmup()
@@ -904,6 +875,3 @@ class ModelManager:
         for m in self.models.values():
             m.close()
 
-
-def _numpy(t):
-    return t.numpy()
