@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_serving.py [--home DIR] [--no-run] [--requests 500] [--mlflow-requests 100]
                                                  [--clients 8] [--specs toy,digits] [--start-timeout 150]
-                                                 [--baseline-root DIR] [--no-mlflow]
+                                                 [--baseline-root DIR] [--no-mlflow] [--client loop|threads]
 
 Runs `python -m pipeline run <spec> --no-track` for each spec in a scratch home (or in --home; --no-run
 takes the bundles already there), writes a TF Serving repository per model (served as `<spec>-<model>`)
@@ -12,19 +12,24 @@ MLflow model (the train stage's mlflow_model folder) gets its own `mlflow models
 subprocess. All servers start together; nothing is measured until every one answers (or timed out), and
 the client load runs in this process. Each request carries one row of the bundle's stored parity inputs.
 
-Per model: REST predict (columnar `{"inputs": {...}}`, keep-alive http.client connection, TCP_NODELAY) and
-gRPC Predict (tensorflow_serving stubs, the request built once), first on one connection, then from
---clients threads with a connection each (--requests sequential, clients x requests/2 concurrent); MLflow's
-POST /invocations likewise with --mlflow-requests (clients x mlflow-requests/4). A few untimed requests go
-first on each connection (all connections warm up side by side). Prints one table (req/s, p50 / p99 latency of the successful requests, errors;
+Per model: REST predict (columnar `{"inputs": {...}}`, keep-alive connections, TCP_NODELAY) and gRPC Predict
+(tensorflow_serving stubs, the request built once), first on one connection, then on --clients connections
+(--requests sequential, clients x requests/2 concurrent); MLflow's POST /invocations likewise with
+--mlflow-requests (clients x mlflow-requests/4). REST load comes from benchmarks/http_load.py, one thread
+keeping one request in flight on each connection (as wrk; --client threads: a thread with an http.client
+connection each, the client of the tables before it, whose own GIL contention shows in its latencies);
+gRPC from a thread per channel. A few untimed requests go first on each connection (all connections warm up
+side by side). "bare" rows: http_load's fixed-reply server with the same client, the round trip with nothing
+behind it. Prints one table (req/s, p50 / p99 latency of the successful requests, errors;
 a server that did not come up is a row saying so), then per model our req/s over MLflow's (the target is
 >= 50x) and our p99 against MLflow's p50 / 20 at the same client count (the target is p99 below it), then
 our sequential REST req/s against our REST handler alone (transport "handler": what answers a REST predict,
 called without HTTP in a child process over the same repository, --requests per model, after the servers
 are up and before any of them is measured: the app's post_inline, which the REST port's own protocol hands
 the path and body to, or in a tree without that protocol the aiohttp handler on prebuilt requests; the
-target is >= 0.7x) with p99 / p50 at --clients (the target
-is below 2), and the machine's load at start and end. Nothing here asserts on timings.
+target is >= 0.7x; also against the handler's time plus the bare round trip) with p99 / p50 at --clients
+(the target is below 2; the bare row's spread is the client's and machine's own), and the machine's load at
+start and end. Nothing here asserts on timings.
 
 --baseline-root DIR serves the same repository a second time from another checkout of this toolkit (e.g. a
 `git worktree` of an older commit: its `serving` package, this interpreter) and measures its REST predict
@@ -51,6 +56,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import http_load  # noqa: E402 - beside this file
 WARMUP = 20           # untimed requests per connection first; MLflow's keras answers slowly: fewer
 MLFLOW_WARMUP = 5
 HOST = "127.0.0.1"
@@ -273,6 +280,18 @@ def drive(res: Result, make_caller, clients: int, per_client: int, warmup: int) 
     finally:
         for c in callers:
             c.close()
+    return res
+
+
+def drive_rest(res: Result, port: int, path: str, body: bytes, clients: int, per_client: int, warmup: int,
+               client: str) -> Result:
+    """REST load on `clients` keep-alive connections: "loop" is http_load's one-thread client (as wrk),
+    "threads" a thread with an http.client connection each (the tables before it)."""
+    if client == "threads":
+        return drive(res, lambda: RestCaller(port, path, body), clients, per_client, warmup)
+    got = http_load.drive(port, http_load.request_bytes(port, path, body), clients, per_client, warmup)
+    res.n, res.wall_s, res.lat_ms, res.errors = got["n"], got["wall_s"], got["lat_ms"], got["errors"]
+    res.note = res.note or got["note"]
     return res
 
 
@@ -533,6 +552,9 @@ def main() -> None:
     ap.add_argument("--baseline-root", default=None, metavar="DIR",
                     help="another checkout whose `python -m serving` is measured beside ours (REST)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not start MLflow's servers")
+    ap.add_argument("--client", choices=("loop", "threads"), default="loop",
+                    help="REST load: one thread multiplexing the connections (as wrk), or a thread with an "
+                         "http.client connection each (the tables before the loop client)")
     ap.add_argument("--handler-alone", metavar="JOB", help=argparse.SUPPRESS)  # the child measure_handlers runs
     args = ap.parse_args()
     if args.handler_alone:
@@ -642,6 +664,15 @@ def main() -> None:
                     finally:
                         c.close()
                 checks.append((p, ping))
+            bare = None
+            if served:  # a server answering a fixed reply: the round trip with nothing behind it
+                bare = Proc("bare", [sys.executable, str(Path(http_load.__file__).resolve()), "--serve-fixed",
+                                     str(free_port())], tmp / "bare.log", env, tmp)
+                bare.port = int(bare.cmd[-1])
+                bare.start()
+                procs.append(bare)
+                checks.append((bare, lambda: not http_load.drive(bare.port, http_load.request_bytes(
+                    bare.port, "/", b"{}"), 1, 1, 0, timeout_s=2)["errors"]))
             t = time.perf_counter()
             wait_all(checks, args.start_timeout)
             print("servers: " + ", ".join(f"{p.name} {'up' if p.ready else 'DOWN'}" for p in procs)
@@ -661,6 +692,16 @@ def main() -> None:
                 t = time.perf_counter()
                 handlers = measure_handlers(served, repo, n, env, tmp)
                 print(f"handler alone: measured in {time.perf_counter() - t:.1f} s", flush=True)
+            if bare is not None:
+                body = next(m.rest_body for m in served)
+                for k in (1, c):
+                    r = Result("-", "bare", "rest", k)
+                    if bare.ready:
+                        drive_rest(r, bare.port, "/", body, k, n if k == 1 else max(1, n // 2), WARMUP, args.client)
+                    else:
+                        r.note = bare.problem
+                    results.append(r)
+                    print(f"  bare rest x{k}: {fmt(r.rps, '.0f')} req/s", flush=True)
             for m in models:
                 rows = [Result(m.label, "ours", tr, k) for tr in ("rest", "grpc") for k in (1, c)]
                 if m.problem or ours is None or not ours.ready:
@@ -684,14 +725,14 @@ def main() -> None:
                         if r.transport == "rest":
                             b = brows.get(r.clients)
                             if b is None or not base.ready:
-                                drive(r, lambda: RestCaller(ours.rest_port, path, m.rest_body), r.clients, per, WARMUP)
+                                drive_rest(r, ours.rest_port, path, m.rest_body, r.clients, per, WARMUP, args.client)
                             else:
                                 for i in range(ROUNDS):
                                     part = max(1, per // ROUNDS)
                                     for row, port in ((b, base.rest_port), (r, ours.rest_port)):
-                                        merge(row, drive(Result(row.model, row.server, "rest", row.clients),
-                                                         lambda: RestCaller(port, path, m.rest_body), row.clients,
-                                                         part, WARMUP))
+                                        merge(row, drive_rest(Result(row.model, row.server, "rest", row.clients),
+                                                              port, path, m.rest_body, row.clients, part, WARMUP,
+                                                              args.client))
                                 print(f"  {m.label} baseline rest x{b.clients}: {fmt(b.rps, '.0f')} req/s", flush=True)
                         else:
                             drive(r, lambda: GrpcCaller(ours.grpc_port, m.grpc_request), r.clients, per, WARMUP)
@@ -706,7 +747,7 @@ def main() -> None:
                 else:
                     for r in mrows:
                         per = nm if r.clients == 1 else max(1, nm // 4)
-                        drive(r, lambda: RestCaller(p.port, "/invocations", m.mlflow_body), r.clients, per, MLFLOW_WARMUP)
+                        drive_rest(r, p.port, "/invocations", m.mlflow_body, r.clients, per, MLFLOW_WARMUP, args.client)
                         print(f"  {m.label} mlflow rest x{r.clients}: {fmt(r.rps, '.0f')} req/s", flush=True)
                 results += mrows
         finally:
@@ -737,13 +778,18 @@ def main() -> None:
             print(f"| {model} | {tr} | {k} | {fmt(ratio, '.1f')}{'x' if ratio else ''} | {fmt(p99, '.2f')} | "
                   f"{fmt(bound, '.2f')} | {verdict} |")
     print("\nper model, our REST against our handler alone (same run; targets: REST x1 >= 0.7x the handler; "
-          "p99 < 2x p50 at the most clients):")
-    print("| model | handler req/s | REST x1 req/s | REST / handler | transport | clients | p50 ms | p99 ms | p99 / p50 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for model in dict.fromkeys(r.model for r in results):
+          "p99 < 2x p50 at the most clients); bare: a fixed reply's round trip with this client, and REST x1 "
+          "against the handler's time plus that round trip:")
+    print("| model | handler req/s | REST x1 req/s | REST / handler | bare x1 req/s | REST / (handler + bare) "
+          "| transport | clients | p50 ms | p99 ms | p99 / p50 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    bare1 = next((r for r in results if r.server == "bare" and r.clients == 1), None)
+    for model in dict.fromkeys(r.model for r in results if r.server != "bare"):
         mine = {(r.transport, r.clients): r for r in results if r.model == model and r.server == "ours"}
         h, r1 = mine.get(("handler", 1)), mine.get(("rest", 1))
         share = r1.rps / h.rps if h and r1 and h.rps and r1.rps else None
+        floor = (1 / (1 / h.rps + 1 / bare1.rps) if h and h.rps and bare1 is not None and bare1.rps else None)
+        over_floor = r1.rps / floor if floor and r1 and r1.rps else None
         for tr in ("rest", "grpc"):
             r = mine.get((tr, c))
             if r is None:
@@ -751,7 +797,8 @@ def main() -> None:
             p50, p99 = r.pct(50), r.pct(99)
             spread = p99 / p50 if p50 and p99 is not None else None
             print(f"| {model} | {fmt(h.rps if h else None, '.0f')} | {fmt(r1.rps if r1 else None, '.0f')} | "
-                  f"{fmt(share, '.2f')} | {tr} | {c} | {fmt(p50, '.2f')} | {fmt(p99, '.2f')} | {fmt(spread, '.2f')} |")
+                  f"{fmt(share, '.2f')} | {fmt(bare1.rps if bare1 else None, '.0f')} | {fmt(over_floor, '.2f')} | "
+                  f"{tr} | {c} | {fmt(p50, '.2f')} | {fmt(p99, '.2f')} | {fmt(spread, '.2f')} |")
     if args.baseline_root:
         print(f"\nper model, our REST against the baseline tree's ({args.baseline_root}), same run:")
         print("| model | clients | baseline req/s | ours req/s | ours / baseline | baseline p50 ms | ours p50 ms |")
