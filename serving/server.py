@@ -922,7 +922,8 @@ class _FastV1Protocol(asyncio.Protocol):
     the fast ones synchronously, before anything after them is read. This skips aiohttp's request and
     response objects, its router and its writer: about 0.1 ms of a 0.4 ms predict on a 2-CPU machine."""
 
-    __slots__ = ("_make_fallback", "_post", "_limit", "_extra", "_conns", "_transport", "_buf", "_gone", "_idle")
+    __slots__ = ("_make_fallback", "_post", "_limit", "_extra", "_conns", "_transport", "_buf", "_gone", "_idle",
+                 "_heard", "_loop")
 
     def __init__(self, make_fallback, post_inline, limit: int, extra_headers: bytes, conns: set):
         self._make_fallback = make_fallback  # aiohttp's web_server.Server: called, a RequestHandler
@@ -934,20 +935,23 @@ class _FastV1Protocol(asyncio.Protocol):
         self._buf = bytearray()
         self._gone = False  # handed to aiohttp, or closed
         self._idle = None   # the timer that closes a connection left idle (aiohttp's keep-alive timeout)
+        self._heard = 0.0   # the loop's time of the latest bytes
+        self._loop = None
 
     def connection_made(self, transport) -> None:
         self._transport = transport
         self._conns.add(transport)
-        self._wait_idle()
+        self._loop = asyncio.get_running_loop()
+        self._heard = self._loop.time()
+        self._wait_idle(_FAST_KEEPALIVE_S)
 
     def connection_lost(self, exc) -> None:
         self._gone = True
         self._stop_idle()
         self._conns.discard(self._transport)
 
-    def _wait_idle(self) -> None:
-        self._stop_idle()
-        self._idle = asyncio.get_running_loop().call_later(_FAST_KEEPALIVE_S, self._close_idle)
+    def _wait_idle(self, delay: float) -> None:
+        self._idle = self._loop.call_later(delay, self._close_idle)
 
     def _stop_idle(self) -> None:
         if self._idle is not None:
@@ -955,7 +959,13 @@ class _FastV1Protocol(asyncio.Protocol):
             self._idle = None
 
     def _close_idle(self) -> None:
-        if not self._gone:
+        """The timer is set once and moved on only when it fires (not on every request): closed when nothing
+        was heard for _FAST_KEEPALIVE_S, else waits out the rest from the latest bytes."""
+        self._idle = None
+        left = self._heard + _FAST_KEEPALIVE_S - self._loop.time()
+        if left > 0:
+            self._wait_idle(left)
+        elif not self._gone:
             self._gone = True
             self._transport.close()
 
@@ -965,7 +975,7 @@ class _FastV1Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._gone:
             return
-        self._wait_idle()  # a client mid-request or between requests: idle from its latest bytes on
+        self._heard = self._loop.time()  # a client mid-request or between requests: idle from its latest bytes on
         buf = self._buf
         buf += data
         while buf:
@@ -996,35 +1006,15 @@ class _FastV1Protocol(asyncio.Protocol):
 
     def _fast_head(self, head: bytes):
         """(path, content length, close after) for a request this protocol answers, else None."""
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+        got = _HEADS.get(head, _UNSEEN)
+        if got is _UNSEEN:  # a client sends the same head again and again: parsed once
+            got = _parse_head(head)
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[head] = got
+        if got is None or got[1] > self._limit:
             return None
-        target = parts[1]
-        # a plain /v1/ path: nothing aiohttp's URL handling (yarl) would decode or normalize first
-        if target[:4] not in (b"/v1/", b"/V1/") or _FAST_TARGET.fullmatch(target) is None or b"/." in target:
-            return None
-        length, close = None, False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
-                return None  # not a plain header line (obs-fold, a space before the colon): aiohttp judges
-            name = name.lower()
-            value = value.strip()
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    return None
-                length = int(value)
-            elif name == b"connection":
-                tokens = {t.strip() for t in value.lower().split(b",")}
-                if b"upgrade" in tokens:
-                    return None
-                close = b"close" in tokens
-            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-                return None
-        if length is None or length > self._limit:
-            return None
-        return target.decode("ascii"), length, close
+        return got
 
     def _write(self, status: int, body: bytes, close: bool) -> None:
         self._transport.write(b"".join((
@@ -1047,7 +1037,44 @@ class _FastV1Protocol(asyncio.Protocol):
             handler.data_received(rest)
 
 
+def _parse_head(head: bytes):
+    """(path, content length, close after) for a plain HTTP/1.1 POST /v1/... head with a Content-Length, else
+    None (what _FastV1Protocol hands to aiohttp)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+        return None
+    target = parts[1]
+    # a plain /v1/ path: nothing aiohttp's URL handling (yarl) would decode or normalize first
+    if target[:4] not in (b"/v1/", b"/V1/") or _FAST_TARGET.fullmatch(target) is None or b"/." in target:
+        return None
+    length, close = None, False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+            return None  # not a plain header line (obs-fold, a space before the colon): aiohttp judges
+        name = name.lower()
+        value = value.strip()
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"connection":
+            tokens = {t.strip() for t in value.lower().split(b",")}
+            if b"upgrade" in tokens:
+                return None
+            close = b"close" in tokens
+        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+            return None
+    if length is None:
+        return None
+    return target.decode("ascii"), length, close
+
+
 _FAST_MAX_BODY = 1 << 20
+_HEADS: dict = {}     # request head -> _parse_head's answer, shared by the port's connections
+_HEADS_MAX = 256      # cleared when full (a client varying its head on every request gains nothing here)
+_UNSEEN = object()
 _FAST_KEEPALIVE_S = 75.0  # aiohttp's keepalive_timeout: a connection silent this long is closed
 _FAST_TARGET = re.compile(rb"(?:/[A-Za-z0-9_.:~-]+)+")  # no "%", "?", "#", "//", no trailing "/"
 _STATUS_LINES: dict[int, bytes] = {}

@@ -414,6 +414,22 @@ def test_the_rest_port_closes_a_connection_left_idle(rest_server, monkeypatch):
         assert sock.recv(100) == b""  # then, silent, it is closed
 
 
+def test_a_request_head_is_parsed_once_and_judged_against_each_ports_limit():
+    """Heads are parsed once per distinct head (clients repeat theirs), the parse shared by every connection
+    in the process; each port still applies its own body limit; the remembered heads stay bounded."""
+    from serving import server
+    server._HEADS.clear()
+    head = b"POST /v1/models/m:predict HTTP/1.1\r\nHost: t\r\nContent-Length: 100"
+    small, big = (server._FastV1Protocol(None, None, limit, b"", set()) for limit in (50, 1000))
+    assert big._fast_head(head) == ("/v1/models/m:predict", 100, False)
+    assert small._fast_head(head) is None and head in server._HEADS  # over this port's limit, parse cached
+    chunked = b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked"
+    assert big._fast_head(chunked) is None and big._fast_head(chunked) is None and server._HEADS[chunked] is None
+    for i in range(server._HEADS_MAX + 5):
+        assert big._fast_head(head + b"\r\nX-N: %d" % i) == ("/v1/models/m:predict", 100, False)
+    assert len(server._HEADS) <= server._HEADS_MAX
+
+
 @pytest.fixture(scope="module")
 def rest_server(tmp_path_factory):
     from serving.server import LocalServer
