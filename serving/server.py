@@ -118,6 +118,11 @@ def _tensor_to_array(name: str, proto, sig: Signature) -> np.ndarray:
     n = 1
     for d in proto.tensor_shape.dim:
         n *= max(d.size, 0)
+    typed = _VALUE_FIELDS.get(proto.dtype)
+    if typed is not None and n:  # every value given in its typed field: read as it is (make_ndarray's answer)
+        values = getattr(proto, typed[0])
+        if len(values) == n:
+            return np.array(values, dtype=typed[1]).reshape([d.size for d in proto.tensor_shape.dim])
     if n > _MAX_EXPANDED_ELEMENTS and n > max(len(getattr(proto, f)) for f in _TENSOR_VALUE_FIELDS):
         raise RequestError("RESOURCE_EXHAUSTED", f"input {name!r}: shape {[d.size for d in proto.tensor_shape.dim]} "
                            f"holds {n} values, more than the {_MAX_EXPANDED_ELEMENTS} this server fills from fewer "
@@ -129,6 +134,10 @@ def _tensor_to_array(name: str, proto, sig: Signature) -> np.ndarray:
 
 
 _MAX_EXPANDED_ELEMENTS = 1 << 25
+# DataType -> (its TensorProto value field, numpy dtype), for the dtypes whose field holds the values as they are
+# (DT_FLOAT, DT_DOUBLE, DT_INT32, DT_INT64, DT_BOOL)
+_VALUE_FIELDS = {1: ("float_val", np.float32), 2: ("double_val", np.float64), 3: ("int_val", np.int32),
+                 9: ("int64_val", np.int64), 10: ("bool_val", np.bool_)}
 _TENSOR_VALUE_FIELDS = ("half_val", "float_val", "double_val", "int_val", "string_val", "scomplex_val", "int64_val",
                         "bool_val", "dcomplex_val", "uint32_val", "uint64_val")
 

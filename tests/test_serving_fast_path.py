@@ -186,6 +186,39 @@ def test_a_signature_with_a_sparse_input_is_refused_in_words(tmp_path):
     np.testing.assert_array_equal(servable.signature("serving_default").run({"x": X})["y"], X.sum(axis=1))
 
 
+def test_typed_tensor_values_read_as_tensorflow_reads_them():
+    """A gRPC TensorProto with its values in float_val / double_val / int_val / int64_val / bool_val is read
+    straight from that field: the same array as tf.make_ndarray, shapes and scalars included; fewer values than
+    the shape holds still follow TensorProto's fill rule."""
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    from serving.server import _init_enums, _tensor_to_array
+    _init_enums()
+
+    class AnySignature:  # no signature dtype to check against
+        inputs: dict = {}
+    rng = np.random.default_rng(3)
+    cases = [(tf.float32, "float_val", rng.normal(size=(2, 3)).astype(np.float32)),
+             (tf.float64, "double_val", rng.normal(size=(4,))),
+             (tf.int32, "int_val", rng.integers(-2**31, 2**31 - 1, (3, 1)).astype(np.int32)),
+             (tf.int64, "int64_val", rng.integers(-2**62, 2**62, (2, 2))),
+             (tf.bool, "bool_val", rng.random((1, 5)) > 0.5),
+             (tf.float32, "float_val", np.array(1.5, np.float32))]  # a scalar
+    for dtype, field, arr in cases:
+        proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum, tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in arr.shape]))
+        getattr(proto, field).extend(arr.ravel().tolist())
+        got = _tensor_to_array("x", proto, AnySignature())
+        want = tf.make_ndarray(proto)
+        assert got.dtype == want.dtype == arr.dtype and got.shape == want.shape == arr.shape, field
+        assert got.tobytes() == want.tobytes() == arr.tobytes(), field
+    short = tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, tensor_shape=tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=2), tensor_shape_pb2.TensorShapeProto.Dim(size=2)]))
+    short.float_val.extend([1.0, 2.0])  # the last value repeats
+    np.testing.assert_array_equal(_tensor_to_array("x", short, AnySignature()), [[1.0, 2.0], [2.0, 2.0]])
+
+
 # ------------------------------------------------------------------------------------ nothing stale
 
 def test_a_new_version_found_by_polling_answers_at_once(tmp_path):
