@@ -61,6 +61,52 @@ def test_export_a_torchscript_resnet_block_in_nchw_to_every_format_verified(tmp_
     assert sm["details"]["input_layout"] != "as-trained"  # onnx2tf made it NHWC; the runner maps it back
 
 
+BACKENDS_SPEC = """
+[pipeline]
+name = "pre-backends"
+[data]
+source = "npz"
+path = "x.npz"
+task = "regression"
+[[model]]
+name = "on-jax"
+framework = "keras"
+backend = "jax"
+source = "m.keras"
+[[model]]
+name = "on-torch"
+framework = "keras"
+backend = "torch"
+source = "m.keras"
+"""
+
+
+@pytest.mark.e2e
+def test_a_keras_file_is_loaded_and_exported_on_the_jax_and_torch_backends(tmp_path):
+    """A .keras file names its backend nowhere: a spec's `backend` loads it in that backend's lane, and the
+    formats come by that backend's routes, each verified."""
+    import keras
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 2)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x, y=x @ np.array([[2.0], [-1.0]], np.float32) + 0.5)
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]).save(
+        tmp_path / "m.keras")
+    (tmp_path / "spec.toml").write_text(BACKENDS_SPEC)
+    r = run_cli("run", str(tmp_path / "spec.toml"), "--no-track", home=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads(sorted((tmp_path / ".pipeline" / "runs").glob("*.json"))[-1].read_text())
+    trains = {s["name"]: s for s in rec["stages"] if s["kind"] == "train"}
+    for model, backend in (("on-jax", "jax"), ("on-torch", "torch")):
+        facts = trains[f"train:{model}"]["facts"]
+        assert trains[f"train:{model}"]["lane"] == f"keras-{backend}" and facts["framework"] == f"keras_{backend}"
+        assert facts["pretrained"].endswith("m.keras") and facts["epochs"] == 0, facts
+    parity = parity_of(tmp_path)
+    assert parity["verdict"] == "passed"
+    for model in ("on-jax", "on-torch"):
+        assert {x["format"] for x in parity["records"] if x["model"] == model and x["status"] == "passed"} \
+            == ALL_FORMATS, model
+
+
 SPEC = """
 [pipeline]
 name = "pre"
