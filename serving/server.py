@@ -929,7 +929,8 @@ class _FastV1Protocol(asyncio.Protocol):
     connection, with the bytes not yet answered, to aiohttp's own protocol for the rest of its life, so
     every other route, error and limit stays aiohttp's. Requests on one connection are answered in order:
     the fast ones synchronously, before anything after them is read. This skips aiohttp's request and
-    response objects, its router and its writer: about 0.1 ms of a 0.4 ms predict on a 2-CPU machine."""
+    response objects, its router and its writer: about 0.1 ms a request on a 2-CPU machine (measured when a whole
+    predict took 0.4 ms; it now takes about 0.13 ms)."""
 
     __slots__ = ("_make_fallback", "_post", "_limit", "_extra", "_conns", "_transport", "_buf", "_gone", "_idle",
                  "_heard", "_loop")
@@ -1081,7 +1082,7 @@ def _parse_head(head: bytes):
 
 
 _FAST_MAX_BODY = 1 << 20
-_HEADS: dict = {}     # request head -> _parse_head's answer, shared by the port's connections
+_HEADS: dict = {}     # request head -> _parse_head's answer, shared by every connection in the process
 _HEADS_MAX = 256      # cleared when full (a client varying its head on every request gains nothing here)
 _UNSEEN = object()
 _FAST_KEEPALIVE_S = 75.0  # aiohttp's keepalive_timeout: a connection silent this long is closed
