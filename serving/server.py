@@ -1291,6 +1291,14 @@ class LocalServer:
                 for t in list(fast_conns):  # aiohttp closes the connections it holds; these are ours
                     t.close()
             loop.run_until_complete(runner.cleanup())
+            # what asyncio.run does before closing: a handler whose connection was lost during the shutdown
+            # may still have its task pending (aiohttp forgets it at connection_lost); cancelled and awaited
+            # here, it ends now instead of being destroyed pending with the loop
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._rest_thread = threading.Thread(target=serve, name="rest", daemon=True)

@@ -56,9 +56,16 @@ class InProcessAgent:
             conn.close()
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        async def down():  # as asyncio.run ends: what aiohttp left running (a handler whose client has gone) too
+            await self.runner.cleanup()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(down(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
         self.agent.predict_pool.shutdown(wait=True)
 
 
